@@ -1,0 +1,67 @@
+//! The bus: how events travel from publishers to the engines of every node.
+//!
+//! Two adapters behind one small interface. [`memory`] is the default: one
+//! node, nothing to install, sequence numbers from a counter. [`nats`] puts
+//! every event on a JetStream stream (`strom.events.<collection>`), which
+//! assigns the sequence numbers and keeps history; each node reads only the
+//! collections its local subscribers need.
+//!
+//! Adapters move events and bytes; they know nothing of subscribers beyond
+//! handing each event to the [`Router`](crate::engine::router::Router).
+
+pub mod memory;
+pub mod nats;
+
+use crate::event::Event;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("NATS JetStream is not available: {0} (start nats-server with -js)")]
+    JetStream(String),
+    #[error("publishing to NATS failed: {0}")]
+    Publish(String),
+    #[error("subscribing on NATS failed: {0}")]
+    Subscribe(String),
+}
+
+pub enum Bus {
+    Memory(memory::MemoryBus),
+    Nats(nats::NatsBus),
+}
+
+/// Keeps the bus delivering a collection (or `*`) to this node while held.
+pub enum Interest {
+    /// The memory bus delivers everything; nothing to hold.
+    Always,
+    Nats(nats::Watch),
+}
+
+impl Bus {
+    /// The backend's name, as reported by `/api/v1/stats`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Bus::Memory(_) => "memory",
+            Bus::Nats(_) => "nats",
+        }
+    }
+
+    /// Publishes events in order and returns their sequence numbers.
+    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, BusError> {
+        match self {
+            Bus::Memory(bus) => Ok(bus.publish(events)),
+            Bus::Nats(bus) => bus.publish(events).await,
+        }
+    }
+
+    /// Makes sure events of `collection` (`*`: all) reach this node from
+    /// the moment this returns until the returned [`Interest`] is dropped.
+    pub async fn interest(&self, collection: &str) -> Result<Interest, BusError> {
+        match self {
+            Bus::Memory(_) => Ok(Interest::Always),
+            Bus::Nats(bus) => Ok(Interest::Nats(bus.watch(collection).await?)),
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The NATS bus: JetStream carries events between nodes and keeps history.
+//!
+//! Layout: every event is a message on `<prefix>.<collection>` (default
+//! prefix `strom.events`) whose body is the event JSON of [`crate::codec`].
+//! One stream (default `STROM_EVENTS`) captures `<prefix>.>`; its sequence
+//! number is the event's `seq`, the same on every node. So `nats pub
+//! strom.events.posts '{"type":"record.created","data":{...}}'` reaches
+//! subscribers exactly like a Publish call.
+//!
+//! A node reads only what its local subscribers need: one ordered consumer
+//! per collection with local subscribers (and one on `<prefix>.>` while
+//! anyone subscribes to `*`), created when the first local subscriber
+//! arrives, deleted when the last leaves. A watch resolves only once its
+//! consumer exists on the server, so an event published after a subscribe
+//! returned is never missed.
+
+use super::BusError;
+use crate::codec::{decode_event, encode_bus_body};
+use crate::engine::router::{Audience, Router, WILDCARD};
+use crate::event::{Event, SharedEvent};
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::OnceCell;
+use tokio::task::AbortHandle;
+
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub url: String,
+    /// JetStream stream name.
+    pub stream: String,
+    /// Subject prefix; events go to `<prefix>.<collection>`.
+    pub subject_prefix: String,
+    /// History kept: events older than this are dropped.
+    pub max_age: Duration,
+    /// History kept: at most this many events.
+    pub max_events: i64,
+}
+
+impl NatsConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsConfig {
+            url: url.into(),
+            stream: "STROM_EVENTS".into(),
+            subject_prefix: "strom.events".into(),
+            max_age: Duration::from_secs(24 * 3600),
+            max_events: 1_000_000,
+        }
+    }
+}
+
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    prefix: String,
+    router: Arc<Router>,
+    /// Per collection (or `*`): how many local subscriptions want it, and
+    /// its consumer.
+    watches: Mutex<HashMap<String, (usize, Arc<WatchState>)>>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    started: OnceCell<Result<AbortHandle, String>>,
+}
+
+/// Holds a collection's consumer open; the last one dropped stops it.
+pub struct Watch {
+    inner: Arc<Inner>,
+    key: String,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.inner.release(&self.key);
+    }
+}
+
+impl NatsBus {
+    pub async fn connect(config: NatsConfig, router: Arc<Router>) -> Result<NatsBus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("strom")
+            .retry_on_initial_connect()
+            .connect(&config.url)
+            .await
+            .map_err(|e| BusError::Connect {
+                url: config.url.clone(),
+                reason: e.to_string(),
+            })?;
+        let js = jetstream::new(client);
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            js.get_or_create_stream(stream::Config {
+                name: config.stream.clone(),
+                subjects: vec![format!("{}.>", config.subject_prefix)],
+                max_age: config.max_age,
+                max_messages: config.max_events,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(|_| BusError::JetStream(format!("no answer from {} within 10 s", config.url)))?
+        .map_err(|e| BusError::JetStream(e.to_string()))?;
+        Ok(NatsBus {
+            inner: Arc::new(Inner {
+                js,
+                stream,
+                prefix: config.subject_prefix,
+                router,
+                watches: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, BusError> {
+        let publish_error = |e: &dyn std::fmt::Display| BusError::Publish(e.to_string());
+        let mut acks = Vec::with_capacity(events.len());
+        for event in &events {
+            let subject = format!("{}.{}", self.inner.prefix, event.collection);
+            let ack = self
+                .inner
+                .js
+                .publish(subject, encode_bus_body(event).into())
+                .await
+                .map_err(|e| publish_error(&e))?;
+            acks.push(ack);
+        }
+        let mut seqs = Vec::with_capacity(acks.len());
+        for ack in acks {
+            seqs.push(ack.await.map_err(|e| publish_error(&e))?.sequence);
+        }
+        Ok(seqs)
+    }
+
+    /// Makes events of `key` (a collection or `*`) flow to this node.
+    pub async fn watch(&self, key: &str) -> Result<Watch, BusError> {
+        let state = {
+            let mut watches = self.inner.watches.lock().expect("watches lock");
+            let entry = watches.entry(key.to_owned()).or_default();
+            entry.0 += 1;
+            Arc::clone(&entry.1)
+        };
+        let watch = Watch {
+            inner: Arc::clone(&self.inner),
+            key: key.to_owned(),
+        };
+        let inner = Arc::clone(&self.inner);
+        let started = state
+            .started
+            .get_or_init(|| async move { inner.start_consumer(key.to_owned()).await })
+            .await;
+        match started {
+            Ok(_) => Ok(watch),
+            Err(e) => Err(BusError::Subscribe(e.clone())),
+        }
+    }
+}
+
+impl Inner {
+    fn release(&self, key: &str) {
+        let mut watches = self.watches.lock().expect("watches lock");
+        let Some(entry) = watches.get_mut(key) else {
+            return;
+        };
+        entry.0 -= 1;
+        if entry.0 == 0 {
+            if let Some(Ok(task)) = entry.1.started.get() {
+                task.abort();
+            }
+            watches.remove(key);
+        }
+    }
+
+    fn filter_subject(&self, key: &str) -> String {
+        if key == WILDCARD {
+            format!("{}.>", self.prefix)
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    async fn consumer(
+        &self,
+        key: &str,
+        deliver_policy: consumer::DeliverPolicy,
+    ) -> Result<jetstream::consumer::pull::Ordered, String> {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.filter_subject(key),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        consumer.messages().await.map_err(|e| e.to_string())
+    }
+
+    /// Creates the consumer, then leaves a task dispatching its messages.
+    async fn start_consumer(self: Arc<Self>, key: String) -> Result<AbortHandle, String> {
+        let messages = self.consumer(&key, consumer::DeliverPolicy::New).await?;
+        let task = tokio::spawn(async move { self.run_consumer(key, messages).await });
+        Ok(task.abort_handle())
+    }
+
+    async fn run_consumer(&self, key: String, mut messages: jetstream::consumer::pull::Ordered) {
+        let audience = if key == WILDCARD {
+            Audience::WildcardOnly
+        } else {
+            Audience::CollectionOnly
+        };
+        let mut last_seq = 0;
+        loop {
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(message) => {
+                        if let Some(seq) = self.dispatch(&message, audience) {
+                            last_seq = seq;
+                        }
+                    }
+                    Err(e) => tracing::warn!(collection = %key, "NATS consumer: {e}"),
+                }
+            }
+            // The ordered consumer gave up; start over after the last event seen.
+            tracing::warn!(collection = %key, last_seq, "NATS consumer ended; recreating");
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let policy = consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: last_seq + 1,
+                };
+                match self.consumer(&key, policy).await {
+                    Ok(next) => {
+                        messages = next;
+                        break;
+                    }
+                    Err(e) => tracing::warn!(collection = %key, "NATS consumer: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Decodes one message and hands it to the router; returns its seq.
+    fn dispatch(&self, message: &jetstream::Message, audience: Audience) -> Option<u64> {
+        let info = match message.info() {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!("NATS message without JetStream info: {e}");
+                return None;
+            }
+        };
+        let seq = info.stream_sequence;
+        let collection = message
+            .subject
+            .as_str()
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or_default();
+        let published: SystemTime = info.published.into();
+        match decode_event(&message.payload, Some(collection), published) {
+            Ok(mut event) => {
+                event.seq = seq;
+                self.router.dispatch(SharedEvent::new(event), audience);
+            }
+            Err(e) => {
+                tracing::warn!(seq, subject = %message.subject, "skipping NATS message: {e}")
+            }
+        }
+        Some(seq)
+    }
+}

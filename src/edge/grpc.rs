@@ -1,0 +1,314 @@
+//! The gRPC edge: `strom.v1.Realtime` over HTTP/2 (and gRPC-Web, through
+//! the layer the server adds), translating protobuf to engine calls.
+
+use super::errors::ApiError;
+use crate::engine::{Delivery, Engine, SubscriptionSpec, Transport};
+use crate::event::{Event, EventType};
+use crate::filter::{Condition, Filter, Op, Operand, Scalar};
+use crate::proto;
+use futures_util::Stream;
+use prost_types::value::Kind;
+use serde_json::{Map, Number, Value};
+use std::pin::Pin;
+use std::time::SystemTime;
+use tonic::{Request, Response, Status};
+
+pub struct RealtimeService {
+    engine: Engine,
+}
+
+impl RealtimeService {
+    pub fn new(engine: Engine) -> Self {
+        RealtimeService { engine }
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::realtime_server::Realtime for RealtimeService {
+    async fn publish(
+        &self,
+        request: Request<proto::PublishRequest>,
+    ) -> Result<Response<proto::PublishResponse>, Status> {
+        let now = SystemTime::now();
+        let events = request
+            .into_inner()
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                event_from_proto(e, now)
+                    .map_err(|e| ApiError::invalid(format!("events[{i}]: {}", e.message)))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.grpc_status())?;
+        let seqs = self
+            .engine
+            .publish(events)
+            .await
+            .map_err(|e| ApiError::from(e).grpc_status())?;
+        Ok(Response::new(proto::PublishResponse { seqs }))
+    }
+
+    type SubscribeStream = ResponseStream<proto::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let spec = spec_from_proto(request.into_inner()).map_err(|e| e.grpc_status())?;
+        let mut connection = self.engine.connect(Transport::Grpc);
+        let head_seq = self.engine.head_seq();
+        let subscription_id = connection
+            .subscribe(spec)
+            .await
+            .map_err(|e| ApiError::from(e).grpc_status())?;
+        let first = proto::SubscribeResponse {
+            kind: Some(proto::subscribe_response::Kind::Subscribed(
+                proto::Subscribed {
+                    subscription_id,
+                    head_seq,
+                },
+            )),
+        };
+        let events = futures_util::stream::unfold(Some(connection), |connection| async move {
+            let mut connection = connection?;
+            match connection.recv().await {
+                Ok(delivery) => Some((Ok(event_response(&delivery)), Some(connection))),
+                Err(reason) => Some((Err(ApiError::from(reason).grpc_status()), None)),
+            }
+        });
+        let stream = futures_util::stream::once(async { Ok(first) });
+        Ok(Response::new(Box::pin(
+            futures_util::StreamExt::chain(stream, events),
+        )))
+    }
+
+    async fn get_presence(
+        &self,
+        _request: Request<proto::GetPresenceRequest>,
+    ) -> Result<Response<proto::PresenceSnapshot>, Status> {
+        Err(Status::unimplemented("presence is not available yet"))
+    }
+
+    type WatchPresenceStream = ResponseStream<proto::PresenceUpdate>;
+
+    async fn watch_presence(
+        &self,
+        _request: Request<proto::WatchPresenceRequest>,
+    ) -> Result<Response<Self::WatchPresenceStream>, Status> {
+        Err(Status::unimplemented("presence is not available yet"))
+    }
+}
+
+fn event_response(delivery: &Delivery) -> proto::SubscribeResponse {
+    let mut event = event_to_proto(&delivery.event.event);
+    event.left_filter = delivery.left_filter;
+    proto::SubscribeResponse {
+        kind: Some(proto::subscribe_response::Kind::Event(event)),
+    }
+}
+
+pub fn spec_from_proto(request: proto::SubscribeRequest) -> Result<SubscriptionSpec, ApiError> {
+    if request.collection.is_empty() {
+        return Err(ApiError::invalid(
+            "collection is required (a name, or \"*\" for all)",
+        ));
+    }
+    let filter = match request.filter {
+        None => None,
+        Some(proto::subscribe_request::Filter::Tree(tree)) => Some(filter_from_proto(tree)?),
+        Some(proto::subscribe_request::Filter::Text(text)) => Some(Filter::parse(&text)?),
+    };
+    let spec = SubscriptionSpec {
+        collection: request.collection,
+        record_id: Some(request.record_id).filter(|r| !r.is_empty()),
+        filter,
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+// --- conversions -----------------------------------------------------------
+
+pub fn event_type_to_proto(t: EventType) -> proto::EventType {
+    match t {
+        EventType::RecordCreated => proto::EventType::RecordCreated,
+        EventType::RecordUpdated => proto::EventType::RecordUpdated,
+        EventType::RecordDeleted => proto::EventType::RecordDeleted,
+        EventType::CollectionCreated => proto::EventType::CollectionCreated,
+        EventType::CollectionUpdated => proto::EventType::CollectionUpdated,
+        EventType::CollectionDeleted => proto::EventType::CollectionDeleted,
+        EventType::UserJoined => proto::EventType::UserJoined,
+        EventType::UserLeft => proto::EventType::UserLeft,
+    }
+}
+
+pub fn event_type_from_proto(t: i32) -> Result<EventType, ApiError> {
+    let t = proto::EventType::try_from(t).unwrap_or(proto::EventType::Unspecified);
+    EventType::ALL
+        .into_iter()
+        .find(|e| event_type_to_proto(*e) == t)
+        .ok_or_else(|| ApiError::invalid("type is required: one of the eight EVENT_TYPE_* values"))
+}
+
+pub fn event_to_proto(event: &Event) -> proto::Event {
+    proto::Event {
+        r#type: event_type_to_proto(event.event_type) as i32,
+        collection: event.collection.clone(),
+        record_id: event.record_id.clone(),
+        data: Some(struct_from_json(&event.data)),
+        old_data: event.old_data.as_ref().map(struct_from_json),
+        timestamp: Some(event.timestamp.into()),
+        seq: event.seq,
+        left_filter: false,
+    }
+}
+
+pub fn event_from_proto(event: proto::Event, now: SystemTime) -> Result<Event, ApiError> {
+    let timestamp = match event.timestamp {
+        Some(t) => SystemTime::try_from(t).map_err(|e| ApiError::invalid(format!("timestamp: {e}")))?,
+        None => now,
+    };
+    let event = Event {
+        event_type: event_type_from_proto(event.r#type)?,
+        collection: event.collection,
+        record_id: event.record_id,
+        data: event
+            .data
+            .map_or_else(Event::empty_data, |s| json_from_struct(&s)),
+        old_data: event.old_data.map(|s| json_from_struct(&s)),
+        timestamp,
+        seq: 0,
+    };
+    event
+        .validate()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(event)
+}
+
+pub fn struct_from_json(value: &Value) -> prost_types::Struct {
+    let fields = match value {
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), value_from_json(v)))
+            .collect(),
+        _ => Default::default(),
+    };
+    prost_types::Struct { fields }
+}
+
+pub fn value_from_json(value: &Value) -> prost_types::Value {
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(value_from_json).collect(),
+        }),
+        Value::Object(_) => Kind::StructValue(struct_from_json(value)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+pub fn json_from_struct(s: &prost_types::Struct) -> Value {
+    Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), json_from_value(v)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+/// Protobuf numbers are doubles; whole numbers come back as JSON integers.
+pub fn json_from_value(value: &prost_types::Value) -> Value {
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
+                Value::Number((*n as i64).into())
+            } else {
+                Number::from_f64(*n).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::ListValue(list)) => Value::Array(list.values.iter().map(json_from_value).collect()),
+        Some(Kind::StructValue(s)) => json_from_struct(s),
+    }
+}
+
+pub fn filter_from_proto(filter: proto::Filter) -> Result<Filter, ApiError> {
+    fn convert(filter: proto::Filter, depth: usize) -> Result<Filter, ApiError> {
+        use proto::filter::Node;
+        if depth > crate::filter::MAX_DEPTH {
+            return Err(ApiError::invalid(format!(
+                "invalid filter: nests deeper than {} levels",
+                crate::filter::MAX_DEPTH
+            )));
+        }
+        let children = |list: proto::FilterList| {
+            list.filters
+                .into_iter()
+                .map(|f| convert(f, depth + 1))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(match filter.node {
+            None => return Err(ApiError::invalid("invalid filter: a filter node is empty")),
+            Some(Node::All(list)) => Filter::All(children(list)?),
+            Some(Node::Any(list)) => Filter::Any(children(list)?),
+            Some(Node::Negate(inner)) => Filter::Not(Box::new(convert(*inner, depth + 1)?)),
+            Some(Node::Condition(c)) => Filter::Condition(condition_from_proto(c)?),
+        })
+    }
+    let filter = convert(filter, 0)?;
+    filter.check_limits()?;
+    Ok(filter)
+}
+
+fn condition_from_proto(c: proto::Condition) -> Result<Condition, ApiError> {
+    use proto::Operator as P;
+    let op = match P::try_from(c.op).unwrap_or(P::Unspecified) {
+        P::Unspecified => {
+            return Err(ApiError::invalid(format!(
+                "invalid filter: condition on {:?} has no operator",
+                c.field
+            )));
+        }
+        P::Eq => Op::Eq,
+        P::Ne => Op::Ne,
+        P::Gt => Op::Gt,
+        P::Gte => Op::Gte,
+        P::Lt => Op::Lt,
+        P::Lte => Op::Lte,
+        P::In => Op::In,
+        P::NotIn => Op::NotIn,
+        P::Contains => Op::Contains,
+        P::StartsWith => Op::StartsWith,
+        P::Exists => Op::Exists,
+    };
+    let scalar = |v: &prost_types::Value| {
+        Scalar::from_json(&json_from_value(v)).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "invalid filter: the value for {:?} must be a string, number, boolean or null",
+                c.field
+            ))
+        })
+    };
+    let operand = match (op, &c.value) {
+        (Op::Exists, _) | (_, None) => Operand::None,
+        (Op::In | Op::NotIn, Some(prost_types::Value { kind: Some(Kind::ListValue(list)) })) => {
+            Operand::List(list.values.iter().map(scalar).collect::<Result<_, _>>()?)
+        }
+        (_, Some(v)) => Operand::Scalar(scalar(v)?),
+    };
+    Ok(Condition::new(&c.field, op, operand)?)
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        error.grpc_status()
+    }
+}

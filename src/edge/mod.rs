@@ -1,0 +1,54 @@
+//! Edges: the transports. Each translates its wire format to engine calls
+//! and back; none holds delivery logic of its own. All share one port and
+//! one error map ([`errors`]).
+
+pub mod errors;
+pub mod grpc;
+pub mod rest;
+pub mod sse;
+pub mod ws;
+
+use crate::codec::encode_event;
+use crate::engine::{Connection, Delivery, Engine};
+use crate::event::format_timestamp;
+use axum::Router;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use std::time::{Duration, SystemTime};
+use tokio_util::task::TaskTracker;
+
+/// What every HTTP handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub ws: ws::WsConfig,
+    pub sse_keepalive: Duration,
+    /// WebSocket sessions, so shutdown can wait for their goodbyes.
+    pub tasks: TaskTracker,
+}
+
+/// The HTTP routes of the bridge (WebSocket, SSE, REST).
+pub fn http_routes(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/ws/realtime", get(ws::upgrade))
+        .route("/api/v1/realtime", get(sse::stream_all))
+        .route("/api/v1/realtime/{collection}", get(sse::stream_collection))
+        .route("/api/v1/publish", post(rest::publish))
+        .route("/api/v1/stats", get(rest::stats))
+        .route("/healthz", get(rest::healthz))
+        .route("/metrics", get(rest::metrics))
+        .with_state(state)
+}
+
+/// The event JSON of one delivery (see [`crate::codec`]).
+fn event_json(delivery: &Delivery) -> Vec<u8> {
+    encode_event(&delivery.event.event, delivery.left_filter)
+}
+
+/// The `data` of the `connected` greeting.
+fn connected_data(connection: &Connection) -> Value {
+    json!({
+        "connection_id": connection.name(),
+        "server_time": format_timestamp(SystemTime::now()),
+    })
+}

@@ -1,0 +1,73 @@
+//! The REST edge: publish over HTTP, stats, health and metrics.
+
+use super::AppState;
+use super::errors::ApiError;
+use crate::codec::{decode_event, event_from_value};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::fmt::Write;
+use std::time::SystemTime;
+
+/// `POST /api/v1/publish`: one event object → `{"seq": N}`; an array of
+/// events → `{"seqs": [...]}`, published in order.
+pub async fn publish(State(app): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let now = SystemTime::now();
+    let trimmed = body.trim_ascii_start();
+    if trimmed.starts_with(b"[") {
+        let items: Vec<Value> = serde_json::from_slice(trimmed)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON: {e}")))?;
+        let events = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                event_from_value(item, now).map_err(|e| ApiError::invalid(format!("[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let seqs = app.engine.publish(events).await?;
+        return Ok(Json(json!({ "seqs": seqs })));
+    }
+    let event = decode_event(&body, None, now)?;
+    let seqs = app.engine.publish(vec![event]).await?;
+    Ok(Json(json!({ "seq": seqs[0] })))
+}
+
+/// `GET /api/v1/stats`: seed 000's fields plus counts per transport.
+pub async fn stats(State(app): State<AppState>) -> Json<Value> {
+    let stats = app.engine.stats();
+    Json(json!({
+        "total_connections": stats.total_connections,
+        "authenticated_connections": stats.authenticated_connections,
+        "unique_users": stats.unique_users,
+        "pubsub_backend": app.engine.backend(),
+        "subscriptions": stats.subscriptions,
+        "connections_by_transport": stats.per_transport,
+        "head_seq": stats.head_seq,
+    }))
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /metrics` in the Prometheus text format.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let stats = app.engine.stats();
+    let mut out = String::new();
+    let _ = writeln!(out, "# TYPE strom_connections gauge");
+    for transport in ["grpc", "websocket", "sse"] {
+        let count = stats.per_transport.get(transport).copied().unwrap_or(0);
+        let _ = writeln!(out, "strom_connections{{transport=\"{transport}\"}} {count}");
+    }
+    let subscriptions: usize = stats.subscriptions.values().map(Vec::len).sum();
+    let _ = writeln!(out, "# TYPE strom_subscriptions gauge");
+    let _ = writeln!(out, "strom_subscriptions {subscriptions}");
+    let _ = writeln!(out, "# TYPE strom_head_seq gauge");
+    let _ = writeln!(out, "strom_head_seq {}", stats.head_seq);
+    let _ = writeln!(out, "# TYPE strom_events_published_total counter");
+    let _ = writeln!(out, "strom_events_published_total {}", app.engine.published_total());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

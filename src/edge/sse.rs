@@ -1,0 +1,128 @@
+//! The Server-Sent Events edge: `GET /api/v1/realtime[/{collection}]`.
+//!
+//! `query=` takes the text filter form; a filter that does not parse answers
+//! 400 with a JSON error before any stream starts. The stream opens with a
+//! `connected` event; each event has `event:` = its type, `id:` = its seq and
+//! `data:` = the event JSON; comment lines keep idle proxies from closing it.
+//! When the server ends the stream (overflow, shutdown) it sends an `error`
+//! event saying why, then closes.
+
+use super::errors::ApiError;
+use super::{AppState, connected_data, event_json};
+use crate::engine::{Connection, Delivery, SubscriptionSpec, Transport};
+use crate::engine::router::WILDCARD;
+use crate::event::Wire;
+use crate::filter::Filter;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::Response;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use std::convert::Infallible;
+use tokio::time::Interval;
+
+#[derive(Debug, Deserialize)]
+pub struct SseParams {
+    query: Option<String>,
+    /// Accepted for compatibility; checked once authentication is configured.
+    #[allow(dead_code)]
+    token: Option<String>,
+    #[allow(dead_code)]
+    user_id: Option<String>,
+}
+
+pub async fn stream_all(
+    State(app): State<AppState>,
+    Query(params): Query<SseParams>,
+) -> Result<Response, ApiError> {
+    open(app, WILDCARD.to_owned(), params).await
+}
+
+pub async fn stream_collection(
+    State(app): State<AppState>,
+    Path(collection): Path<String>,
+    Query(params): Query<SseParams>,
+) -> Result<Response, ApiError> {
+    open(app, collection, params).await
+}
+
+fn frame(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + event.len() + 40);
+    if let Some(id) = id {
+        out.put_slice(format!("id: {id}\n").as_bytes());
+    }
+    out.put_slice(b"event: ");
+    out.put_slice(event.as_bytes());
+    out.put_slice(b"\ndata: ");
+    out.put_slice(data);
+    out.put_slice(b"\n\n");
+    out.freeze()
+}
+
+fn event_frame(delivery: &Delivery) -> Bytes {
+    delivery.event.encoded(Wire::Sse, delivery.left_filter, || {
+        let event = &delivery.event.event;
+        frame(event.event_type.as_str(), Some(event.seq), &event_json(delivery))
+    })
+}
+
+async fn open(app: AppState, collection: String, params: SseParams) -> Result<Response, ApiError> {
+    let filter = match params.query.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(Filter::parse(text)?),
+    };
+    let spec = SubscriptionSpec {
+        collection,
+        record_id: None,
+        filter,
+    };
+    spec.validate()?;
+    let mut connection = app.engine.connect(Transport::Sse);
+    connection.subscribe(spec).await?;
+    let greeting = frame(
+        "connected",
+        None,
+        connected_data(&connection).to_string().as_bytes(),
+    );
+    let mut keepalive = tokio::time::interval(app.sse_keepalive);
+    keepalive.tick().await;
+    let state = Stream {
+        connection: Some(connection),
+        keepalive,
+    };
+    let events = futures_util::stream::unfold(state, Stream::next);
+    let body = futures_util::StreamExt::chain(
+        futures_util::stream::once(async { Ok::<_, Infallible>(greeting) }),
+        events,
+    );
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .expect("a valid response"))
+}
+
+struct Stream {
+    connection: Option<Connection>,
+    keepalive: Interval,
+}
+
+impl Stream {
+    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Stream)> {
+        let connection = self.connection.as_mut()?;
+        let chunk = tokio::select! {
+            delivery = connection.recv() => match delivery {
+                Ok(delivery) => event_frame(&delivery),
+                Err(reason) => {
+                    self.connection = None;
+                    let error = ApiError::from(reason);
+                    frame("error", None, error.body().to_string().as_bytes())
+                }
+            },
+            _ = self.keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
+        };
+        Some((Ok(chunk), self))
+    }
+}

@@ -1,0 +1,362 @@
+//! The WebSocket edge: `GET /api/v1/ws/realtime`, the FastCMS protocol.
+//!
+//! Client actions: `subscribe`, `unsubscribe`, `auth`, `pong`. Server
+//! messages: `connected`, `subscribed`, `unsubscribed`, `authenticated`,
+//! `event`, `ping`, `error`, each `{"type": ..., "data": {...}}`. One task
+//! per connection reads actions, writes deliveries in batches (all that is
+//! queued, then one flush), sends heartbeats and closes idle connections.
+//! A bad action gets an `error` message and the connection goes on; only an
+//! oversized frame, an idle client, an overflow or shutdown close it.
+
+use super::errors::{ApiError, close_code};
+use super::{AppState, connected_data, event_json};
+use crate::engine::{Connection, Delivery, EndReason, SubscriptionSpec, Transport};
+use crate::event::{Wire, format_timestamp};
+use crate::filter::Filter;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use bytes::{BufMut, BytesMut};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant, SystemTime};
+
+#[derive(Debug, Clone)]
+pub struct WsConfig {
+    /// How often the server sends `ping`.
+    pub ping_interval: Duration,
+    /// A connection silent this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest text frame accepted from a client, in bytes.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            max_frame_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Deliveries written before one flush; bounds the latency of a batch.
+const MAX_BATCH: usize = 512;
+
+pub async fn upgrade(State(app): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    // tungstenite refuses frames past twice the limit outright; frames
+    // between the limit and that get the friendlier error of `Session`.
+    let hard_limit = app.ws.max_frame_bytes.saturating_mul(2).max(1024);
+    upgrade
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| {
+            let tracker = app.tasks.clone();
+            tracker.track_future(async move { Session::run(app, socket).await })
+        })
+}
+
+fn message(kind: &str, data: Value) -> Message {
+    Message::Text(json!({"type": kind, "data": data}).to_string().into())
+}
+
+fn error_message(error: &ApiError) -> Message {
+    message("error", error.body())
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.chars().take(120).collect::<String>().into(),
+    }))
+}
+
+/// `{"type":"event","data":<event JSON>}`, built once per event.
+fn event_frame(delivery: &Delivery) -> Utf8Bytes {
+    let bytes = delivery
+        .event
+        .encoded(Wire::WebSocket, delivery.left_filter, || {
+            let event = event_json(delivery);
+            let mut frame = BytesMut::with_capacity(event.len() + 32);
+            frame.put_slice(br#"{"type":"event","data":"#);
+            frame.put_slice(&event);
+            frame.put_u8(b'}');
+            frame.freeze()
+        });
+    Utf8Bytes::try_from(bytes).expect("event JSON is UTF-8")
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+struct Session {
+    app: AppState,
+    connection: Connection,
+    sink: Sink,
+    last_heard: Instant,
+}
+
+enum Step {
+    Continue,
+    Close,
+}
+
+impl Session {
+    async fn run(app: AppState, socket: WebSocket) {
+        let (sink, mut stream) = socket.split();
+        let connection = app.engine.connect(Transport::WebSocket);
+        let mut session = Session {
+            connection,
+            sink,
+            last_heard: Instant::now(),
+            app,
+        };
+        let greeting = connected_data(&session.connection);
+        if session.send(message("connected", greeting)).await.is_err() {
+            return;
+        }
+        let mut ping = tokio::time::interval(session.app.ws.ping_interval);
+        ping.tick().await;
+        loop {
+            let step = tokio::select! {
+                incoming = stream.next() => match incoming {
+                    Some(Ok(frame)) => {
+                        session.last_heard = Instant::now();
+                        session.on_frame(frame).await
+                    }
+                    Some(Err(e)) => session.on_read_error(e).await,
+                    None => Step::Close,
+                },
+                delivery = session.connection.recv() => match delivery {
+                    Ok(delivery) => session.write_deliveries(delivery).await,
+                    Err(reason) => session.end(reason).await,
+                },
+                _ = ping.tick() => session.heartbeat().await,
+            };
+            if let Step::Close = step {
+                break;
+            }
+        }
+        let _ = session.sink.close().await;
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), axum::Error> {
+        self.sink.send(message).await
+    }
+
+    /// Sends and reports whether the connection can go on.
+    async fn reply(&mut self, message: Message) -> Step {
+        match self.send(message).await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Close,
+        }
+    }
+
+    async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
+        let _ = self.sink.feed(error_message(&error)).await;
+        let _ = self.send(close_message(code, &error.message)).await;
+        Step::Close
+    }
+
+    async fn write_deliveries(&mut self, first: Delivery) -> Step {
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(delivery) = next {
+            if self.sink.feed(Message::Text(event_frame(&delivery))).await.is_err() {
+                return Step::Close;
+            }
+            written += 1;
+            next = if written < MAX_BATCH {
+                self.connection.try_recv()
+            } else {
+                None
+            };
+        }
+        match self.sink.flush().await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Close,
+        }
+    }
+
+    async fn end(&mut self, reason: EndReason) -> Step {
+        let error = ApiError::from(reason);
+        let code = error.close_code();
+        self.close_with(error, code).await
+    }
+
+    async fn heartbeat(&mut self) -> Step {
+        let idle = self.last_heard.elapsed();
+        if idle >= self.app.ws.idle_timeout {
+            let error = ApiError::new(
+                super::errors::ErrorKind::Unavailable,
+                format!(
+                    "no message from the client for {} s; answer ping with pong",
+                    idle.as_secs()
+                ),
+            );
+            return self.close_with(error, close_code::IDLE).await;
+        }
+        let now = format_timestamp(SystemTime::now());
+        self.reply(message("ping", json!({ "timestamp": now }))).await
+    }
+
+    async fn on_read_error(&mut self, error: axum::Error) -> Step {
+        let text = error.to_string();
+        if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+            let error = ApiError::invalid(format!(
+                "frame larger than {} bytes",
+                self.app.ws.max_frame_bytes
+            ));
+            return self.close_with(error, close_code::TOO_BIG).await;
+        }
+        Step::Close
+    }
+
+    async fn on_frame(&mut self, frame: Message) -> Step {
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                let error = ApiError::invalid("binary frames are not supported: send JSON text");
+                return self.reply(error_message(&error)).await;
+            }
+            Message::Close(_) => return Step::Close,
+            Message::Ping(_) | Message::Pong(_) => return Step::Continue,
+        };
+        if text.len() > self.app.ws.max_frame_bytes {
+            let error = ApiError::invalid(format!(
+                "frame of {} bytes is larger than the limit of {} bytes",
+                text.len(),
+                self.app.ws.max_frame_bytes
+            ));
+            return self.close_with(error, close_code::TOO_BIG).await;
+        }
+        match self.on_action(&text).await {
+            Ok(Some(reply)) => self.reply(reply).await,
+            Ok(None) => Step::Continue,
+            Err(error) => self.reply(error_message(&error)).await,
+        }
+    }
+
+    async fn on_action(&mut self, text: &str) -> Result<Option<Message>, ApiError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ApiError::invalid(format!("malformed JSON: {e}")))?;
+        let Value::Object(mut action) = value else {
+            return Err(ApiError::invalid(
+                "a message must be a JSON object with an `action`",
+            ));
+        };
+        let name = match action.remove("action") {
+            Some(Value::String(name)) => name,
+            Some(_) => return Err(ApiError::invalid("`action` must be a string")),
+            None => return Err(ApiError::invalid("missing field `action`")),
+        };
+        match name.as_str() {
+            "subscribe" => self.subscribe(action).await.map(Some),
+            "unsubscribe" => self.unsubscribe(action).map(Some),
+            "auth" => Err(ApiError::invalid(
+                "authentication is not configured on this server",
+            )),
+            "pong" => Ok(None),
+            other => Err(ApiError::invalid(format!(
+                "unknown action {other:?}: expected subscribe, unsubscribe, auth or pong"
+            ))),
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        mut action: serde_json::Map<String, Value>,
+    ) -> Result<Message, ApiError> {
+        let collection = required_string(&mut action, "collection", "subscribe")?;
+        let record_id = optional_string(&mut action, "record_id")?;
+        let filter_json = action.remove("filter").unwrap_or(Value::Null);
+        let filter = match &filter_json {
+            Value::Null => None,
+            Value::Object(shorthand) => Some(Filter::from_shorthand(shorthand)?),
+            Value::String(text) if text.trim().is_empty() => None,
+            Value::String(text) => Some(Filter::parse(text)?),
+            _ => {
+                return Err(ApiError::invalid(
+                    "`filter` must be an object like {\"published\": true} or a text filter like \"price > 100\"",
+                ));
+            }
+        };
+        let spec = SubscriptionSpec {
+            collection: collection.clone(),
+            record_id: record_id.clone(),
+            filter,
+        };
+        spec.validate()?;
+        // Subscribing again to the same collection (and record) replaces
+        // the earlier subscription, so events never arrive twice.
+        let earlier: Vec<u64> = self
+            .connection
+            .subscriptions()
+            .filter(|(_, s)| s.collection == collection && s.record_id == record_id)
+            .map(|(id, _)| id)
+            .collect();
+        let id = self.connection.subscribe(spec).await?;
+        for old in earlier {
+            let _ = self.connection.unsubscribe(old);
+        }
+        let mut data = json!({
+            "collection": collection,
+            "filter": filter_json,
+            "subscription_id": id,
+        });
+        if let Some(record_id) = record_id {
+            data["record_id"] = Value::String(record_id);
+        }
+        Ok(message("subscribed", data))
+    }
+
+    fn unsubscribe(&mut self, mut action: serde_json::Map<String, Value>) -> Result<Message, ApiError> {
+        let collection = required_string(&mut action, "collection", "unsubscribe")?;
+        let record_id = optional_string(&mut action, "record_id")?;
+        let matching: Vec<u64> = self
+            .connection
+            .subscriptions()
+            .filter(|(_, s)| {
+                s.collection == collection && (record_id.is_none() || s.record_id == record_id)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if matching.is_empty() {
+            return Err(ApiError::new(
+                super::errors::ErrorKind::NotFound,
+                format!("not subscribed to {collection:?}"),
+            ));
+        }
+        for id in matching {
+            let _ = self.connection.unsubscribe(id);
+        }
+        Ok(message("unsubscribed", json!({ "collection": collection })))
+    }
+}
+
+fn required_string(
+    action: &mut serde_json::Map<String, Value>,
+    field: &str,
+    name: &str,
+) -> Result<String, ApiError> {
+    match action.remove(field) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(Value::String(_)) | None => Err(ApiError::invalid(format!(
+            "{name} needs a `{field}` (a collection name, or \"*\" for all)"
+        ))),
+        Some(_) => Err(ApiError::invalid(format!("`{field}` must be a string"))),
+    }
+}
+
+fn optional_string(
+    action: &mut serde_json::Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, ApiError> {
+    match action.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(ApiError::invalid(format!("`{field}` must be a string"))),
+    }
+}

@@ -1,0 +1,352 @@
+//! The engine: the one place where publishing, subscribing and fan-out
+//! happen, whatever the transport.
+//!
+//! Edges (gRPC, WebSocket, SSE, REST) call [`Engine::publish`] and
+//! [`Engine::connect`]; a [`Connection`] holds one client's subscriptions and
+//! its bounded delivery queue. The engine knows nothing of HTTP, gRPC, JSON
+//! framing or NATS: the bus moves events between nodes, the edges translate.
+
+pub mod router;
+
+use crate::bus::{Bus, BusError, Interest};
+use crate::event::{Event, EventError, SharedEvent, validate_collection};
+use crate::filter::Filter;
+use router::{ConnShared, Router, SubEntry, WILDCARD};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Deliveries a connection may have queued before it is cut off.
+    pub queue_capacity: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            queue_capacity: 4096,
+            max_subscriptions: 256,
+        }
+    }
+}
+
+/// Why a connection's deliveries ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The connection's queue was full: it reads slower than events arrive.
+    Overflow { capacity: usize },
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::Overflow { capacity } => write!(
+                f,
+                "subscriber too slow: its queue of {capacity} events overflowed; reconnect and resume from the last seq received"
+            ),
+            EndReason::Shutdown => f.write_str("server is shutting down"),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidEvent(#[from] EventError),
+    #[error("nothing to publish: the request holds no event")]
+    NoEvents,
+    #[error("too many subscriptions on this connection (at most {0})")]
+    TooManySubscriptions(usize),
+    #[error("no subscription {0} on this connection")]
+    UnknownSubscription(u64),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// The transports, for stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Grpc,
+    WebSocket,
+    Sse,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Grpc => "grpc",
+            Transport::WebSocket => "websocket",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// What to subscribe to.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    /// A collection name, or `*` for all.
+    pub collection: String,
+    pub record_id: Option<String>,
+    pub filter: Option<Filter>,
+}
+
+impl SubscriptionSpec {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.collection != WILDCARD {
+            validate_collection(&self.collection)?;
+        }
+        Ok(())
+    }
+}
+
+/// One event for one subscription of a connection.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subscription: u64,
+    pub event: Arc<SharedEvent>,
+    /// The record matched the filter before this update and no longer does.
+    pub left_filter: bool,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    router: Arc<Router>,
+    bus: Arc<Bus>,
+    config: EngineConfig,
+    published: Arc<AtomicU64>,
+}
+
+/// Counts for `/api/v1/stats`.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub total_connections: usize,
+    pub authenticated_connections: usize,
+    pub unique_users: usize,
+    pub per_transport: HashMap<&'static str, usize>,
+    /// Connection name → the collections it subscribes to.
+    pub subscriptions: HashMap<String, Vec<String>>,
+    pub head_seq: u64,
+}
+
+impl Engine {
+    /// Builds an engine on a bus; `open_bus` receives the router the bus
+    /// delivers into.
+    pub async fn start<F, Fut>(config: EngineConfig, open_bus: F) -> Result<Engine, BusError>
+    where
+        F: FnOnce(Arc<Router>) -> Fut,
+        Fut: Future<Output = Result<Bus, BusError>>,
+    {
+        let router = Arc::new(Router::default());
+        let bus = Arc::new(open_bus(Arc::clone(&router)).await?);
+        Ok(Engine {
+            router,
+            bus,
+            config,
+            published: Arc::default(),
+        })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.bus.backend()
+    }
+
+    /// Publishes events in order; returns their sequence numbers once the
+    /// bus has accepted them (with JetStream: stored them).
+    pub async fn publish(&self, mut events: Vec<Event>) -> Result<Vec<u64>, EngineError> {
+        if events.is_empty() {
+            return Err(EngineError::NoEvents);
+        }
+        for event in &mut events {
+            event.validate()?;
+            event.seq = 0;
+        }
+        let seqs = self.bus.publish(events).await?;
+        self.published
+            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+        Ok(seqs)
+    }
+
+    /// Events published through this node since it started.
+    pub fn published_total(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Opens a connection: a delivery queue that subscriptions feed.
+    pub fn connect(&self, transport: Transport) -> Connection {
+        let (tx, rx) = mpsc::channel(self.config.queue_capacity);
+        let shared = Arc::new(ConnShared::new(self.router.next_id(), transport, tx));
+        self.router.register(Arc::clone(&shared));
+        Connection {
+            engine: self.clone(),
+            shared,
+            queue: rx,
+            subscriptions: HashMap::new(),
+        }
+    }
+
+    pub fn head_seq(&self) -> u64 {
+        self.router.head_seq()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let connections = self.router.connections.lock().expect("connections lock");
+        let mut stats = Stats {
+            total_connections: connections.len(),
+            head_seq: self.router.head_seq(),
+            ..Stats::default()
+        };
+        let mut users = std::collections::HashSet::new();
+        for conn in connections.values() {
+            *stats
+                .per_transport
+                .entry(conn.transport.as_str())
+                .or_default() += 1;
+            if let Some(user) = conn.user_id.lock().expect("user lock").clone() {
+                stats.authenticated_connections += 1;
+                users.insert(user);
+            }
+            let mut collections: Vec<String> = conn
+                .collections
+                .lock()
+                .expect("collections lock")
+                .values()
+                .cloned()
+                .collect();
+            collections.sort();
+            stats
+                .subscriptions
+                .insert(self.router.connection_name(conn.id), collections);
+        }
+        stats.unique_users = users.len();
+        stats
+    }
+
+    /// Ends every connection's stream; edges then close them cleanly.
+    pub fn shutdown(&self) {
+        self.router.end_all(EndReason::Shutdown);
+    }
+}
+
+struct OpenSubscription {
+    spec: SubscriptionSpec,
+    /// Keeps the bus delivering this collection to the node.
+    _interest: Interest,
+}
+
+/// One client's subscriptions and delivery queue. Dropping it removes them.
+pub struct Connection {
+    engine: Engine,
+    shared: Arc<ConnShared>,
+    queue: mpsc::Receiver<Delivery>,
+    subscriptions: HashMap<u64, OpenSubscription>,
+}
+
+impl Connection {
+    /// The connection's name, unique in the cluster: `<node>-<number>`.
+    pub fn name(&self) -> String {
+        self.engine.router.connection_name(self.shared.id)
+    }
+
+    /// Starts a subscription; events published after this returns reach it.
+    pub async fn subscribe(&mut self, spec: SubscriptionSpec) -> Result<u64, EngineError> {
+        spec.validate()?;
+        if self.subscriptions.len() >= self.engine.config.max_subscriptions {
+            return Err(EngineError::TooManySubscriptions(
+                self.engine.config.max_subscriptions,
+            ));
+        }
+        let interest = self.engine.bus.interest(&spec.collection).await?;
+        let id = self.engine.router.next_id();
+        let entry = Arc::new(SubEntry {
+            id,
+            conn: Arc::clone(&self.shared),
+            filter: spec.filter.clone(),
+        });
+        self.engine
+            .router
+            .add(&spec.collection, spec.record_id.as_deref(), entry);
+        self.shared
+            .collections
+            .lock()
+            .expect("collections lock")
+            .insert(id, spec.collection.clone());
+        self.subscriptions.insert(
+            id,
+            OpenSubscription {
+                spec,
+                _interest: interest,
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn unsubscribe(&mut self, id: u64) -> Result<SubscriptionSpec, EngineError> {
+        let open = self
+            .subscriptions
+            .remove(&id)
+            .ok_or(EngineError::UnknownSubscription(id))?;
+        self.engine
+            .router
+            .remove(&open.spec.collection, open.spec.record_id.as_deref(), id);
+        self.shared
+            .collections
+            .lock()
+            .expect("collections lock")
+            .remove(&id);
+        Ok(open.spec)
+    }
+
+    /// The subscriptions of this connection, by id.
+    pub fn subscriptions(&self) -> impl Iterator<Item = (u64, &SubscriptionSpec)> {
+        self.subscriptions.iter().map(|(id, open)| (*id, &open.spec))
+    }
+
+    /// Records the authenticated user, for stats.
+    pub fn set_user(&self, user_id: Option<String>) {
+        *self.shared.user_id.lock().expect("user lock") = user_id;
+    }
+
+    /// The next delivery. After the connection has ended (overflow,
+    /// shutdown) the deliveries queued before the end come first, then the
+    /// reason.
+    pub async fn recv(&mut self) -> Result<Delivery, EndReason> {
+        if let Some(reason) = self.shared.end_reason() {
+            return self.queue.try_recv().map_err(|_| reason.clone());
+        }
+        tokio::select! {
+            biased;
+            delivery = self.queue.recv() => Ok(delivery.expect("the connection holds a sender")),
+            _ = self.shared.end_signal.notified() => {
+                let reason = self.shared.end_reason().cloned().unwrap_or(EndReason::Shutdown);
+                self.queue.try_recv().map_err(|_| reason)
+            }
+        }
+    }
+
+    /// A delivery already queued, without waiting; for batching writes.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.queue.try_recv().ok()
+    }
+
+    /// When the connection's delivery ended, why.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.shared.end_reason().cloned()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.subscriptions.keys().copied().collect();
+        for id in ids {
+            let _ = self.unsubscribe(id);
+        }
+        self.engine.router.unregister(self.shared.id);
+    }
+}

@@ -1,0 +1,263 @@
+//! The subscription registry and fan-out of one node.
+//!
+//! Subscriptions live in a [`MatchIndex`] per collection (plus one for `*`
+//! and one per pinned record id). Dispatching an event asks the index for
+//! candidates, evaluates their filters, and pushes a [`Delivery`] (an `Arc`
+//! of the shared event, no copy) into each matching connection's bounded
+//! queue. A full queue ends that connection's subscriptions with
+//! [`EndReason::Overflow`]; the dispatcher never waits for a subscriber.
+
+use super::{Delivery, EndReason, Transport};
+use crate::event::SharedEvent;
+use crate::filter::Filter;
+use crate::filter::index::MatchIndex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use tokio::sync::{Notify, mpsc};
+
+/// What the registry knows of one open connection.
+pub(crate) struct ConnShared {
+    pub id: u64,
+    pub transport: Transport,
+    pub user_id: Mutex<Option<String>>,
+    queue: mpsc::Sender<Delivery>,
+    ended: OnceLock<EndReason>,
+    closed: AtomicBool,
+    pub end_signal: Notify,
+    /// Collections of the open subscriptions, for stats.
+    pub collections: Mutex<HashMap<u64, String>>,
+}
+
+impl ConnShared {
+    pub fn new(id: u64, transport: Transport, queue: mpsc::Sender<Delivery>) -> Self {
+        ConnShared {
+            id,
+            transport,
+            user_id: Mutex::new(None),
+            queue,
+            ended: OnceLock::new(),
+            closed: AtomicBool::new(false),
+            end_signal: Notify::new(),
+            collections: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Ends the connection's delivery; the first reason wins.
+    pub fn end(&self, reason: EndReason) {
+        if self.ended.set(reason).is_ok() {
+            self.closed.store(true, Ordering::Release);
+            self.end_signal.notify_one();
+        }
+    }
+
+    pub fn end_reason(&self) -> Option<&EndReason> {
+        self.ended.get()
+    }
+
+    fn deliver(&self, subscription: u64, event: &Arc<SharedEvent>, left_filter: bool) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let delivery = Delivery {
+            subscription,
+            event: Arc::clone(event),
+            left_filter,
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send(delivery) {
+            self.end(EndReason::Overflow {
+                capacity: self.queue.max_capacity(),
+            });
+        }
+    }
+}
+
+pub(crate) struct SubEntry {
+    pub id: u64,
+    pub conn: Arc<ConnShared>,
+    pub filter: Option<Filter>,
+}
+
+impl SubEntry {
+    fn matches(&self, record: &serde_json::Value) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.matches(record))
+    }
+}
+
+/// The subscriptions of one collection (or of `*`).
+#[derive(Default)]
+struct Scope {
+    index: MatchIndex<Arc<SubEntry>>,
+    by_record: HashMap<String, MatchIndex<Arc<SubEntry>>>,
+}
+
+impl Scope {
+    fn is_empty(&self) -> bool {
+        self.index.is_empty() && self.by_record.is_empty()
+    }
+
+    fn dispatch(&self, event: &Arc<SharedEvent>) {
+        deliver_from(&self.index, event);
+        if !event.event.record_id.is_empty()
+            && let Some(index) = self.by_record.get(&event.event.record_id)
+        {
+            deliver_from(index, event);
+        }
+    }
+}
+
+/// Live-query semantics: a subscription gets the event when its filter
+/// matches `data`; when it matches only `old_data`, it gets the event marked
+/// `left_filter`. The two passes cannot deliver twice: the second delivers
+/// only where the first did not match.
+fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) {
+    let data = &event.event.data;
+    index.candidates(data, |_, sub| {
+        if sub.matches(data) {
+            sub.conn.deliver(sub.id, event, false);
+        }
+    });
+    if let Some(old) = &event.event.old_data {
+        index.candidates(old, |_, sub| {
+            if !sub.matches(data) && sub.matches(old) {
+                sub.conn.deliver(sub.id, event, true);
+            }
+        });
+    }
+}
+
+/// Which subscriptions one dispatch call serves. The memory bus serves both
+/// at once; the NATS bus reads collections and `*` through separate
+/// consumers, each dispatching its own part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Everyone,
+    CollectionOnly,
+    WildcardOnly,
+}
+
+pub const WILDCARD: &str = "*";
+
+#[derive(Default)]
+struct Scopes {
+    collections: HashMap<String, Scope>,
+    wildcard: Scope,
+}
+
+pub struct Router {
+    /// A random name for this node, part of every connection name.
+    node: String,
+    scopes: RwLock<Scopes>,
+    pub(crate) connections: Mutex<HashMap<u64, Arc<ConnShared>>>,
+    head_seq: AtomicU64,
+    next_id: AtomicU64,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        let random = RandomState::new().hash_one(std::process::id());
+        Router {
+            node: format!("{:08x}", random as u32),
+            scopes: RwLock::default(),
+            connections: Mutex::default(),
+            head_seq: AtomicU64::default(),
+            next_id: AtomicU64::default(),
+        }
+    }
+}
+
+impl Router {
+    pub fn connection_name(&self, id: u64) -> String {
+        format!("{}-{id}", self.node)
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The newest sequence number dispatched on this node.
+    pub fn head_seq(&self) -> u64 {
+        self.head_seq.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn add(&self, collection: &str, record_id: Option<&str>, sub: Arc<SubEntry>) {
+        let mut scopes = self.scopes.write().expect("router lock");
+        let scope = if collection == WILDCARD {
+            &mut scopes.wildcard
+        } else {
+            scopes.collections.entry(collection.to_owned()).or_default()
+        };
+        let index = match record_id {
+            Some(record) => scope.by_record.entry(record.to_owned()).or_default(),
+            None => &mut scope.index,
+        };
+        index.insert(sub.id, sub.filter.as_ref(), Arc::clone(&sub));
+    }
+
+    pub(crate) fn remove(&self, collection: &str, record_id: Option<&str>, id: u64) {
+        let mut scopes = self.scopes.write().expect("router lock");
+        let scopes = &mut *scopes;
+        let scope = if collection == WILDCARD {
+            &mut scopes.wildcard
+        } else {
+            match scopes.collections.get_mut(collection) {
+                Some(scope) => scope,
+                None => return,
+            }
+        };
+        match record_id {
+            Some(record) => {
+                if let Some(index) = scope.by_record.get_mut(record) {
+                    index.remove(id);
+                    if index.is_empty() {
+                        scope.by_record.remove(record);
+                    }
+                }
+            }
+            None => {
+                scope.index.remove(id);
+            }
+        }
+        if collection != WILDCARD && scope.is_empty() {
+            scopes.collections.remove(collection);
+        }
+    }
+
+    /// Hands one event to every matching local subscription. Callers
+    /// dispatch in sequence order.
+    pub fn dispatch(&self, event: SharedEvent, audience: Audience) {
+        let event = Arc::new(event);
+        self.head_seq.fetch_max(event.event.seq, Ordering::AcqRel);
+        let scopes = self.scopes.read().expect("router lock");
+        if audience != Audience::WildcardOnly
+            && let Some(scope) = scopes.collections.get(&event.event.collection)
+        {
+            scope.dispatch(&event);
+        }
+        if audience != Audience::CollectionOnly {
+            scopes.wildcard.dispatch(&event);
+        }
+    }
+
+    pub(crate) fn register(&self, conn: Arc<ConnShared>) {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .insert(conn.id, conn);
+    }
+
+    pub(crate) fn unregister(&self, id: u64) {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .remove(&id);
+    }
+
+    /// Ends every connection, e.g. at shutdown.
+    pub(crate) fn end_all(&self, reason: EndReason) {
+        for conn in self.connections.lock().expect("connections lock").values() {
+            conn.end(reason.clone());
+        }
+    }
+}

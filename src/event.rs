@@ -1,0 +1,244 @@
+//! Events: what publishers send and subscribers receive.
+//!
+//! An [`Event`] is transport-neutral: the edges convert it to and from JSON
+//! and protobuf. Once published it travels as a [`SharedEvent`], which carries
+//! a small cache so each wire encoding is computed once per event and its
+//! bytes shared by every subscriber of that wire format.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use std::fmt;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+use thiserror::Error;
+
+/// The eight event types of the systems strom replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    RecordCreated,
+    RecordUpdated,
+    RecordDeleted,
+    CollectionCreated,
+    CollectionUpdated,
+    CollectionDeleted,
+    UserJoined,
+    UserLeft,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 8] = [
+        EventType::RecordCreated,
+        EventType::RecordUpdated,
+        EventType::RecordDeleted,
+        EventType::CollectionCreated,
+        EventType::CollectionUpdated,
+        EventType::CollectionDeleted,
+        EventType::UserJoined,
+        EventType::UserLeft,
+    ];
+
+    /// The dotted name used in JSON, SSE `event:` lines and NATS bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::RecordCreated => "record.created",
+            EventType::RecordUpdated => "record.updated",
+            EventType::RecordDeleted => "record.deleted",
+            EventType::CollectionCreated => "collection.created",
+            EventType::CollectionUpdated => "collection.updated",
+            EventType::CollectionDeleted => "collection.deleted",
+            EventType::UserJoined => "user.joined",
+            EventType::UserLeft => "user.left",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<EventType, EventError> {
+        EventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == name)
+            .ok_or_else(|| EventError::UnknownType(name.to_owned()))
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an event (or a collection name) was refused.
+#[derive(Debug, Error, PartialEq)]
+pub enum EventError {
+    #[error(
+        "unknown event type {0:?}: expected one of record.created, record.updated, record.deleted, collection.created, collection.updated, collection.deleted, user.joined, user.left"
+    )]
+    UnknownType(String),
+    #[error("invalid collection name {0:?}: {1}")]
+    InvalidCollection(String, &'static str),
+    #[error("record_id is longer than {MAX_RECORD_ID} bytes")]
+    RecordIdTooLong,
+    #[error("{0} must be a JSON object")]
+    NotAnObject(&'static str),
+    #[error("invalid timestamp {0:?}: expected RFC 3339, e.g. 2025-01-15T10:30:00Z")]
+    InvalidTimestamp(String),
+}
+
+pub const MAX_COLLECTION: usize = 128;
+pub const MAX_RECORD_ID: usize = 256;
+
+/// Checks a collection name: 1 to 128 bytes of letters, digits, `_`, `-` and
+/// `.`, not starting or ending with `.` nor containing `..`. The rules keep
+/// every name a valid suffix of a NATS subject.
+pub fn validate_collection(name: &str) -> Result<(), EventError> {
+    let invalid = |why| Err(EventError::InvalidCollection(name.to_owned(), why));
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.len() > MAX_COLLECTION {
+        return invalid("it is longer than 128 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return invalid("only letters, digits, '_', '-' and '.' are allowed");
+    }
+    if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+        return invalid("'.' separates non-empty parts");
+    }
+    Ok(())
+}
+
+/// One change, as published and as delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event_type: EventType,
+    pub collection: String,
+    /// Empty when the event is not about one record.
+    pub record_id: String,
+    /// The record after the change; always a JSON object.
+    pub data: Value,
+    /// The record before the change, when known; a JSON object.
+    pub old_data: Option<Value>,
+    pub timestamp: SystemTime,
+    /// Position in the event log; 0 until the bus assigns it.
+    pub seq: u64,
+}
+
+impl Event {
+    /// Checks what a publisher controls: collection name, record id, and
+    /// that data and old_data are objects.
+    pub fn validate(&self) -> Result<(), EventError> {
+        validate_collection(&self.collection)?;
+        if self.record_id.len() > MAX_RECORD_ID {
+            return Err(EventError::RecordIdTooLong);
+        }
+        if !self.data.is_object() {
+            return Err(EventError::NotAnObject("data"));
+        }
+        if self.old_data.as_ref().is_some_and(|v| !v.is_object()) {
+            return Err(EventError::NotAnObject("old_data"));
+        }
+        Ok(())
+    }
+
+    pub fn empty_data() -> Value {
+        Value::Object(Map::new())
+    }
+}
+
+/// Formats a time as RFC 3339 in UTC with microseconds.
+pub fn format_timestamp(at: SystemTime) -> String {
+    let at = time::OffsetDateTime::from(at);
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    at.format(&format).unwrap_or_default()
+}
+
+/// Parses an RFC 3339 time. A time without an offset (as in the seeds'
+/// examples, `2025-01-15T10:30:00`) is taken as UTC.
+pub fn parse_timestamp(text: &str) -> Result<SystemTime, EventError> {
+    use time::format_description::well_known::Rfc3339;
+    let invalid = || EventError::InvalidTimestamp(text.to_owned());
+    if let Ok(at) = time::OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok(at.into());
+    }
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second][optional [.[subsecond]]]"
+    );
+    time::PrimitiveDateTime::parse(text, &format)
+        .map(|at| at.assume_utc().into())
+        .map_err(|_| invalid())
+}
+
+/// The wire formats whose encodings a [`SharedEvent`] caches. The engine does
+/// not know how each is encoded; it only keeps the bytes an edge produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    WebSocket,
+    Sse,
+}
+
+const WIRE_SLOTS: usize = 2;
+
+/// A published event on its way to subscribers, shared by all of them.
+#[derive(Debug)]
+pub struct SharedEvent {
+    pub event: Event,
+    /// Encodings per wire format; the second half for `left_filter` deliveries.
+    encodings: [OnceLock<Bytes>; WIRE_SLOTS * 2],
+}
+
+impl SharedEvent {
+    pub fn new(event: Event) -> Self {
+        SharedEvent {
+            event,
+            encodings: Default::default(),
+        }
+    }
+
+    /// The bytes of this event in `wire`, encoded by `encode` the first time
+    /// any subscriber asks and shared afterwards.
+    pub fn encoded(&self, wire: Wire, left_filter: bool, encode: impl FnOnce() -> Bytes) -> Bytes {
+        let slot = wire as usize + if left_filter { WIRE_SLOTS } else { 0 };
+        self.encodings[slot].get_or_init(encode).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_type_names_round_trip() {
+        for t in EventType::ALL {
+            assert_eq!(EventType::parse(t.as_str()), Ok(t));
+        }
+        assert!(matches!(
+            EventType::parse("record.moved"),
+            Err(EventError::UnknownType(_))
+        ));
+    }
+
+    #[test]
+    fn collection_names() {
+        for ok in ["posts", "public.products", "a-b_c9"] {
+            assert_eq!(validate_collection(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", &"x".repeat(129)] {
+            assert!(validate_collection(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        let t = parse_timestamp("2025-01-15T10:30:00Z").unwrap();
+        assert_eq!(format_timestamp(t), "2025-01-15T10:30:00.000000Z");
+        assert_eq!(parse_timestamp("2025-01-15T10:30:00").unwrap(), t);
+        assert_eq!(
+            parse_timestamp("2025-01-15T12:30:00.5+02:00").unwrap(),
+            t + std::time::Duration::from_millis(500)
+        );
+        assert!(parse_timestamp("yesterday").is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! The `strom` command: `serve` runs the service; `publish` and `subscribe`
+//! are gRPC clients for trying it from a terminal.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+use strom::bus::nats::NatsConfig;
+use strom::edge::grpc::{event_from_proto, event_to_proto};
+use strom::engine::EngineConfig;
+use strom::event::{Event, EventType};
+use strom::proto;
+use strom::proto::realtime_client::RealtimeClient;
+use strom::server::{self, ServerConfig};
+
+#[derive(Parser)]
+#[command(name = "strom", version, about = "Realtime service: live data over gRPC, WebSocket and SSE")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (gRPC, gRPC-Web, WebSocket, SSE and REST on one port).
+    Serve(Box<ServeArgs>),
+    /// Publish one event through the Publish RPC and print its seq.
+    Publish(PublishArgs),
+    /// Subscribe through the Subscribe RPC and print events as JSON lines.
+    Subscribe(SubscribeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "STROM_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// NATS server URL; unset means the in-memory bus (one node).
+    #[arg(long, env = "STROM_NATS_URL")]
+    nats_url: Option<String>,
+    /// JetStream stream holding the events.
+    #[arg(long, env = "STROM_NATS_STREAM", default_value = "STROM_EVENTS")]
+    nats_stream: String,
+    /// Subject prefix: events travel on `<prefix>.<collection>`.
+    #[arg(long, env = "STROM_NATS_SUBJECT_PREFIX", default_value = "strom.events")]
+    nats_subject_prefix: String,
+    /// History kept by the stream, by age (e.g. 24h, 30m).
+    #[arg(long, env = "STROM_HISTORY_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    history_max_age: Duration,
+    /// History kept by the stream, by count.
+    #[arg(long, env = "STROM_HISTORY_MAX_EVENTS", default_value_t = 1_000_000)]
+    history_max_events: i64,
+    /// Deliveries queued per connection before a slow reader is cut off.
+    #[arg(long, env = "STROM_QUEUE_CAPACITY", default_value_t = 4096)]
+    queue_capacity: usize,
+    /// Subscriptions one connection may hold.
+    #[arg(long, env = "STROM_MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    max_subscriptions: usize,
+    /// WebSocket heartbeat: the server sends `ping` this often.
+    #[arg(long, env = "STROM_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    ws_ping_interval: Duration,
+    /// WebSocket connections silent this long are closed.
+    #[arg(long, env = "STROM_WS_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    ws_idle_timeout: Duration,
+    /// Largest WebSocket frame accepted from a client, in bytes.
+    #[arg(long, env = "STROM_WS_MAX_FRAME_BYTES", default_value_t = 65536)]
+    ws_max_frame_bytes: usize,
+    /// SSE keep-alive comment interval.
+    #[arg(long, env = "STROM_SSE_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
+    sse_keepalive: Duration,
+    /// Origins allowed by CORS (repeat or comma-separate); none means any.
+    #[arg(long = "cors-origin", env = "STROM_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// gRPC address of a strom node.
+    #[arg(long, env = "STROM_SERVER", default_value = "http://127.0.0.1:8000")]
+    server: String,
+    collection: String,
+    /// Event type, e.g. record.created.
+    #[arg(long = "type", default_value = "record.created")]
+    event_type: String,
+    #[arg(long)]
+    record_id: Option<String>,
+    /// The record as a JSON object.
+    #[arg(long, default_value = "{}")]
+    data: String,
+    /// The record before the change, as a JSON object.
+    #[arg(long)]
+    old_data: Option<String>,
+}
+
+#[derive(Args)]
+struct SubscribeArgs {
+    #[arg(long, env = "STROM_SERVER", default_value = "http://127.0.0.1:8000")]
+    server: String,
+    /// Collection name, or `*` for all.
+    collection: String,
+    /// Text filter, e.g. 'price > 100 && status = "published"'.
+    #[arg(long)]
+    filter: Option<String>,
+    #[arg(long)]
+    record_id: Option<String>,
+    /// Resume after this seq.
+    #[arg(long)]
+    since: Option<u64>,
+}
+
+/// `250ms`, `30s`, `5m`, `24h`; a bare number is seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 250ms, 30s, 5m or 24h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m or h")),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STROM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Publish(args) => publish(args).await,
+        Command::Subscribe(args) => subscribe(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let nats = args.nats_url.map(|url| NatsConfig {
+        stream: args.nats_stream,
+        subject_prefix: args.nats_subject_prefix,
+        max_age: args.history_max_age,
+        max_events: args.history_max_events,
+        ..NatsConfig::new(url)
+    });
+    let config = ServerConfig {
+        engine: EngineConfig {
+            queue_capacity: args.queue_capacity,
+            max_subscriptions: args.max_subscriptions,
+        },
+        nats,
+        ws: strom::edge::ws::WsConfig {
+            ping_interval: args.ws_ping_interval,
+            idle_timeout: args.ws_idle_timeout,
+            max_frame_bytes: args.ws_max_frame_bytes,
+        },
+        sse_keepalive: args.sse_keepalive,
+        cors_origins: args.cors_origins,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let backend = if config.nats.is_some() { "nats" } else { "memory" };
+    let address = listener.local_addr()?;
+    tracing::info!(%address, backend, "strom starting");
+    let server = tokio::spawn(server::run(listener, config, shutdown_signal()));
+    // Announced once the bus is up, so scripts can wait for this line.
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "listening on http://{address}")?;
+    stdout.flush()?;
+    server.await??;
+    tracing::info!("strom stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn client(server: &str) -> Result<RealtimeClient<tonic::transport::Channel>> {
+    RealtimeClient::connect(server.to_owned())
+        .await
+        .with_context(|| format!("cannot reach strom at {server}"))
+}
+
+async fn publish(args: PublishArgs) -> Result<()> {
+    let parse_object = |name: &str, text: &str| -> Result<serde_json::Value> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("--{name} is not valid JSON"))?;
+        if !value.is_object() {
+            bail!("--{name} must be a JSON object");
+        }
+        Ok(value)
+    };
+    let event = Event {
+        event_type: EventType::parse(&args.event_type)?,
+        collection: args.collection,
+        record_id: args.record_id.unwrap_or_default(),
+        data: parse_object("data", &args.data)?,
+        old_data: args
+            .old_data
+            .map(|text| parse_object("old-data", &text))
+            .transpose()?,
+        timestamp: SystemTime::now(),
+        seq: 0,
+    };
+    let response = client(&args.server)
+        .await?
+        .publish(proto::PublishRequest {
+            events: vec![event_to_proto(&event)],
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("publish failed: {}", s.message()))?;
+    println!("{}", response.into_inner().seqs[0]);
+    Ok(())
+}
+
+async fn subscribe(args: SubscribeArgs) -> Result<()> {
+    let request = proto::SubscribeRequest {
+        collection: args.collection,
+        record_id: args.record_id.unwrap_or_default(),
+        filter: args.filter.map(proto::subscribe_request::Filter::Text),
+        since_seq: args.since,
+    };
+    let mut stream = client(&args.server)
+        .await?
+        .subscribe(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("subscribe failed: {}", s.message()))?
+        .into_inner();
+    let mut stdout = std::io::stdout();
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("stream ended: {}", s.message()))?
+    {
+        match message.kind {
+            Some(proto::subscribe_response::Kind::Subscribed(s)) => {
+                eprintln!("subscribed (head seq {})", s.head_seq);
+            }
+            Some(proto::subscribe_response::Kind::Event(event)) => {
+                let (seq, left_filter) = (event.seq, event.left_filter);
+                let mut event = event_from_proto(event, SystemTime::now())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                event.seq = seq;
+                let line = strom::codec::encode_event(&event, left_filter);
+                stdout.write_all(&line)?;
+                stdout.write_all(b"\n")?;
+                stdout.flush()?;
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}

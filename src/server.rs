@@ -1,0 +1,125 @@
+//! Runs strom: one listener serving gRPC, gRPC-Web, WebSocket, SSE and REST.
+//!
+//! [`run`] takes a bound listener and a shutdown future, so tests drive a
+//! real server on a free port. Shutdown ends every subscription stream
+//! cleanly (gRPC UNAVAILABLE, WebSocket close 1001, SSE `error` event),
+//! lets in-flight requests such as publishes finish, then returns.
+
+use crate::bus::{Bus, BusError, memory::MemoryBus, nats::{NatsBus, NatsConfig}};
+use crate::edge::{AppState, grpc::RealtimeService, http_routes, ws::WsConfig};
+use crate::engine::{Engine, EngineConfig};
+use crate::proto;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tower::Layer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub engine: EngineConfig,
+    /// `None`: the in-memory bus.
+    pub nats: Option<NatsConfig>,
+    pub ws: WsConfig,
+    pub sse_keepalive: Duration,
+    /// Origins allowed by CORS (browsers, gRPC-Web); empty means any.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            engine: EngineConfig::default(),
+            nats: None,
+            ws: WsConfig::default(),
+            sse_keepalive: Duration::from_secs(15),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("invalid CORS origin {0:?}")]
+    Cors(String),
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let nats = config.nats.clone();
+    let engine = Engine::start(config.engine.clone(), |router| async move {
+        Ok::<_, BusError>(match nats {
+            None => Bus::Memory(MemoryBus::new(router)),
+            Some(nats) => Bus::Nats(NatsBus::connect(nats, router).await?),
+        })
+    })
+    .await?;
+    let tasks = TaskTracker::new();
+    let app = app(engine.clone(), &config, tasks.clone())?;
+    let stopping = engine.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.shutdown();
+        })
+        .await?;
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    Ok(())
+}
+
+fn app(engine: Engine, config: &ServerConfig, tasks: TaskTracker) -> Result<axum::Router, ServerError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let realtime = proto::realtime_server::RealtimeServer::new(RealtimeService::new(engine.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptors are valid");
+    tokio::spawn(async move {
+        health_reporter
+            .set_serving::<proto::realtime_server::RealtimeServer<RealtimeService>>()
+            .await;
+    });
+    let grpc = tonic::service::Routes::new(realtime)
+        .add_service(health)
+        .add_service(reflection)
+        .prepare()
+        .into_axum_router();
+    let grpc = tonic_web::GrpcWebLayer::new().layer(grpc);
+    let state = AppState {
+        engine,
+        ws: config.ws.clone(),
+        sse_keepalive: config.sse_keepalive,
+        tasks,
+    };
+    Ok(http_routes(state)
+        .fallback_service(grpc)
+        .layer(cors(&config.cors_origins)?))
+}
+
+fn cors(origins: &[String]) -> Result<CorsLayer, ServerError> {
+    let allow = if origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        let parsed = origins
+            .iter()
+            .map(|o| o.parse().map_err(|_| ServerError::Cors(o.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(parsed)
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods(tower_http::cors::Any)
+        .allow_headers(tower_http::cors::Any)
+        .expose_headers(tower_http::cors::Any))
+}
