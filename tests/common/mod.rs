@@ -1,0 +1,376 @@
+//! Shared test harness: real strom servers on free ports, a real
+//! nats-server process, and small clients for raw HTTP and gRPC.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use strom::proto;
+use strom::proto::realtime_client::RealtimeClient;
+use strom::server::{ServerConfig, run};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Awaits `future`, failing the test with `what` if it takes longer than
+/// [`PATIENCE`] (a bound against hangs, not a timing assertion).
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A strom server running inside the test process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn start(config: ServerConfig) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            let _ = ready_tx.send(());
+            run(listener, config, shutdown).await.expect("server runs");
+        });
+        ready_rx.await.unwrap();
+        let server = TestServer {
+            addr,
+            stop: Some(stop),
+            task,
+        };
+        // The bus connects inside `run`; the server answers once it is up.
+        within("the server to answer", async {
+            loop {
+                if let Ok((200, _)) = server.try_get("/healthz").await {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        server
+    }
+
+    pub async fn memory() -> TestServer {
+        TestServer::start(ServerConfig::default()).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn grpc(&self) -> RealtimeClient<Channel> {
+        RealtimeClient::connect(self.url()).await.unwrap()
+    }
+
+    /// Stops the server gracefully and waits until it has.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        within("the server to stop", &mut self.task).await.unwrap();
+    }
+
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    async fn try_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http(self.addr, "GET", path, "").await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http(self.addr, "GET", path, "").await.unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, String) {
+        http(self.addr, "POST", path, body).await.unwrap()
+    }
+
+    /// Publishes one event over REST and returns its seq.
+    pub async fn publish_json(&self, event: serde_json::Value) -> u64 {
+        let (status, body) = self.post("/api/v1/publish", &event.to_string()).await;
+        assert_eq!(status, 200, "publish failed: {body}");
+        let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+        reply["seq"].as_u64().expect("a seq")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns status and body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+/// A server-sent event as read off the wire.
+#[derive(Debug, Default, Clone)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// Reads an SSE stream over a raw HTTP/1.1 connection.
+pub struct SseReader {
+    lines: tokio::io::Lines<tokio::io::BufReader<TcpStream>>,
+    pub status: u16,
+    pub head: String,
+}
+
+impl SseReader {
+    pub async fn open(addr: SocketAddr, path: &str, headers: &str) -> SseReader {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{headers}\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        let mut head = String::new();
+        loop {
+            let line = within("SSE response headers", lines.next_line())
+                .await
+                .unwrap()
+                .expect("headers");
+            if line.is_empty() {
+                break;
+            }
+            head.push_str(&line);
+            head.push('\n');
+        }
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        SseReader { lines, status, head }
+    }
+
+    /// The next event (comments and chunk framing skipped); `None` at the end.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        let mut event = SseEvent::default();
+        let mut seen = false;
+        loop {
+            let line = within("an SSE event", self.lines.next_line()).await.ok()??;
+            if line.is_empty() {
+                if seen {
+                    return Some(event);
+                }
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("event: ") {
+                event.event = rest.to_owned();
+                seen = true;
+            } else if let Some(rest) = line.strip_prefix("id: ") {
+                event.id = Some(rest.to_owned());
+                seen = true;
+            } else if let Some(rest) = line.strip_prefix("data: ") {
+                event.data = rest.to_owned();
+                seen = true;
+            } else if line == "0" {
+                // The final chunk of a chunked body.
+                return None;
+            }
+            // Anything else is chunk-size framing or a ": comment".
+        }
+    }
+
+    /// The next event of type `kind`, skipping others.
+    pub async fn next_of(&mut self, kind: &str) -> SseEvent {
+        loop {
+            let event = self.next().await.expect("the stream goes on");
+            if event.event == kind {
+                return event;
+            }
+        }
+    }
+}
+
+/// Opens a gRPC subscription and waits for its `subscribed` confirmation, so
+/// events published afterwards are guaranteed to reach it.
+pub async fn grpc_subscribe(
+    client: &mut RealtimeClient<Channel>,
+    request: proto::SubscribeRequest,
+) -> tonic::Streaming<proto::SubscribeResponse> {
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    let first = within("subscribed", stream.message())
+        .await
+        .unwrap()
+        .expect("a first message");
+    assert!(
+        matches!(first.kind, Some(proto::subscribe_response::Kind::Subscribed(_))),
+        "first message is `subscribed`, got {first:?}"
+    );
+    stream
+}
+
+/// The next event of a gRPC subscription.
+pub async fn next_event(stream: &mut tonic::Streaming<proto::SubscribeResponse>) -> proto::Event {
+    let message = within("an event", stream.message())
+        .await
+        .unwrap()
+        .expect("the stream goes on");
+    match message.kind {
+        Some(proto::subscribe_response::Kind::Event(event)) => event,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+pub fn text_subscription(collection: &str, filter: Option<&str>) -> proto::SubscribeRequest {
+    proto::SubscribeRequest {
+        collection: collection.into(),
+        filter: filter.map(|f| proto::subscribe_request::Filter::Text(f.into())),
+        ..Default::default()
+    }
+}
+
+/// A record.created event for gRPC Publish.
+pub fn created(collection: &str, record_id: &str, data: serde_json::Value) -> proto::Event {
+    proto::Event {
+        r#type: proto::EventType::RecordCreated as i32,
+        collection: collection.into(),
+        record_id: record_id.into(),
+        data: Some(strom::edge::grpc::struct_from_json(&data)),
+        ..Default::default()
+    }
+}
+
+/// A real nats-server with JetStream, on a free port, stopped on drop.
+pub struct NatsServer {
+    child: Child,
+    pub url: String,
+    _store: TempDir,
+}
+
+impl NatsServer {
+    /// The binary: `$STROM_NATS_SERVER`, else the one `scripts/test`
+    /// installs under `.tools/`, else `nats-server` on the PATH.
+    fn binary() -> PathBuf {
+        if let Ok(path) = std::env::var("STROM_NATS_SERVER") {
+            return path.into();
+        }
+        let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/nats/bin/nats-server");
+        if local.exists() {
+            return local;
+        }
+        "nats-server".into()
+    }
+
+    pub fn start() -> NatsServer {
+        let store = TempDir::new("nats");
+        let mut child = Command::new(Self::binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .arg(&store.0)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start nats-server ({e}); run scripts/test, which installs it, or set STROM_NATS_SERVER"
+                )
+            });
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let mut url = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some((_, rest)) = line.split_once("Listening for client connections on ") {
+                url = Some(format!("nats://{}", rest.trim()));
+            }
+            if line.contains("Server is ready") {
+                break;
+            }
+        }
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        NatsServer {
+            child,
+            url: url.expect("nats-server printed its client address"),
+            _store: store,
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "strom-{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
