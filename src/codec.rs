@@ -157,14 +157,21 @@ mod tests {
     #[test]
     fn errors_say_what_is_wrong() {
         let now = SystemTime::UNIX_EPOCH;
-        let err = |body: &str| decode_event(body.as_bytes(), None, now).unwrap_err().to_string();
+        let err = |body: &str| {
+            decode_event(body.as_bytes(), None, now)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(err("{").contains("invalid JSON"));
         assert!(err(r#"{"collection":"a"}"#).contains("missing field `type`"));
         assert!(err(r#"{"type":"record.created"}"#).contains("missing field `collection`"));
         assert!(err(r#"{"type":"nope","collection":"a"}"#).contains("unknown event type"));
         assert!(err(r#"{"type":"record.created","collection":"a b"}"#).contains("collection"));
         assert!(err(r#"{"type":"record.created","collection":"a","data":[1]}"#).contains("data"));
-        assert!(err(r#"{"type":"record.created","collection":"a","record_id":{}}"#).contains("record_id"));
+        assert!(
+            err(r#"{"type":"record.created","collection":"a","record_id":{}}"#)
+                .contains("record_id")
+        );
         // The subject's collection wins over the body's.
         let event = decode_event(br#"{"type":"record.created"}"#, Some("posts"), now).unwrap();
         assert_eq!(event.collection, "posts");

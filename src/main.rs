@@ -12,10 +12,14 @@ use strom::engine::EngineConfig;
 use strom::event::{Event, EventType};
 use strom::proto;
 use strom::proto::realtime_client::RealtimeClient;
-use strom::server::{self, ServerConfig};
+use strom::server::{Server, ServerConfig};
 
 #[derive(Parser)]
-#[command(name = "strom", version, about = "Realtime service: live data over gRPC, WebSocket and SSE")]
+#[command(
+    name = "strom",
+    version,
+    about = "Realtime service: live data over gRPC, WebSocket and SSE"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,7 +47,11 @@ struct ServeArgs {
     #[arg(long, env = "STROM_NATS_STREAM", default_value = "STROM_EVENTS")]
     nats_stream: String,
     /// Subject prefix: events travel on `<prefix>.<collection>`.
-    #[arg(long, env = "STROM_NATS_SUBJECT_PREFIX", default_value = "strom.events")]
+    #[arg(
+        long,
+        env = "STROM_NATS_SUBJECT_PREFIX",
+        default_value = "strom.events"
+    )]
     nats_subject_prefix: String,
     /// History kept by the stream, by age (e.g. 24h, 30m).
     #[arg(long, env = "STROM_HISTORY_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
@@ -70,7 +78,11 @@ struct ServeArgs {
     #[arg(long, env = "STROM_SSE_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
     sse_keepalive: Duration,
     /// Origins allowed by CORS (repeat or comma-separate); none means any.
-    #[arg(long = "cors-origin", env = "STROM_CORS_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "cors-origin",
+        env = "STROM_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
     cors_origins: Vec<String>,
 }
 
@@ -123,7 +135,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
     })
 }
 
@@ -168,15 +184,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let backend = if config.nats.is_some() { "nats" } else { "memory" };
+    let backend = if config.nats.is_some() {
+        "nats"
+    } else {
+        "memory"
+    };
     let address = listener.local_addr()?;
     tracing::info!(%address, backend, "strom starting");
-    let server = tokio::spawn(server::run(listener, config, shutdown_signal()));
+    let server = Server::start(config).await.context("cannot start strom")?;
     // Announced once the bus is up, so scripts can wait for this line.
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on http://{address}")?;
     stdout.flush()?;
-    server.await??;
+    server.serve(listener, shutdown_signal()).await?;
     tracing::info!("strom stopped");
     Ok(())
 }

@@ -5,15 +5,21 @@
 //! cleanly (gRPC UNAVAILABLE, WebSocket close 1001, SSE `error` event),
 //! lets in-flight requests such as publishes finish, then returns.
 
-use crate::bus::{Bus, BusError, memory::MemoryBus, nats::{NatsBus, NatsConfig}};
+use crate::bus::{
+    Bus, BusError,
+    memory::MemoryBus,
+    nats::{NatsBus, NatsConfig},
+};
+use crate::edge::errors::{ApiError, ErrorKind};
 use crate::edge::{AppState, grpc::RealtimeService, http_routes, ws::WsConfig};
 use crate::engine::{Engine, EngineConfig};
 use crate::proto;
+use axum::response::IntoResponse;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
-use tower::Layer;
+use tower::{Layer, ServiceExt};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 #[derive(Debug, Clone)]
@@ -49,37 +55,64 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves until `shutdown` completes.
+/// A server whose bus is connected, ready to serve.
+pub struct Server {
+    engine: Engine,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Connects the bus (NATS, when configured).
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let nats = config.nats.clone();
+        let engine = Engine::start(config.engine.clone(), |router| async move {
+            Ok::<_, BusError>(match nats {
+                None => Bus::Memory(MemoryBus::new(router)),
+                Some(nats) => Bus::Nats(NatsBus::connect(nats, router).await?),
+            })
+        })
+        .await?;
+        Ok(Server { engine, config })
+    }
+
+    /// Serves on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let tasks = TaskTracker::new();
+        let app = app(self.engine.clone(), &self.config, tasks.clone())?;
+        let stopping = self.engine.clone();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                stopping.shutdown();
+            })
+            .await?;
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        Ok(())
+    }
+}
+
+/// Starts a server and serves until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let nats = config.nats.clone();
-    let engine = Engine::start(config.engine.clone(), |router| async move {
-        Ok::<_, BusError>(match nats {
-            None => Bus::Memory(MemoryBus::new(router)),
-            Some(nats) => Bus::Nats(NatsBus::connect(nats, router).await?),
-        })
-    })
-    .await?;
-    let tasks = TaskTracker::new();
-    let app = app(engine.clone(), &config, tasks.clone())?;
-    let stopping = engine.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopping.shutdown();
-        })
-        .await?;
-    tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
-    Ok(())
+    Server::start(config).await?.serve(listener, shutdown).await
 }
 
-fn app(engine: Engine, config: &ServerConfig, tasks: TaskTracker) -> Result<axum::Router, ServerError> {
+fn app(
+    engine: Engine,
+    config: &ServerConfig,
+    tasks: TaskTracker,
+) -> Result<axum::Router, ServerError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let realtime = proto::realtime_server::RealtimeServer::new(RealtimeService::new(engine.clone()));
+    let realtime =
+        proto::realtime_server::RealtimeServer::new(RealtimeService::new(engine.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -96,6 +129,26 @@ fn app(engine: Engine, config: &ServerConfig, tasks: TaskTracker) -> Result<axum
         .prepare()
         .into_axum_router();
     let grpc = tonic_web::GrpcWebLayer::new().layer(grpc);
+    // gRPC and gRPC-Web requests go to tonic; any other unknown path is a 404.
+    let fallback = move |request: axum::extract::Request| {
+        let grpc = grpc.clone();
+        async move {
+            let is_grpc = request
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc"));
+            if is_grpc || request.method() == http::Method::OPTIONS {
+                grpc.oneshot(request).await.into_response()
+            } else {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("no route for {}", request.uri().path()),
+                )
+                .into_response()
+            }
+        }
+    };
     let state = AppState {
         engine,
         ws: config.ws.clone(),
@@ -103,7 +156,7 @@ fn app(engine: Engine, config: &ServerConfig, tasks: TaskTracker) -> Result<axum
         tasks,
     };
     Ok(http_routes(state)
-        .fallback_service(grpc)
+        .fallback(fallback)
         .layer(cors(&config.cors_origins)?))
 }
 

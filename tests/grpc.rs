@@ -49,14 +49,22 @@ async fn subscribers_receive_exactly_the_matching_events_in_order() {
     // A final matching event marks the end of what was published.
     client
         .publish(proto::PublishRequest {
-            events: vec![created("products", "end", json!({"price": 999, "category": "books"}))],
+            events: vec![created(
+                "products",
+                "end",
+                json!({"price": 999, "category": "books"}),
+            )],
         })
         .await
         .unwrap();
     let mut received = Vec::new();
     loop {
         let event = next_event(&mut stream).await;
-        received.push((event.record_id.clone(), data(&event)["price"].clone(), event.seq));
+        received.push((
+            event.record_id.clone(),
+            data(&event)["price"].clone(),
+            event.seq,
+        ));
         if event.record_id == "end" {
             break;
         }
@@ -107,8 +115,16 @@ async fn typed_filter_tree_record_id_and_wildcard() {
     .await;
     let mut everything = grpc_subscribe(&mut client, text_subscription("*", None)).await;
     let events = vec![
-        created("posts", "a", json!({"author": {"name": "bob"}, "tags": ["rust"]})),
-        created("posts", "b", json!({"author": {"name": "ann"}, "tags": ["rust"]})),
+        created(
+            "posts",
+            "a",
+            json!({"author": {"name": "bob"}, "tags": ["rust"]}),
+        ),
+        created(
+            "posts",
+            "b",
+            json!({"author": {"name": "ann"}, "tags": ["rust"]}),
+        ),
         created("comments", "c", json!({})),
     ];
     client
@@ -132,8 +148,11 @@ async fn typed_filter_tree_record_id_and_wildcard() {
 async fn an_update_leaving_the_filter_is_marked() {
     let server = TestServer::memory().await;
     let mut client = server.grpc().await;
-    let mut stream =
-        grpc_subscribe(&mut client, text_subscription("orders", Some("status = open"))).await;
+    let mut stream = grpc_subscribe(
+        &mut client,
+        text_subscription("orders", Some("status = open")),
+    )
+    .await;
     let update = |old: &str, new: &str| proto::Event {
         r#type: proto::EventType::RecordUpdated as i32,
         collection: "orders".into(),
@@ -171,17 +190,32 @@ async fn bad_requests_are_invalid_argument_naming_the_problem() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("column 8"), "{}", status.message());
-    assert!(status.message().contains("expected a value"), "{}", status.message());
+    assert!(
+        status.message().contains("column 8"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("expected a value"),
+        "{}",
+        status.message()
+    );
 
     let status = client
         .subscribe(text_subscription("bad name", None))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("collection"), "{}", status.message());
+    assert!(
+        status.message().contains("collection"),
+        "{}",
+        status.message()
+    );
 
-    let status = client.subscribe(text_subscription("", None)).await.unwrap_err();
+    let status = client
+        .subscribe(text_subscription("", None))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
     let empty_condition = proto::SubscribeRequest {
@@ -214,7 +248,11 @@ async fn bad_requests_are_invalid_argument_naming_the_problem() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().starts_with("events[1]"), "{}", status.message());
+    assert!(
+        status.message().starts_with("events[1]"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test]
@@ -246,7 +284,11 @@ async fn a_slow_subscriber_is_cut_off_without_delaying_others() {
             .into_inner()
             .seqs;
         for seq in seqs {
-            assert_eq!(next_event(&mut fast).await.seq, seq, "in order, none missing");
+            assert_eq!(
+                next_event(&mut fast).await.seq,
+                seq,
+                "in order, none missing"
+            );
         }
     }
     // The slow one, never read so far, gets what was queued, then the reason.
@@ -258,9 +300,16 @@ async fn a_slow_subscriber_is_cut_off_without_delaying_others() {
             Err(status) => break status,
         }
     };
-    assert!(got < BATCHES * 20, "cut off before the end, after {got} events");
+    assert!(
+        got < BATCHES * 20,
+        "cut off before the end, after {got} events"
+    );
     assert_eq!(status.code(), Code::ResourceExhausted);
-    assert!(status.message().contains("too slow"), "{}", status.message());
+    assert!(
+        status.message().contains("too slow"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test]
@@ -308,7 +357,10 @@ async fn health_and_reflection_are_served() {
         .find(|f| f.package() == "strom.v1")
         .expect("the strom.v1 file");
     let methods: Vec<&str> = file.service[0].method.iter().map(|m| m.name()).collect();
-    assert_eq!(methods, ["Publish", "Subscribe", "GetPresence", "WatchPresence"]);
+    assert_eq!(
+        methods,
+        ["Publish", "Subscribe", "GetPresence", "WatchPresence"]
+    );
 }
 
 #[tokio::test]
@@ -339,7 +391,10 @@ async fn grpc_web_publish_over_http1() {
     let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(head.contains("content-type: application/grpc-web"), "{head}");
+    assert!(
+        head.contains("content-type: application/grpc-web"),
+        "{head}"
+    );
     assert!(head.contains("access-control-allow-origin"), "{head}");
     let event = next_event(&mut stream).await;
     assert_eq!(event.record_id, "w1");
@@ -370,5 +425,9 @@ async fn shutdown_ends_streams_with_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("shutting down"), "{}", status.message());
+    assert!(
+        status.message().contains("shutting down"),
+        "{}",
+        status.message()
+    );
 }

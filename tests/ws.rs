@@ -75,7 +75,10 @@ impl Client {
         let reply = self.next_reply().await;
         assert_eq!(reply["type"], "error", "{reply}");
         let message = reply["data"]["message"].as_str().unwrap();
-        assert!(message.contains(containing), "{message:?} lacks {containing:?}");
+        assert!(
+            message.contains(containing),
+            "{message:?} lacks {containing:?}"
+        );
         reply
     }
 
@@ -99,9 +102,19 @@ fn event(collection: &str, record_id: &str, data: Value) -> Value {
 async fn connected_greeting_and_stats() {
     let server = TestServer::memory().await;
     let (mut client, connected) = Client::connect(&server).await;
-    let id = connected["data"]["connection_id"].as_str().unwrap().to_owned();
-    assert!(connected["data"]["server_time"].as_str().unwrap().ends_with('Z'));
-    client.subscribe(json!({"action": "subscribe", "collection": "posts"})).await;
+    let id = connected["data"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        connected["data"]["server_time"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    client
+        .subscribe(json!({"action": "subscribe", "collection": "posts"}))
+        .await;
     let (_, body) = server.get("/api/v1/stats").await;
     let stats: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(stats["total_connections"], 1);
@@ -117,40 +130,67 @@ async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
     let server = TestServer::memory().await;
     let (mut client, _) = Client::connect(&server).await;
     let reply = client
-        .subscribe(json!({"action": "subscribe", "collection": "posts", "filter": {"published": true}}))
+        .subscribe(
+            json!({"action": "subscribe", "collection": "posts", "filter": {"published": true}}),
+        )
         .await;
     assert_eq!(reply["data"]["collection"], "posts");
     assert_eq!(reply["data"]["filter"], json!({"published": true}));
     client
-        .subscribe(json!({"action": "subscribe", "collection": "products", "filter": "price > 100"}))
+        .subscribe(
+            json!({"action": "subscribe", "collection": "products", "filter": "price > 100"}),
+        )
         .await;
     client
         .subscribe(json!({"action": "subscribe", "collection": "comments", "record_id": "c1"}))
         .await;
 
-    server.publish_json(event("posts", "p1", json!({"published": false}))).await;
-    server.publish_json(event("products", "x1", json!({"price": 5}))).await;
-    server.publish_json(event("comments", "c2", json!({}))).await;
-    let seq = server.publish_json(event("posts", "p2", json!({"published": true}))).await;
+    server
+        .publish_json(event("posts", "p1", json!({"published": false})))
+        .await;
+    server
+        .publish_json(event("products", "x1", json!({"price": 5})))
+        .await;
+    server
+        .publish_json(event("comments", "c2", json!({})))
+        .await;
+    let seq = server
+        .publish_json(event("posts", "p2", json!({"published": true})))
+        .await;
     let got = client.next_reply().await;
     assert_eq!(got["type"], "event");
     assert_eq!(got["data"]["record_id"], "p2");
     assert_eq!(got["data"]["seq"], seq);
     assert_eq!(got["data"]["collection"], "posts");
     assert_eq!(got["data"]["type"], "record.created");
-    server.publish_json(event("products", "x2", json!({"price": 500}))).await;
+    server
+        .publish_json(event("products", "x2", json!({"price": 500})))
+        .await;
     assert_eq!(client.next_reply().await["data"]["record_id"], "x2");
-    server.publish_json(event("comments", "c1", json!({}))).await;
+    server
+        .publish_json(event("comments", "c1", json!({})))
+        .await;
     assert_eq!(client.next_reply().await["data"]["record_id"], "c1");
 
     client
         .send(json!({"action": "unsubscribe", "collection": "posts"}))
         .await;
     let reply = client.next_reply().await;
-    assert_eq!(reply, json!({"type": "unsubscribed", "data": {"collection": "posts"}}));
-    server.publish_json(event("posts", "p3", json!({"published": true}))).await;
-    server.publish_json(event("products", "x3", json!({"price": 500}))).await;
-    assert_eq!(client.next_reply().await["data"]["record_id"], "x3", "p3 never came");
+    assert_eq!(
+        reply,
+        json!({"type": "unsubscribed", "data": {"collection": "posts"}})
+    );
+    server
+        .publish_json(event("posts", "p3", json!({"published": true})))
+        .await;
+    server
+        .publish_json(event("products", "x3", json!({"price": 500})))
+        .await;
+    assert_eq!(
+        client.next_reply().await["data"]["record_id"],
+        "x3",
+        "p3 never came"
+    );
 }
 
 #[tokio::test]
@@ -184,7 +224,11 @@ async fn every_error_is_reported_and_the_connection_goes_on() {
         .send(json!({"action": "unsubscribe", "collection": "never"}))
         .await;
     client.expect_error("not subscribed").await;
-    client.socket.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    client
+        .socket
+        .send(Message::binary(vec![1, 2, 3]))
+        .await
+        .unwrap();
     client.expect_error("binary frames").await;
     // Still usable.
     client
@@ -204,9 +248,15 @@ async fn resubscribing_replaces_the_subscription() {
     client
         .subscribe(json!({"action": "subscribe", "collection": "posts", "filter": {"n": 2}}))
         .await;
-    server.publish_json(event("posts", "1", json!({"n": 1}))).await;
-    server.publish_json(event("posts", "2", json!({"n": 2}))).await;
-    server.publish_json(event("posts", "3", json!({"n": 2}))).await;
+    server
+        .publish_json(event("posts", "1", json!({"n": 1})))
+        .await;
+    server
+        .publish_json(event("posts", "2", json!({"n": 2})))
+        .await;
+    server
+        .publish_json(event("posts", "3", json!({"n": 2})))
+        .await;
     assert_eq!(client.next_reply().await["data"]["record_id"], "2");
     assert_eq!(client.next_reply().await["data"]["record_id"], "3");
 }
@@ -270,7 +320,9 @@ async fn an_oversized_frame_is_refused_with_an_error_and_a_close() {
     let (mut client, _) = Client::connect(&server).await;
     let big = json!({"action": "subscribe", "collection": "x".repeat(1200)}).to_string();
     client.send_text(&big).await;
-    client.expect_error("larger than the limit of 1000 bytes").await;
+    client
+        .expect_error("larger than the limit of 1000 bytes")
+        .await;
     assert_eq!(client.expect_close().await, CloseCode::Size);
     // The server is fine.
     let (mut other, _) = Client::connect(&server).await;

@@ -68,6 +68,17 @@ struct Inner {
 #[derive(Default)]
 struct WatchState {
     started: OnceCell<Result<AbortHandle, String>>,
+    /// The consumer's current name (it changes when the client recreates
+    /// it), so the last release can delete it rather than leave it to expire.
+    consumer: Mutex<String>,
+}
+
+/// A consumer ready to read: its messages, name, and the stream sequence
+/// it starts after.
+struct Reader {
+    messages: jetstream::consumer::pull::Ordered,
+    name: String,
+    after_seq: u64,
 }
 
 /// Holds a collection's consumer open; the last one dropped stops it.
@@ -154,7 +165,7 @@ impl NatsBus {
         let inner = Arc::clone(&self.inner);
         let started = state
             .started
-            .get_or_init(|| async move { inner.start_consumer(key.to_owned()).await })
+            .get_or_init(|| inner.start_consumer(key.to_owned(), Arc::clone(&state)))
             .await;
         match started {
             Ok(_) => Ok(watch),
@@ -173,6 +184,13 @@ impl Inner {
         if entry.0 == 0 {
             if let Some(Ok(task)) = entry.1.started.get() {
                 task.abort();
+                let name = entry.1.consumer.lock().expect("consumer lock").clone();
+                let stream = self.stream.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = stream.delete_consumer(&name).await {
+                        tracing::debug!(consumer = %name, "deleting NATS consumer: {e}");
+                    }
+                });
             }
             watches.remove(key);
         }
@@ -190,8 +208,8 @@ impl Inner {
         &self,
         key: &str,
         deliver_policy: consumer::DeliverPolicy,
-    ) -> Result<jetstream::consumer::pull::Ordered, String> {
-        let consumer = self
+    ) -> Result<Reader, String> {
+        let mut consumer = self
             .stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: self.filter_subject(key),
@@ -200,28 +218,40 @@ impl Inner {
             })
             .await
             .map_err(|e| e.to_string())?;
-        consumer.messages().await.map_err(|e| e.to_string())
+        let info = consumer.info().await.map_err(|e| e.to_string())?;
+        let (name, after_seq) = (info.name.clone(), info.delivered.stream_sequence);
+        let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        Ok(Reader {
+            messages,
+            name,
+            after_seq,
+        })
     }
 
     /// Creates the consumer, then leaves a task dispatching its messages.
-    async fn start_consumer(self: Arc<Self>, key: String) -> Result<AbortHandle, String> {
-        let messages = self.consumer(&key, consumer::DeliverPolicy::New).await?;
-        let task = tokio::spawn(async move { self.run_consumer(key, messages).await });
+    async fn start_consumer(
+        self: Arc<Self>,
+        key: String,
+        state: Arc<WatchState>,
+    ) -> Result<AbortHandle, String> {
+        let reader = self.consumer(&key, consumer::DeliverPolicy::New).await?;
+        *state.consumer.lock().expect("consumer lock") = reader.name.clone();
+        let task = tokio::spawn(async move { self.run_consumer(key, reader, state).await });
         Ok(task.abort_handle())
     }
 
-    async fn run_consumer(&self, key: String, mut messages: jetstream::consumer::pull::Ordered) {
+    async fn run_consumer(&self, key: String, mut reader: Reader, state: Arc<WatchState>) {
         let audience = if key == WILDCARD {
             Audience::WildcardOnly
         } else {
             Audience::CollectionOnly
         };
-        let mut last_seq = 0;
+        let mut last_seq = reader.after_seq;
         loop {
-            while let Some(message) = messages.next().await {
+            while let Some(message) = reader.messages.next().await {
                 match message {
                     Ok(message) => {
-                        if let Some(seq) = self.dispatch(&message, audience) {
+                        if let Some(seq) = self.dispatch(&message, audience, &state) {
                             last_seq = seq;
                         }
                     }
@@ -237,7 +267,8 @@ impl Inner {
                 };
                 match self.consumer(&key, policy).await {
                     Ok(next) => {
-                        messages = next;
+                        *state.consumer.lock().expect("consumer lock") = next.name.clone();
+                        reader = next;
                         break;
                     }
                     Err(e) => tracing::warn!(collection = %key, "NATS consumer: {e}"),
@@ -247,7 +278,12 @@ impl Inner {
     }
 
     /// Decodes one message and hands it to the router; returns its seq.
-    fn dispatch(&self, message: &jetstream::Message, audience: Audience) -> Option<u64> {
+    fn dispatch(
+        &self,
+        message: &jetstream::Message,
+        audience: Audience,
+        state: &WatchState,
+    ) -> Option<u64> {
         let info = match message.info() {
             Ok(info) => info,
             Err(e) => {
@@ -255,6 +291,11 @@ impl Inner {
                 return None;
             }
         };
+        let mut consumer = state.consumer.lock().expect("consumer lock");
+        if *consumer != info.consumer {
+            *consumer = info.consumer.to_owned();
+        }
+        drop(consumer);
         let seq = info.stream_sequence;
         let collection = message
             .subject

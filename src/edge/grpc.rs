@@ -80,9 +80,9 @@ impl proto::realtime_server::Realtime for RealtimeService {
             }
         });
         let stream = futures_util::stream::once(async { Ok(first) });
-        Ok(Response::new(Box::pin(
-            futures_util::StreamExt::chain(stream, events),
-        )))
+        Ok(Response::new(Box::pin(futures_util::StreamExt::chain(
+            stream, events,
+        ))))
     }
 
     async fn get_presence(
@@ -168,7 +168,9 @@ pub fn event_to_proto(event: &Event) -> proto::Event {
 
 pub fn event_from_proto(event: proto::Event, now: SystemTime) -> Result<Event, ApiError> {
     let timestamp = match event.timestamp {
-        Some(t) => SystemTime::try_from(t).map_err(|e| ApiError::invalid(format!("timestamp: {e}")))?,
+        Some(t) => {
+            SystemTime::try_from(t).map_err(|e| ApiError::invalid(format!("timestamp: {e}")))?
+        }
         None => now,
     };
     let event = Event {
@@ -235,7 +237,9 @@ pub fn json_from_value(value: &prost_types::Value) -> Value {
             }
         }
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::ListValue(list)) => Value::Array(list.values.iter().map(json_from_value).collect()),
+        Some(Kind::ListValue(list)) => {
+            Value::Array(list.values.iter().map(json_from_value).collect())
+        }
         Some(Kind::StructValue(s)) => json_from_struct(s),
     }
 }
@@ -299,9 +303,12 @@ fn condition_from_proto(c: proto::Condition) -> Result<Condition, ApiError> {
     };
     let operand = match (op, &c.value) {
         (Op::Exists, _) | (_, None) => Operand::None,
-        (Op::In | Op::NotIn, Some(prost_types::Value { kind: Some(Kind::ListValue(list)) })) => {
-            Operand::List(list.values.iter().map(scalar).collect::<Result<_, _>>()?)
-        }
+        (
+            Op::In | Op::NotIn,
+            Some(prost_types::Value {
+                kind: Some(Kind::ListValue(list)),
+            }),
+        ) => Operand::List(list.values.iter().map(scalar).collect::<Result<_, _>>()?),
         (_, Some(v)) => Operand::Scalar(scalar(v)?),
     };
     Ok(Condition::new(&c.field, op, operand)?)

@@ -60,7 +60,10 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     let _ = writeln!(out, "# TYPE strom_connections gauge");
     for transport in ["grpc", "websocket", "sse"] {
         let count = stats.per_transport.get(transport).copied().unwrap_or(0);
-        let _ = writeln!(out, "strom_connections{{transport=\"{transport}\"}} {count}");
+        let _ = writeln!(
+            out,
+            "strom_connections{{transport=\"{transport}\"}} {count}"
+        );
     }
     let subscriptions: usize = stats.subscriptions.values().map(Vec::len).sum();
     let _ = writeln!(out, "# TYPE strom_subscriptions gauge");
@@ -68,6 +71,10 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     let _ = writeln!(out, "# TYPE strom_head_seq gauge");
     let _ = writeln!(out, "strom_head_seq {}", stats.head_seq);
     let _ = writeln!(out, "# TYPE strom_events_published_total counter");
-    let _ = writeln!(out, "strom_events_published_total {}", app.engine.published_total());
+    let _ = writeln!(
+        out,
+        "strom_events_published_total {}",
+        app.engine.published_total()
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

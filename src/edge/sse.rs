@@ -9,8 +9,8 @@
 
 use super::errors::ApiError;
 use super::{AppState, connected_data, event_json};
-use crate::engine::{Connection, Delivery, SubscriptionSpec, Transport};
 use crate::engine::router::WILDCARD;
+use crate::engine::{Connection, Delivery, SubscriptionSpec, Transport};
 use crate::event::Wire;
 use crate::filter::Filter;
 use axum::body::Body;
@@ -63,7 +63,11 @@ fn frame(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
 fn event_frame(delivery: &Delivery) -> Bytes {
     delivery.event.encoded(Wire::Sse, delivery.left_filter, || {
         let event = &delivery.event.event;
-        frame(event.event_type.as_str(), Some(event.seq), &event_json(delivery))
+        frame(
+            event.event_type.as_str(),
+            Some(event.seq),
+            &event_json(delivery),
+        )
     })
 }
 

@@ -163,7 +163,12 @@ impl Session {
         let mut next = Some(first);
         let mut written = 0;
         while let Some(delivery) = next {
-            if self.sink.feed(Message::Text(event_frame(&delivery))).await.is_err() {
+            if self
+                .sink
+                .feed(Message::Text(event_frame(&delivery)))
+                .await
+                .is_err()
+            {
                 return Step::Close;
             }
             written += 1;
@@ -198,7 +203,8 @@ impl Session {
             return self.close_with(error, close_code::IDLE).await;
         }
         let now = format_timestamp(SystemTime::now());
-        self.reply(message("ping", json!({ "timestamp": now }))).await
+        self.reply(message("ping", json!({ "timestamp": now })))
+            .await
     }
 
     async fn on_read_error(&mut self, error: axum::Error) -> Step {
@@ -296,10 +302,7 @@ impl Session {
             .filter(|(_, s)| s.collection == collection && s.record_id == record_id)
             .map(|(id, _)| id)
             .collect();
-        let id = self.connection.subscribe(spec).await?;
-        for old in earlier {
-            let _ = self.connection.unsubscribe(old);
-        }
+        let id = self.connection.replace(&earlier, spec).await?;
         let mut data = json!({
             "collection": collection,
             "filter": filter_json,
@@ -311,7 +314,10 @@ impl Session {
         Ok(message("subscribed", data))
     }
 
-    fn unsubscribe(&mut self, mut action: serde_json::Map<String, Value>) -> Result<Message, ApiError> {
+    fn unsubscribe(
+        &mut self,
+        mut action: serde_json::Map<String, Value>,
+    ) -> Result<Message, ApiError> {
         let collection = required_string(&mut action, "collection", "unsubscribe")?;
         let record_id = optional_string(&mut action, "record_id")?;
         let matching: Vec<u64> = self

@@ -256,8 +256,23 @@ impl Connection {
 
     /// Starts a subscription; events published after this returns reach it.
     pub async fn subscribe(&mut self, spec: SubscriptionSpec) -> Result<u64, EngineError> {
+        self.replace(&[], spec).await
+    }
+
+    /// Starts a subscription that takes the place of the subscriptions
+    /// `old`: every event reaches either those or the new one, never both.
+    pub async fn replace(
+        &mut self,
+        old: &[u64],
+        spec: SubscriptionSpec,
+    ) -> Result<u64, EngineError> {
         spec.validate()?;
-        if self.subscriptions.len() >= self.engine.config.max_subscriptions {
+        let old: Vec<u64> = old
+            .iter()
+            .copied()
+            .filter(|id| self.subscriptions.contains_key(id))
+            .collect();
+        if self.subscriptions.len() - old.len() >= self.engine.config.max_subscriptions {
             return Err(EngineError::TooManySubscriptions(
                 self.engine.config.max_subscriptions,
             ));
@@ -269,14 +284,26 @@ impl Connection {
             conn: Arc::clone(&self.shared),
             filter: spec.filter.clone(),
         });
-        self.engine
-            .router
-            .add(&spec.collection, spec.record_id.as_deref(), entry);
-        self.shared
-            .collections
-            .lock()
-            .expect("collections lock")
-            .insert(id, spec.collection.clone());
+        let removed: Vec<(&str, Option<&str>, u64)> = old
+            .iter()
+            .map(|id| {
+                let spec = &self.subscriptions[id].spec;
+                (spec.collection.as_str(), spec.record_id.as_deref(), *id)
+            })
+            .collect();
+        self.engine.router.add_replacing(
+            &spec.collection,
+            spec.record_id.as_deref(),
+            entry,
+            &removed,
+        );
+        let mut collections = self.shared.collections.lock().expect("collections lock");
+        collections.insert(id, spec.collection.clone());
+        for id in &old {
+            collections.remove(id);
+            self.subscriptions.remove(id);
+        }
+        drop(collections);
         self.subscriptions.insert(
             id,
             OpenSubscription {
@@ -305,7 +332,9 @@ impl Connection {
 
     /// The subscriptions of this connection, by id.
     pub fn subscriptions(&self) -> impl Iterator<Item = (u64, &SubscriptionSpec)> {
-        self.subscriptions.iter().map(|(id, open)| (*id, &open.spec))
+        self.subscriptions
+            .iter()
+            .map(|(id, open)| (*id, &open.spec))
     }
 
     /// Records the authenticated user, for stats.

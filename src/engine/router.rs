@@ -144,6 +144,35 @@ struct Scopes {
     wildcard: Scope,
 }
 
+impl Scopes {
+    fn remove(&mut self, collection: &str, record_id: Option<&str>, id: u64) {
+        let scope = if collection == WILDCARD {
+            &mut self.wildcard
+        } else {
+            match self.collections.get_mut(collection) {
+                Some(scope) => scope,
+                None => return,
+            }
+        };
+        match record_id {
+            Some(record) => {
+                if let Some(index) = scope.by_record.get_mut(record) {
+                    index.remove(id);
+                    if index.is_empty() {
+                        scope.by_record.remove(record);
+                    }
+                }
+            }
+            None => {
+                scope.index.remove(id);
+            }
+        }
+        if collection != WILDCARD && scope.is_empty() {
+            self.collections.remove(collection);
+        }
+    }
+}
+
 pub struct Router {
     /// A random name for this node, part of every connection name.
     node: String,
@@ -181,7 +210,15 @@ impl Router {
         self.head_seq.load(Ordering::Acquire)
     }
 
-    pub(crate) fn add(&self, collection: &str, record_id: Option<&str>, sub: Arc<SubEntry>) {
+    /// Adds `sub` and removes the subscriptions `removed` (collection,
+    /// record id, id) in one step, so no event sees neither or both.
+    pub(crate) fn add_replacing(
+        &self,
+        collection: &str,
+        record_id: Option<&str>,
+        sub: Arc<SubEntry>,
+        removed: &[(&str, Option<&str>, u64)],
+    ) {
         let mut scopes = self.scopes.write().expect("router lock");
         let scope = if collection == WILDCARD {
             &mut scopes.wildcard
@@ -193,35 +230,14 @@ impl Router {
             None => &mut scope.index,
         };
         index.insert(sub.id, sub.filter.as_ref(), Arc::clone(&sub));
+        for (collection, record_id, id) in removed {
+            scopes.remove(collection, *record_id, *id);
+        }
     }
 
     pub(crate) fn remove(&self, collection: &str, record_id: Option<&str>, id: u64) {
         let mut scopes = self.scopes.write().expect("router lock");
-        let scopes = &mut *scopes;
-        let scope = if collection == WILDCARD {
-            &mut scopes.wildcard
-        } else {
-            match scopes.collections.get_mut(collection) {
-                Some(scope) => scope,
-                None => return,
-            }
-        };
-        match record_id {
-            Some(record) => {
-                if let Some(index) = scope.by_record.get_mut(record) {
-                    index.remove(id);
-                    if index.is_empty() {
-                        scope.by_record.remove(record);
-                    }
-                }
-            }
-            None => {
-                scope.index.remove(id);
-            }
-        }
-        if collection != WILDCARD && scope.is_empty() {
-            scopes.collections.remove(collection);
-        }
+        scopes.remove(collection, record_id, id);
     }
 
     /// Hands one event to every matching local subscription. Callers

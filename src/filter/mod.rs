@@ -210,10 +210,7 @@ impl Condition {
             (Op::Exists, Operand::None) => true,
             (Op::In | Op::NotIn, Operand::List(items)) => !items.is_empty(),
             (Op::StartsWith, Operand::Scalar(Scalar::String(_))) => true,
-            (
-                Op::Eq | Op::Ne | Op::Contains,
-                Operand::Scalar(_),
-            ) => true,
+            (Op::Eq | Op::Ne | Op::Contains, Operand::Scalar(_)) => true,
             (
                 Op::Gt | Op::Gte | Op::Lt | Op::Lte,
                 Operand::Scalar(Scalar::Number(_) | Scalar::String(_)),

@@ -99,7 +99,9 @@ fn nested_fields_and_boolean_structure() {
     assert!(check(
         r#"price > 100 && (status = "published" || featured = true)"#
     ));
-    assert!(!check(r#"price > 100 && (status = "draft" || featured = true)"#));
+    assert!(!check(
+        r#"price > 100 && (status = "draft" || featured = true)"#
+    ));
     assert!(check("not featured = true"));
     assert!(check("price > 1000 or status = published"));
     assert!(check("price > 1 AND status = published"));
@@ -160,18 +162,26 @@ fn text_form_round_trips_through_display() {
 #[test]
 fn json_shorthand() {
     let shorthand = |v: Value| Filter::from_shorthand(v.as_object().unwrap());
-    assert!(shorthand(json!({"status": "published", "price": 150}))
-        .unwrap()
-        .matches(&record()));
-    assert!(!shorthand(json!({"status": "published", "featured": true}))
-        .unwrap()
-        .matches(&record()));
-    assert!(shorthand(json!({"author": {"name": "ann"}}))
-        .unwrap()
-        .matches(&record()));
-    assert!(shorthand(json!({"status": ["draft", "published"]}))
-        .unwrap()
-        .matches(&record()));
+    assert!(
+        shorthand(json!({"status": "published", "price": 150}))
+            .unwrap()
+            .matches(&record())
+    );
+    assert!(
+        !shorthand(json!({"status": "published", "featured": true}))
+            .unwrap()
+            .matches(&record())
+    );
+    assert!(
+        shorthand(json!({"author": {"name": "ann"}}))
+            .unwrap()
+            .matches(&record())
+    );
+    assert!(
+        shorthand(json!({"status": ["draft", "published"]}))
+            .unwrap()
+            .matches(&record())
+    );
     assert!(shorthand(json!({})).unwrap().matches(&record()));
     assert!(shorthand(json!({"status": []})).is_err());
     assert!(shorthand(json!({"status": [{"a": 1}]})).is_err());
@@ -219,7 +229,11 @@ fn index_never_misses_a_match() {
         let found = candidates(&index, &record);
         for (id, filter) in parsed.iter().enumerate() {
             if filter.matches(&record) {
-                assert!(found.contains(&(id as u64)), "{} missed on {record}", filters[id]);
+                assert!(
+                    found.contains(&(id as u64)),
+                    "{} missed on {record}",
+                    filters[id]
+                );
             }
         }
         assert!(found.contains(&100));

@@ -140,7 +140,10 @@ pub async fn http(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
@@ -197,7 +200,11 @@ impl SseReader {
             head.push('\n');
         }
         let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        SseReader { lines, status, head }
+        SseReader {
+            lines,
+            status,
+            head,
+        }
     }
 
     /// The next event (comments and chunk framing skipped); `None` at the end.
@@ -205,7 +212,9 @@ impl SseReader {
         let mut event = SseEvent::default();
         let mut seen = false;
         loop {
-            let line = within("an SSE event", self.lines.next_line()).await.ok()??;
+            let line = within("an SSE event", self.lines.next_line())
+                .await
+                .ok()??;
             if line.is_empty() {
                 if seen {
                     return Some(event);
@@ -226,6 +235,19 @@ impl SseReader {
                 return None;
             }
             // Anything else is chunk-size framing or a ": comment".
+        }
+    }
+
+    /// The next comment line (`: ...`), skipping everything else.
+    pub async fn next_comment(&mut self) -> String {
+        loop {
+            let line = within("an SSE comment", self.lines.next_line())
+                .await
+                .unwrap()
+                .expect("the stream goes on");
+            if line.starts_with(':') {
+                return line;
+            }
         }
     }
 
@@ -252,7 +274,10 @@ pub async fn grpc_subscribe(
         .unwrap()
         .expect("a first message");
     assert!(
-        matches!(first.kind, Some(proto::subscribe_response::Kind::Subscribed(_))),
+        matches!(
+            first.kind,
+            Some(proto::subscribe_response::Kind::Subscribed(_))
+        ),
         "first message is `subscribed`, got {first:?}"
     );
     stream

@@ -1,0 +1,136 @@
+//! Several strom nodes on one real nats-server (JetStream): events cross
+//! nodes, and a raw NATS publish reaches subscribers like a Publish call.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use strom::bus::nats::NatsConfig;
+use strom::edge::grpc::json_from_struct;
+use strom::proto;
+use strom::server::ServerConfig;
+
+async fn node(nats: &NatsServer) -> TestServer {
+    TestServer::start(ServerConfig {
+        nats: Some(NatsConfig::new(nats.url.clone())),
+        ..ServerConfig::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_event_published_on_one_node_reaches_a_subscriber_of_another() {
+    let nats = NatsServer::start();
+    let a = node(&nats).await;
+    let b = node(&nats).await;
+    let mut on_b = b.grpc().await;
+    let mut filtered = grpc_subscribe(&mut on_b, text_subscription("posts", Some("n >= 2"))).await;
+    let mut everything = grpc_subscribe(&mut on_b, text_subscription("*", None)).await;
+
+    let mut on_a = a.grpc().await;
+    let seqs = on_a
+        .publish(proto::PublishRequest {
+            events: vec![
+                created("posts", "1", json!({"n": 1})),
+                created("posts", "2", json!({"n": 2})),
+                created("comments", "3", json!({"n": 3})),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .seqs;
+    assert_eq!(seqs.len(), 3);
+    let got = next_event(&mut filtered).await;
+    assert_eq!((got.record_id.as_str(), got.seq), ("2", seqs[1]));
+    for expected in ["1", "2", "3"] {
+        assert_eq!(next_event(&mut everything).await.record_id, expected);
+    }
+    // REST on B reaches a WebSocket-less SSE reader on A.
+    let mut sse = SseReader::open(a.addr, "/api/v1/realtime/orders", "").await;
+    assert_eq!(sse.next().await.unwrap().event, "connected");
+    let seq = b
+        .publish_json(
+            json!({"type": "record.updated", "collection": "orders", "record_id": "o",
+            "data": {"status": "paid"}}),
+        )
+        .await;
+    let event = sse.next_of("record.updated").await;
+    assert_eq!(event.id, Some(seq.to_string()));
+    let (_, stats) = a.get("/api/v1/stats").await;
+    assert!(stats.contains(r#""pubsub_backend":"nats""#), "{stats}");
+}
+
+#[tokio::test]
+async fn a_raw_nats_publish_reaches_grpc_subscribers() {
+    let nats = NatsServer::start();
+    let server = node(&nats).await;
+    let mut client = server.grpc().await;
+    let mut stream = grpc_subscribe(
+        &mut client,
+        text_subscription("products", Some("price > 100")),
+    )
+    .await;
+
+    let raw = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(raw.clone());
+    // Garbage on the subject is skipped, not fatal.
+    js.publish("strom.events.products", "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    js.publish(
+        "strom.events.products",
+        r#"{"type":"record.created","record_id":"cheap","data":{"price":5}}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // A plain core-NATS publish (what `nats pub` does) is captured too.
+    raw.publish(
+        "strom.events.products",
+        r#"{"type":"record.created","record_id":"dear","data":{"price":500}}"#.into(),
+    )
+    .await
+    .unwrap();
+    raw.flush().await.unwrap();
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.record_id, "dear");
+    assert_eq!(event.collection, "products");
+    assert_eq!(event.seq, 3, "the stream's sequence number");
+    assert_eq!(
+        json_from_struct(event.data.as_ref().unwrap()),
+        json!({"price": 500})
+    );
+    assert!(event.timestamp.is_some(), "the stream's timestamp fills in");
+}
+
+#[tokio::test]
+async fn a_node_reads_only_the_collections_its_subscribers_need() {
+    let nats = NatsServer::start();
+    let server = node(&nats).await;
+    let raw = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(raw);
+    let mut stream = js.get_stream("STROM_EVENTS").await.unwrap();
+    let consumers = |info: &async_nats::jetstream::stream::Info| info.state.consumer_count;
+    assert_eq!(consumers(stream.info().await.unwrap()), 0);
+    let mut client = server.grpc().await;
+    let sub = grpc_subscribe(&mut client, text_subscription("posts", None)).await;
+    let second = grpc_subscribe(&mut client, text_subscription("posts", None)).await;
+    assert_eq!(
+        consumers(stream.info().await.unwrap()),
+        1,
+        "one consumer per collection"
+    );
+    drop(sub);
+    drop(second);
+    // The consumer goes once the last subscriber has; wait for that event.
+    within("the consumer to be deleted", async {
+        while consumers(stream.info().await.unwrap()) != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
