@@ -1,6 +1,8 @@
 //! The `strom` command: `serve` runs the service; `publish` and `subscribe`
 //! are gRPC clients for trying it from a terminal.
 
+mod bench;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -33,6 +35,9 @@ enum Command {
     Publish(PublishArgs),
     /// Subscribe through the Subscribe RPC and print events as JSON lines.
     Subscribe(SubscribeArgs),
+    /// Load generator for benchmarks against a running server.
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 #[derive(Args)]
@@ -156,6 +161,7 @@ async fn main() -> Result<()> {
         Command::Serve(args) => serve(*args).await,
         Command::Publish(args) => publish(args).await,
         Command::Subscribe(args) => subscribe(args).await,
+        Command::Bench(bench) => bench::run(bench).await,
     }
 }
 

@@ -45,11 +45,16 @@ impl Default for WsConfig {
 /// Deliveries written before one flush; bounds the latency of a batch.
 const MAX_BATCH: usize = 512;
 
+/// Per-connection read buffer. Clients send small actions, so a small buffer
+/// keeps idle connections cheap (tungstenite's default is 128 KiB).
+const READ_BUFFER: usize = 4096;
+
 pub async fn upgrade(State(app): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
     // tungstenite refuses frames past twice the limit outright; frames
     // between the limit and that get the friendlier error of `Session`.
     let hard_limit = app.ws.max_frame_bytes.saturating_mul(2).max(1024);
     upgrade
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| {
