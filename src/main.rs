@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
+use strom::bus::Retention;
 use strom::bus::nats::NatsConfig;
 use strom::edge::grpc::{event_from_proto, event_to_proto};
 use strom::engine::EngineConfig;
@@ -58,12 +59,12 @@ struct ServeArgs {
         default_value = "strom.events"
     )]
     nats_subject_prefix: String,
-    /// History kept by the stream, by age (e.g. 24h, 30m).
+    /// History kept for resuming subscribers, by age (e.g. 24h, 30m).
     #[arg(long, env = "STROM_HISTORY_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
     history_max_age: Duration,
-    /// History kept by the stream, by count.
-    #[arg(long, env = "STROM_HISTORY_MAX_EVENTS", default_value_t = 1_000_000)]
-    history_max_events: i64,
+    /// History kept for resuming subscribers, by count.
+    #[arg(long, env = "STROM_HISTORY_MAX_EVENTS", default_value_t = 100_000)]
+    history_max_events: usize,
     /// Deliveries queued per connection before a slow reader is cut off.
     #[arg(long, env = "STROM_QUEUE_CAPACITY", default_value_t = 4096)]
     queue_capacity: usize,
@@ -169,8 +170,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let nats = args.nats_url.map(|url| NatsConfig {
         stream: args.nats_stream,
         subject_prefix: args.nats_subject_prefix,
-        max_age: args.history_max_age,
-        max_events: args.history_max_events,
         ..NatsConfig::new(url)
     });
     let config = ServerConfig {
@@ -179,6 +178,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_subscriptions: args.max_subscriptions,
         },
         nats,
+        retention: Retention {
+            max_age: args.history_max_age,
+            max_events: args.history_max_events,
+        },
         ws: strom::edge::ws::WsConfig {
             ping_interval: args.ws_ping_interval,
             idle_timeout: args.ws_idle_timeout,
@@ -277,6 +280,12 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
         match message.kind {
             Some(proto::subscribe_response::Kind::Subscribed(s)) => {
                 eprintln!("subscribed (head seq {})", s.head_seq);
+            }
+            Some(proto::subscribe_response::Kind::Reset(r)) => {
+                eprintln!(
+                    "reset: events after {} are no longer retained; replaying from {}",
+                    r.since_seq, r.first_available_seq
+                );
             }
             Some(proto::subscribe_response::Kind::Event(event)) => {
                 let (seq, left_filter) = (event.seq, event.left_filter);

@@ -6,7 +6,7 @@
 //! lets in-flight requests such as publishes finish, then returns.
 
 use crate::bus::{
-    Bus, BusError,
+    Bus, BusError, Retention,
     memory::MemoryBus,
     nats::{NatsBus, NatsConfig},
 };
@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub engine: EngineConfig,
     /// `None`: the in-memory bus.
     pub nats: Option<NatsConfig>,
+    /// History kept for resuming subscribers (in memory, or by JetStream).
+    pub retention: Retention,
     pub ws: WsConfig,
     pub sse_keepalive: Duration,
     /// Origins allowed by CORS (browsers, gRPC-Web); empty means any.
@@ -38,6 +40,7 @@ impl Default for ServerConfig {
         ServerConfig {
             engine: EngineConfig::default(),
             nats: None,
+            retention: Retention::default(),
             ws: WsConfig::default(),
             sse_keepalive: Duration::from_secs(15),
             cors_origins: Vec::new(),
@@ -64,11 +67,11 @@ pub struct Server {
 impl Server {
     /// Connects the bus (NATS, when configured).
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
-        let nats = config.nats.clone();
+        let (nats, retention) = (config.nats.clone(), config.retention);
         let engine = Engine::start(config.engine.clone(), |router| async move {
             Ok::<_, BusError>(match nats {
-                None => Bus::Memory(MemoryBus::new(router)),
-                Some(nats) => Bus::Nats(NatsBus::connect(nats, router).await?),
+                None => Bus::Memory(MemoryBus::new(router, retention)),
+                Some(nats) => Bus::Nats(NatsBus::connect(nats, retention, router).await?),
             })
         })
         .await?;

@@ -1,37 +1,87 @@
 //! The in-memory bus: one node, events dispatched as they are published.
 //!
-//! A mutex makes "assign the next sequence number, then dispatch" one step,
-//! so subscribers see events in sequence order. Dispatch never waits on a
-//! subscriber (queues are bounded and non-blocking), so the lock is short.
+//! A mutex makes "assign the next sequence number, remember it in the
+//! history, dispatch" one step, so subscribers see events in sequence order
+//! and a resume position taken under the same lock splits history and live
+//! delivery exactly. Dispatch never waits on a subscriber (queues are
+//! bounded and non-blocking), so the lock is short. The history keeps the
+//! same retention as the JetStream stream would: by count and by age.
 
-use crate::engine::router::{Audience, Router};
+use super::{History, Replay, Retention};
+use crate::engine::router::{Audience, Router, WILDCARD};
 use crate::event::{Event, SharedEvent};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 pub struct MemoryBus {
     router: Arc<Router>,
-    last_seq: Mutex<u64>,
+    retention: Retention,
+    log: Mutex<Log>,
+}
+
+struct Log {
+    last_seq: u64,
+    /// Retained events, oldest first, with the time they were published.
+    history: VecDeque<(Instant, Arc<SharedEvent>)>,
 }
 
 impl MemoryBus {
-    pub fn new(router: Arc<Router>) -> Self {
+    pub fn new(router: Arc<Router>, retention: Retention) -> Self {
         MemoryBus {
             router,
-            last_seq: Mutex::new(0),
+            retention,
+            log: Mutex::new(Log {
+                last_seq: 0,
+                history: VecDeque::new(),
+            }),
         }
     }
 
     pub fn publish(&self, events: Vec<Event>) -> Vec<u64> {
-        let mut last_seq = self.last_seq.lock().expect("sequence lock");
-        events
+        let mut log = self.log.lock().expect("log lock");
+        let now = Instant::now();
+        let seqs = events
             .into_iter()
             .map(|mut event| {
-                *last_seq += 1;
-                event.seq = *last_seq;
-                self.router
-                    .dispatch(SharedEvent::new(event), Audience::Everyone);
-                *last_seq
+                log.last_seq += 1;
+                event.seq = log.last_seq;
+                let event = Arc::new(SharedEvent::new(event));
+                log.history.push_back((now, Arc::clone(&event)));
+                self.router.dispatch(event, Audience::Everyone);
+                log.last_seq
             })
-            .collect()
+            .collect();
+        let max_events = self.retention.max_events.max(1);
+        while log.history.len() > max_events
+            || log
+                .history
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > self.retention.max_age)
+        {
+            log.history.pop_front();
+        }
+        seqs
+    }
+
+    /// The retained events of `key` after `since`, up to the current head.
+    pub fn replay(&self, key: &str, since: u64) -> Replay {
+        let log = self.log.lock().expect("log lock");
+        let first_available = log
+            .history
+            .front()
+            .map_or(log.last_seq + 1, |(_, e)| e.event.seq);
+        let events: Vec<Arc<SharedEvent>> = log
+            .history
+            .iter()
+            .map(|(_, event)| event)
+            .filter(|e| e.event.seq > since && (key == WILDCARD || e.event.collection == key))
+            .cloned()
+            .collect();
+        Replay {
+            history: History::Memory(events.into_iter()),
+            head: log.last_seq,
+            first_available,
+        }
     }
 }

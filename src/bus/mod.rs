@@ -12,7 +12,9 @@
 pub mod memory;
 pub mod nats;
 
-use crate::event::Event;
+use crate::event::{Event, SharedEvent};
+use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -25,6 +27,51 @@ pub enum BusError {
     Publish(String),
     #[error("subscribing on NATS failed: {0}")]
     Subscribe(String),
+    #[error("reading history from NATS failed: {0}")]
+    History(String),
+}
+
+/// How much history the bus keeps for resuming subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_events: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(24 * 3600),
+            max_events: 100_000,
+        }
+    }
+}
+
+/// The retained events a resuming subscription missed.
+pub struct Replay {
+    /// Events after the resume position, in seq order, up to `head`.
+    pub history: History,
+    /// The newest seq when the replay began: later events arrive live.
+    pub head: u64,
+    /// The oldest seq still retained; a resume position before
+    /// `first_available - 1` has lost events.
+    pub first_available: u64,
+}
+
+/// A source of retained events, read one at a time so a long replay is
+/// paced by its reader.
+pub enum History {
+    Memory(std::vec::IntoIter<Arc<SharedEvent>>),
+    Nats(nats::HistoryReader),
+}
+
+impl History {
+    pub async fn next(&mut self) -> Option<Result<Arc<SharedEvent>, BusError>> {
+        match self {
+            History::Memory(events) => events.next().map(Ok),
+            History::Nats(reader) => reader.next().await,
+        }
+    }
 }
 
 pub enum Bus {
@@ -53,6 +100,14 @@ impl Bus {
         match self {
             Bus::Memory(bus) => Ok(bus.publish(events)),
             Bus::Nats(bus) => bus.publish(events).await,
+        }
+    }
+
+    /// The retained events of `collection` (`*`: all) after `since`.
+    pub async fn replay(&self, collection: &str, since: u64) -> Result<Replay, BusError> {
+        match self {
+            Bus::Memory(bus) => Ok(bus.replay(collection, since)),
+            Bus::Nats(bus) => bus.replay(collection, since).await,
         }
     }
 

@@ -14,7 +14,7 @@
 //! consumer exists on the server, so an event published after a subscribe
 //! returned is never missed.
 
-use super::BusError;
+use super::{BusError, History, Replay, Retention};
 use crate::codec::{decode_event, encode_bus_body};
 use crate::engine::router::{Audience, Router, WILDCARD};
 use crate::event::{Event, SharedEvent};
@@ -33,10 +33,6 @@ pub struct NatsConfig {
     pub stream: String,
     /// Subject prefix; events go to `<prefix>.<collection>`.
     pub subject_prefix: String,
-    /// History kept: events older than this are dropped.
-    pub max_age: Duration,
-    /// History kept: at most this many events.
-    pub max_events: i64,
 }
 
 impl NatsConfig {
@@ -45,8 +41,6 @@ impl NatsConfig {
             url: url.into(),
             stream: "STROM_EVENTS".into(),
             subject_prefix: "strom.events".into(),
-            max_age: Duration::from_secs(24 * 3600),
-            max_events: 1_000_000,
         }
     }
 }
@@ -73,12 +67,61 @@ struct WatchState {
     consumer: Mutex<String>,
 }
 
-/// A consumer ready to read: its messages, name, and the stream sequence
-/// it starts after.
+/// A consumer ready to read: its messages, name, the stream sequence it
+/// starts after, and how many messages it had pending when created.
 struct Reader {
     messages: jetstream::consumer::pull::Ordered,
     name: String,
     after_seq: u64,
+    pending: u64,
+}
+
+/// Reads retained events of one collection up to a sequence number, then
+/// deletes its consumer.
+pub struct HistoryReader {
+    inner: Arc<Inner>,
+    reader: Option<Reader>,
+    until: u64,
+}
+
+impl HistoryReader {
+    pub async fn next(&mut self) -> Option<Result<Arc<SharedEvent>, BusError>> {
+        loop {
+            let reader = self.reader.as_mut()?;
+            let message = match reader.messages.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => return Some(Err(BusError::History(e.to_string()))),
+                None => {
+                    self.finish();
+                    return Some(Err(BusError::History("the history consumer ended".into())));
+                }
+            };
+            let Ok(info) = message.info() else { continue };
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > self.until {
+                self.finish();
+                return None;
+            }
+            if seq == self.until || pending == 0 {
+                self.finish();
+            }
+            if let Some(event) = self.inner.decode(&message) {
+                return Some(Ok(event));
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            self.inner.delete_consumer(reader.name);
+        }
+    }
+}
+
+impl Drop for HistoryReader {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// Holds a collection's consumer open; the last one dropped stops it.
@@ -94,7 +137,11 @@ impl Drop for Watch {
 }
 
 impl NatsBus {
-    pub async fn connect(config: NatsConfig, router: Arc<Router>) -> Result<NatsBus, BusError> {
+    pub async fn connect(
+        config: NatsConfig,
+        retention: Retention,
+        router: Arc<Router>,
+    ) -> Result<NatsBus, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("strom")
             .retry_on_initial_connect()
@@ -110,8 +157,8 @@ impl NatsBus {
             js.get_or_create_stream(stream::Config {
                 name: config.stream.clone(),
                 subjects: vec![format!("{}.>", config.subject_prefix)],
-                max_age: config.max_age,
-                max_messages: config.max_events,
+                max_age: retention.max_age,
+                max_messages: retention.max_events as i64,
                 storage: stream::StorageType::File,
                 ..Default::default()
             }),
@@ -150,6 +197,50 @@ impl NatsBus {
         Ok(seqs)
     }
 
+    /// The retained events of `key` after `since`, up to the stream's
+    /// current last sequence, read through a temporary ordered consumer.
+    pub async fn replay(&self, key: &str, since: u64) -> Result<Replay, BusError> {
+        let history_error = |e: &dyn std::fmt::Display| BusError::History(e.to_string());
+        let info = self
+            .inner
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| history_error(&e))?;
+        let head = info.state.last_sequence;
+        let first_available = if info.state.messages == 0 {
+            head + 1
+        } else {
+            info.state.first_sequence
+        };
+        let start = (since + 1).max(first_available);
+        let mut reader = HistoryReader {
+            inner: Arc::clone(&self.inner),
+            reader: None,
+            until: head,
+        };
+        if start <= head {
+            let policy = consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            };
+            let opened = self
+                .inner
+                .consumer(key, policy)
+                .await
+                .map_err(|e| history_error(&e))?;
+            if opened.pending > 0 {
+                reader.reader = Some(opened);
+            } else {
+                self.inner.delete_consumer(opened.name);
+            }
+        }
+        Ok(Replay {
+            history: History::Nats(reader),
+            head,
+            first_available,
+        })
+    }
+
     /// Makes events of `key` (a collection or `*`) flow to this node.
     pub async fn watch(&self, key: &str) -> Result<Watch, BusError> {
         let state = {
@@ -185,15 +276,21 @@ impl Inner {
             if let Some(Ok(task)) = entry.1.started.get() {
                 task.abort();
                 let name = entry.1.consumer.lock().expect("consumer lock").clone();
-                let stream = self.stream.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = stream.delete_consumer(&name).await {
-                        tracing::debug!(consumer = %name, "deleting NATS consumer: {e}");
-                    }
-                });
+                self.delete_consumer(name);
             }
             watches.remove(key);
         }
+    }
+
+    /// Deletes a consumer in the background, rather than leaving it to
+    /// expire after its inactivity threshold.
+    fn delete_consumer(&self, name: String) {
+        let stream = self.stream.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream.delete_consumer(&name).await {
+                tracing::debug!(consumer = %name, "deleting NATS consumer: {e}");
+            }
+        });
     }
 
     fn filter_subject(&self, key: &str) -> String {
@@ -219,12 +316,17 @@ impl Inner {
             .await
             .map_err(|e| e.to_string())?;
         let info = consumer.info().await.map_err(|e| e.to_string())?;
-        let (name, after_seq) = (info.name.clone(), info.delivered.stream_sequence);
+        let (name, after_seq, pending) = (
+            info.name.clone(),
+            info.delivered.stream_sequence,
+            info.num_pending,
+        );
         let messages = consumer.messages().await.map_err(|e| e.to_string())?;
         Ok(Reader {
             messages,
             name,
             after_seq,
+            pending,
         })
     }
 
@@ -296,7 +398,17 @@ impl Inner {
             *consumer = info.consumer.to_owned();
         }
         drop(consumer);
-        let seq = info.stream_sequence;
+        if let Some(event) = self.decode(message) {
+            self.router.dispatch(event, audience);
+        }
+        Some(info.stream_sequence)
+    }
+
+    /// The event a stream message carries, with the stream's sequence number
+    /// (and time, when the body has none); `None` for a body that does not
+    /// decode, which is logged and skipped.
+    fn decode(&self, message: &jetstream::Message) -> Option<Arc<SharedEvent>> {
+        let info = message.info().ok()?;
         let collection = message
             .subject
             .as_str()
@@ -306,13 +418,13 @@ impl Inner {
         let published: SystemTime = info.published.into();
         match decode_event(&message.payload, Some(collection), published) {
             Ok(mut event) => {
-                event.seq = seq;
-                self.router.dispatch(SharedEvent::new(event), audience);
+                event.seq = info.stream_sequence;
+                Some(Arc::new(SharedEvent::new(event)))
             }
             Err(e) => {
-                tracing::warn!(seq, subject = %message.subject, "skipping NATS message: {e}")
+                tracing::warn!(seq = info.stream_sequence, subject = %message.subject, "skipping NATS message: {e}");
+                None
             }
         }
-        Some(seq)
     }
 }

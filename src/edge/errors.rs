@@ -140,7 +140,7 @@ impl From<EndReason> for ApiError {
     fn from(reason: EndReason) -> Self {
         let kind = match reason {
             EndReason::Overflow { .. } => ErrorKind::ResourceExhausted,
-            EndReason::Shutdown => ErrorKind::Unavailable,
+            EndReason::Shutdown | EndReason::History(_) => ErrorKind::Unavailable,
         };
         ApiError::new(kind, reason.to_string())
     }

@@ -2,7 +2,7 @@
 //! the layer the server adds), translating protobuf to engine calls.
 
 use super::errors::ApiError;
-use crate::engine::{Delivery, Engine, SubscriptionSpec, Transport};
+use crate::engine::{Engine, Received, SubscriptionSpec, Transport};
 use crate::event::{Event, EventType};
 use crate::filter::{Condition, Filter, Op, Operand, Scalar};
 use crate::proto;
@@ -75,7 +75,7 @@ impl proto::realtime_server::Realtime for RealtimeService {
         let events = futures_util::stream::unfold(Some(connection), |connection| async move {
             let mut connection = connection?;
             match connection.recv().await {
-                Ok(delivery) => Some((Ok(event_response(&delivery)), Some(connection))),
+                Ok(received) => Some((Ok(response(received)), Some(connection))),
                 Err(reason) => Some((Err(ApiError::from(reason).grpc_status()), None)),
             }
         });
@@ -102,12 +102,20 @@ impl proto::realtime_server::Realtime for RealtimeService {
     }
 }
 
-fn event_response(delivery: &Delivery) -> proto::SubscribeResponse {
-    let mut event = event_to_proto(&delivery.event.event);
-    event.left_filter = delivery.left_filter;
-    proto::SubscribeResponse {
-        kind: Some(proto::subscribe_response::Kind::Event(event)),
-    }
+fn response(received: Received) -> proto::SubscribeResponse {
+    use proto::subscribe_response::Kind;
+    let kind = match received {
+        Received::Event(delivery) => {
+            let mut event = event_to_proto(&delivery.event.event);
+            event.left_filter = delivery.left_filter;
+            Kind::Event(event)
+        }
+        Received::Reset(notice) => Kind::Reset(proto::Reset {
+            since_seq: notice.since,
+            first_available_seq: notice.first_available,
+        }),
+    };
+    proto::SubscribeResponse { kind: Some(kind) }
 }
 
 pub fn spec_from_proto(request: proto::SubscribeRequest) -> Result<SubscriptionSpec, ApiError> {
@@ -125,6 +133,7 @@ pub fn spec_from_proto(request: proto::SubscribeRequest) -> Result<SubscriptionS
         collection: request.collection,
         record_id: Some(request.record_id).filter(|r| !r.is_empty()),
         filter,
+        since: request.since_seq,
     };
     spec.validate()?;
     Ok(spec)

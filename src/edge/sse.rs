@@ -10,21 +10,24 @@
 use super::errors::ApiError;
 use super::{AppState, connected_data, event_json};
 use crate::engine::router::WILDCARD;
-use crate::engine::{Connection, Delivery, SubscriptionSpec, Transport};
+use crate::engine::{Connection, Delivery, Received, SubscriptionSpec, Transport};
 use crate::event::Wire;
 use crate::filter::Filter;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
+use serde_json::json;
 use std::convert::Infallible;
 use tokio::time::Interval;
 
 #[derive(Debug, Deserialize)]
 pub struct SseParams {
     query: Option<String>,
+    /// Resume after this seq, like a `Last-Event-ID` header (which wins).
+    since: Option<u64>,
     /// Accepted for compatibility; checked once authentication is configured.
     #[allow(dead_code)]
     token: Option<String>,
@@ -35,16 +38,32 @@ pub struct SseParams {
 pub async fn stream_all(
     State(app): State<AppState>,
     Query(params): Query<SseParams>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    open(app, WILDCARD.to_owned(), params).await
+    open(app, WILDCARD.to_owned(), params, &headers).await
 }
 
 pub async fn stream_collection(
     State(app): State<AppState>,
     Path(collection): Path<String>,
     Query(params): Query<SseParams>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    open(app, collection, params).await
+    open(app, collection, params, &headers).await
+}
+
+/// The resume position: `Last-Event-ID` (sent by browsers when they
+/// reconnect), else `?since=`.
+fn resume_position(params: &SseParams, headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    match headers.get("last-event-id") {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be an event's seq")),
+        None => Ok(params.since),
+    }
 }
 
 fn frame(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
@@ -71,7 +90,13 @@ fn event_frame(delivery: &Delivery) -> Bytes {
     })
 }
 
-async fn open(app: AppState, collection: String, params: SseParams) -> Result<Response, ApiError> {
+async fn open(
+    app: AppState,
+    collection: String,
+    params: SseParams,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let since = resume_position(&params, headers)?;
     let filter = match params.query.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(text) => Some(Filter::parse(text)?),
@@ -80,6 +105,7 @@ async fn open(app: AppState, collection: String, params: SseParams) -> Result<Re
         collection,
         record_id: None,
         filter,
+        since,
     };
     spec.validate()?;
     let mut connection = app.engine.connect(Transport::Sse);
@@ -117,8 +143,15 @@ impl Stream {
     async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Stream)> {
         let connection = self.connection.as_mut()?;
         let chunk = tokio::select! {
-            delivery = connection.recv() => match delivery {
-                Ok(delivery) => event_frame(&delivery),
+            received = connection.recv() => match received {
+                Ok(Received::Event(delivery)) => event_frame(&delivery),
+                Ok(Received::Reset(notice)) => frame(
+                    "reset",
+                    None,
+                    json!({"since": notice.since, "first_available_seq": notice.first_available})
+                        .to_string()
+                        .as_bytes(),
+                ),
                 Err(reason) => {
                     self.connection = None;
                     let error = ApiError::from(reason);

@@ -10,7 +10,9 @@
 
 use super::errors::{ApiError, close_code};
 use super::{AppState, connected_data, event_json};
-use crate::engine::{Connection, Delivery, EndReason, SubscriptionSpec, Transport};
+use crate::engine::{
+    Connection, Delivery, EndReason, Received, ResetNotice, SubscriptionSpec, Transport,
+};
 use crate::event::{Wire, format_timestamp};
 use crate::filter::Filter;
 use axum::extract::State;
@@ -134,7 +136,7 @@ impl Session {
                     None => Step::Close,
                 },
                 delivery = session.connection.recv() => match delivery {
-                    Ok(delivery) => session.write_deliveries(delivery).await,
+                    Ok(received) => session.write_received(received).await,
                     Err(reason) => session.end(reason).await,
                 },
                 _ = ping.tick() => session.heartbeat().await,
@@ -164,16 +166,16 @@ impl Session {
         Step::Close
     }
 
-    async fn write_deliveries(&mut self, first: Delivery) -> Step {
+    /// Writes `first` and whatever else is at hand, then flushes once.
+    async fn write_received(&mut self, first: Received) -> Step {
         let mut next = Some(first);
         let mut written = 0;
-        while let Some(delivery) = next {
-            if self
-                .sink
-                .feed(Message::Text(event_frame(&delivery)))
-                .await
-                .is_err()
-            {
+        while let Some(received) = next {
+            let frame = match received {
+                Received::Event(delivery) => Message::Text(event_frame(&delivery)),
+                Received::Reset(notice) => self.reset_message(&notice),
+            };
+            if self.sink.feed(frame).await.is_err() {
                 return Step::Close;
             }
             written += 1;
@@ -187,6 +189,25 @@ impl Session {
             Ok(()) => Step::Continue,
             Err(_) => Step::Close,
         }
+    }
+
+    /// `{"type":"reset","data":{...}}`: the resume position was older than
+    /// the retained history.
+    fn reset_message(&self, notice: &ResetNotice) -> Message {
+        let collection = self
+            .connection
+            .subscriptions()
+            .find(|(id, _)| *id == notice.subscription)
+            .map(|(_, spec)| spec.collection.clone());
+        message(
+            "reset",
+            json!({
+                "collection": collection,
+                "subscription_id": notice.subscription,
+                "since": notice.since,
+                "first_available_seq": notice.first_available,
+            }),
+        )
     }
 
     async fn end(&mut self, reason: EndReason) -> Step {
@@ -281,6 +302,15 @@ impl Session {
     ) -> Result<Message, ApiError> {
         let collection = required_string(&mut action, "collection", "subscribe")?;
         let record_id = optional_string(&mut action, "record_id")?;
+        let since = match action.remove("since") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "`since` must be a sequence number (a non-negative integer)",
+                ));
+            }
+        };
         let filter_json = action.remove("filter").unwrap_or(Value::Null);
         let filter = match &filter_json {
             Value::Null => None,
@@ -297,6 +327,7 @@ impl Session {
             collection: collection.clone(),
             record_id: record_id.clone(),
             filter,
+            since,
         };
         spec.validate()?;
         // Subscribing again to the same collection (and record) replaces
@@ -312,6 +343,7 @@ impl Session {
             "collection": collection,
             "filter": filter_json,
             "subscription_id": id,
+            "head_seq": self.app.engine.head_seq(),
         });
         if let Some(record_id) = record_id {
             data["record_id"] = Value::String(record_id);

@@ -8,11 +8,11 @@
 
 pub mod router;
 
-use crate::bus::{Bus, BusError, Interest};
+use crate::bus::{Bus, BusError, History, Interest};
 use crate::event::{Event, EventError, SharedEvent, validate_collection};
 use crate::filter::Filter;
-use router::{ConnShared, Router, SubEntry, WILDCARD};
-use std::collections::HashMap;
+use router::{ConnShared, Router, SubEntry, WILDCARD, classify};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
@@ -42,6 +42,8 @@ pub enum EndReason {
     Overflow { capacity: usize },
     /// The server is shutting down.
     Shutdown,
+    /// The history a resuming subscription needed could not be read.
+    History(String),
 }
 
 impl std::fmt::Display for EndReason {
@@ -52,6 +54,7 @@ impl std::fmt::Display for EndReason {
                 "subscriber too slow: its queue of {capacity} events overflowed; reconnect and resume from the last seq received"
             ),
             EndReason::Shutdown => f.write_str("server is shutting down"),
+            EndReason::History(e) => write!(f, "{e}; resume again from the last seq received"),
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct SubscriptionSpec {
     pub collection: String,
     pub record_id: Option<String>,
     pub filter: Option<Filter>,
+    /// Resume: replay the retained events after this seq first.
+    pub since: Option<u64>,
 }
 
 impl SubscriptionSpec {
@@ -188,6 +193,8 @@ impl Engine {
             shared,
             queue: rx,
             subscriptions: HashMap::new(),
+            catch_ups: VecDeque::new(),
+            ready: VecDeque::new(),
         }
     }
 
@@ -240,12 +247,48 @@ struct OpenSubscription {
     _interest: Interest,
 }
 
+/// A resuming subscription's catch-up: retained events up to `until` come
+/// from `history`; live deliveries for it wait in `held` meanwhile, and
+/// those after `until` follow the history. Nothing is missed (the live
+/// subscription existed before `until` was read) and nothing is repeated.
+struct CatchUp {
+    subscription: u64,
+    history: History,
+    until: u64,
+    held: VecDeque<Delivery>,
+}
+
+/// What a connection receives.
+#[derive(Debug, Clone)]
+pub enum Received {
+    Event(Delivery),
+    /// The resume position is older than the retained history: the events
+    /// between `since` and `first_available` are gone, so the client should
+    /// reload its state. The replay goes on from `first_available`.
+    Reset(ResetNotice),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetNotice {
+    pub subscription: u64,
+    pub since: u64,
+    pub first_available: u64,
+}
+
+enum Step {
+    Live(Delivery),
+    History(Option<Result<Arc<SharedEvent>, BusError>>),
+    Ended,
+}
+
 /// One client's subscriptions and delivery queue. Dropping it removes them.
 pub struct Connection {
     engine: Engine,
     shared: Arc<ConnShared>,
     queue: mpsc::Receiver<Delivery>,
     subscriptions: HashMap<u64, OpenSubscription>,
+    catch_ups: VecDeque<CatchUp>,
+    ready: VecDeque<Received>,
 }
 
 impl Connection {
@@ -255,6 +298,7 @@ impl Connection {
     }
 
     /// Starts a subscription; events published after this returns reach it.
+    /// With `since`, the retained events after that seq come first.
     pub async fn subscribe(&mut self, spec: SubscriptionSpec) -> Result<u64, EngineError> {
         self.replace(&[], spec).await
     }
@@ -297,13 +341,16 @@ impl Connection {
             entry,
             &removed,
         );
-        let mut collections = self.shared.collections.lock().expect("collections lock");
-        collections.insert(id, spec.collection.clone());
         for id in &old {
-            collections.remove(id);
-            self.subscriptions.remove(id);
+            self.forget(*id);
         }
-        drop(collections);
+        self.shared
+            .collections
+            .lock()
+            .expect("collections lock")
+            .insert(id, spec.collection.clone());
+        let since = spec.since;
+        let collection = spec.collection.clone();
         self.subscriptions.insert(
             id,
             OpenSubscription {
@@ -311,23 +358,58 @@ impl Connection {
                 _interest: interest,
             },
         );
+        if let Some(since) = since {
+            // Read after the subscription is live: see `CatchUp`.
+            let replay = match self.engine.bus.replay(&collection, since).await {
+                Ok(replay) => replay,
+                Err(e) => {
+                    let _ = self.unsubscribe(id);
+                    return Err(e.into());
+                }
+            };
+            if since > 0 && since + 1 < replay.first_available {
+                self.ready.push_back(Received::Reset(ResetNotice {
+                    subscription: id,
+                    since,
+                    first_available: replay.first_available,
+                }));
+            }
+            self.catch_ups.push_back(CatchUp {
+                subscription: id,
+                history: replay.history,
+                until: replay.head,
+                held: VecDeque::new(),
+            });
+        }
         Ok(id)
     }
 
     pub fn unsubscribe(&mut self, id: u64) -> Result<SubscriptionSpec, EngineError> {
-        let open = self
+        let spec = self
             .subscriptions
-            .remove(&id)
+            .get(&id)
+            .map(|open| open.spec.clone())
             .ok_or(EngineError::UnknownSubscription(id))?;
         self.engine
             .router
-            .remove(&open.spec.collection, open.spec.record_id.as_deref(), id);
+            .remove(&spec.collection, spec.record_id.as_deref(), id);
+        self.forget(id);
+        Ok(spec)
+    }
+
+    /// Drops what the connection holds of subscription `id`.
+    fn forget(&mut self, id: u64) {
+        self.subscriptions.remove(&id);
+        self.catch_ups.retain(|c| c.subscription != id);
+        self.ready.retain(|r| match r {
+            Received::Event(d) => d.subscription != id,
+            Received::Reset(n) => n.subscription != id,
+        });
         self.shared
             .collections
             .lock()
             .expect("collections lock")
             .remove(&id);
-        Ok(open.spec)
     }
 
     /// The subscriptions of this connection, by id.
@@ -342,26 +424,110 @@ impl Connection {
         *self.shared.user_id.lock().expect("user lock") = user_id;
     }
 
-    /// The next delivery. After the connection has ended (overflow,
-    /// shutdown) the deliveries queued before the end come first, then the
-    /// reason.
-    pub async fn recv(&mut self) -> Result<Delivery, EndReason> {
-        if let Some(reason) = self.shared.end_reason() {
-            return self.queue.try_recv().map_err(|_| reason.clone());
+    /// Sorts a live delivery: dropped if its subscription is gone, held if
+    /// the subscription is catching up, else ready.
+    fn take_live(&mut self, delivery: Delivery) {
+        if !self.subscriptions.contains_key(&delivery.subscription) {
+            return;
         }
-        tokio::select! {
-            biased;
-            delivery = self.queue.recv() => Ok(delivery.expect("the connection holds a sender")),
-            _ = self.shared.end_signal.notified() => {
-                let reason = self.shared.end_reason().cloned().unwrap_or(EndReason::Shutdown);
-                self.queue.try_recv().map_err(|_| reason)
+        let capacity = self.engine.config.queue_capacity;
+        match self
+            .catch_ups
+            .iter_mut()
+            .find(|c| c.subscription == delivery.subscription)
+        {
+            Some(catch_up) if catch_up.held.len() >= capacity => {
+                self.shared.end(EndReason::Overflow { capacity });
+            }
+            Some(catch_up) => catch_up.held.push_back(delivery),
+            None => self.ready.push_back(Received::Event(delivery)),
+        }
+    }
+
+    /// Sorts what a catch-up's history produced.
+    fn take_history(&mut self, item: Option<Result<Arc<SharedEvent>, BusError>>) {
+        match item {
+            Some(Ok(event)) => {
+                let catch_up = &self.catch_ups[0];
+                let open = &self.subscriptions[&catch_up.subscription];
+                let wanted = open
+                    .spec
+                    .record_id
+                    .as_ref()
+                    .is_none_or(|r| *r == event.event.record_id);
+                if event.event.seq <= catch_up.until
+                    && wanted
+                    && let Some(left_filter) = classify(open.spec.filter.as_ref(), &event)
+                {
+                    self.ready.push_back(Received::Event(Delivery {
+                        subscription: catch_up.subscription,
+                        event,
+                        left_filter,
+                    }));
+                }
+            }
+            Some(Err(e)) => self.shared.end(EndReason::History(e.to_string())),
+            None => {
+                let done = self.catch_ups.pop_front().expect("a catch-up");
+                self.ready.extend(
+                    done.held
+                        .into_iter()
+                        .filter(|d| d.event.event.seq > done.until)
+                        .map(Received::Event),
+                );
             }
         }
     }
 
-    /// A delivery already queued, without waiting; for batching writes.
-    pub fn try_recv(&mut self) -> Option<Delivery> {
-        self.queue.try_recv().ok()
+    /// The next thing to hand to the client. After the connection has ended
+    /// (overflow, shutdown) what was queued before the end comes first, then
+    /// the reason.
+    pub async fn recv(&mut self) -> Result<Received, EndReason> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Ok(item);
+            }
+            if let Some(reason) = self.shared.end_reason().cloned() {
+                match self.queue.try_recv() {
+                    Ok(delivery) => {
+                        self.take_live(delivery);
+                        continue;
+                    }
+                    Err(_) => return Err(reason),
+                }
+            }
+            let queue = &mut self.queue;
+            let ended = &self.shared.end_signal;
+            let live =
+                async { Step::Live(queue.recv().await.expect("the connection holds a sender")) };
+            let step = match self.catch_ups.front_mut() {
+                Some(catch_up) => tokio::select! {
+                    step = live => step,
+                    item = catch_up.history.next() => Step::History(item),
+                    _ = ended.notified() => Step::Ended,
+                },
+                None => tokio::select! {
+                    step = live => step,
+                    _ = ended.notified() => Step::Ended,
+                },
+            };
+            match step {
+                Step::Live(delivery) => self.take_live(delivery),
+                Step::History(item) => self.take_history(item),
+                Step::Ended => {}
+            }
+        }
+    }
+
+    /// Something already at hand, without waiting; for batching writes.
+    pub fn try_recv(&mut self) -> Option<Received> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Some(item);
+            }
+            let delivery = self.queue.try_recv().ok()?;
+            self.take_live(delivery);
+        }
     }
 
     /// When the connection's delivery ended, why.

@@ -84,6 +84,21 @@ impl SubEntry {
     }
 }
 
+/// Whether `filter` wants `event`, by the live-query rule of
+/// [`deliver_from`]: `Some(false)` when `data` matches, `Some(true)` (left
+/// the filter) when only `old_data` does, `None` otherwise. For replays,
+/// where no index narrows the candidates.
+pub(crate) fn classify(filter: Option<&Filter>, event: &SharedEvent) -> Option<bool> {
+    let matches = |record| filter.is_none_or(|f| f.matches(record));
+    if matches(&event.event.data) {
+        Some(false)
+    } else if event.event.old_data.as_ref().is_some_and(matches) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
 /// The subscriptions of one collection (or of `*`).
 #[derive(Default)]
 struct Scope {
@@ -242,8 +257,7 @@ impl Router {
 
     /// Hands one event to every matching local subscription. Callers
     /// dispatch in sequence order.
-    pub fn dispatch(&self, event: SharedEvent, audience: Audience) {
-        let event = Arc::new(event);
+    pub fn dispatch(&self, event: Arc<SharedEvent>, audience: Audience) {
         self.head_seq.fetch_max(event.event.seq, Ordering::AcqRel);
         let scopes = self.scopes.read().expect("router lock");
         if audience != Audience::WildcardOnly
