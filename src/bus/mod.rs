@@ -62,7 +62,7 @@ pub struct Replay {
 /// paced by its reader.
 pub enum History {
     Memory(std::vec::IntoIter<Arc<SharedEvent>>),
-    Nats(nats::HistoryReader),
+    Nats(Box<nats::HistoryReader>),
 }
 
 impl History {

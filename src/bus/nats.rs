@@ -235,7 +235,7 @@ impl NatsBus {
             }
         }
         Ok(Replay {
-            history: History::Nats(reader),
+            history: History::Nats(Box::new(reader)),
             head,
             first_available,
         })
