@@ -7,6 +7,8 @@
 //!   formats to engine calls; they own no delivery logic.
 //! - [`engine`]: connections, subscriptions, the match index and fan-out.
 //!   Knows nothing of HTTP, gRPC, JSON framing or NATS.
+//! - [`auth`]: tokens, API keys and the authorization policy the engine
+//!   applies on every subscribe, publish and `*` delivery.
 //! - [`bus`]: moves events between publishers and the engines of every node
 //!   (in memory, or NATS JetStream).
 //! - [`filter`]: the filter language, its evaluation and the match index;
@@ -16,6 +18,7 @@
 //!   the NATS bus body.
 //! - [`server`]: wires it all onto one listener; [`proto`]: generated code.
 
+pub mod auth;
 pub mod bus;
 pub mod codec;
 pub mod edge;

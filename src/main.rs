@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
+use strom::auth::{Auth, AuthSettings, KeySource};
 use strom::bus::Retention;
 use strom::bus::nats::NatsConfig;
 use strom::edge::grpc::{event_from_proto, event_to_proto};
@@ -36,6 +37,8 @@ enum Command {
     Publish(PublishArgs),
     /// Subscribe through the Subscribe RPC and print events as JSON lines.
     Subscribe(SubscribeArgs),
+    /// Mint a development token with the configured JWT key.
+    Token(TokenArgs),
     /// Load generator for benchmarks against a running server.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -84,12 +87,68 @@ struct ServeArgs {
     #[arg(long, env = "STROM_SSE_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
     sse_keepalive: Duration,
     /// Origins allowed by CORS (repeat or comma-separate); none means any.
-    #[arg(
-        long = "cors-origin",
-        env = "STROM_CORS_ORIGINS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "cors-origin", env = "STROM_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
+/// Authentication settings; any of them turns off open mode.
+#[derive(Args)]
+struct AuthArgs {
+    /// Policy file (TOML): rules, API keys, JWT settings.
+    #[arg(long, env = "STROM_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Shared secret for HS256/384/512 tokens (at least 32 bytes).
+    #[arg(long, env = "STROM_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// PEM public key for RS*, PS*, ES256/384 or EdDSA tokens.
+    #[arg(long, env = "STROM_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<std::path::PathBuf>,
+    /// JWKS file; the token's `kid` picks the key.
+    #[arg(long, env = "STROM_JWKS")]
+    jwks: Option<std::path::PathBuf>,
+    /// The one algorithm accepted (default HS256 with a secret, else RS256).
+    #[arg(long, env = "STROM_JWT_ALGORITHM")]
+    jwt_algorithm: Option<String>,
+    /// Required `iss`.
+    #[arg(long, env = "STROM_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud`.
+    #[arg(long, env = "STROM_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+}
+
+impl AuthArgs {
+    fn settings(&self) -> AuthSettings {
+        AuthSettings {
+            config_file: self.config.clone(),
+            jwt_secret: self.jwt_secret.clone(),
+            jwt_public_key: self.jwt_public_key.clone(),
+            jwks: self.jwks.clone(),
+            jwt_algorithm: self.jwt_algorithm.clone(),
+            jwt_issuer: self.jwt_issuer.clone(),
+            jwt_audience: self.jwt_audience.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The subject: the user id.
+    #[arg(long)]
+    sub: String,
+    /// More claims, as a JSON object, e.g. '{"strom":{"publish":["*"]}}'.
+    #[arg(long, default_value = "{}")]
+    claims: String,
+    /// Lifetime, e.g. 15m, 1h.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    ttl: Duration,
+    /// PEM private key, for algorithms other than HS*.
+    #[arg(long)]
+    private_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 #[derive(Args)]
@@ -109,6 +168,9 @@ struct PublishArgs {
     /// The record before the change, as a JSON object.
     #[arg(long)]
     old_data: Option<String>,
+    /// A token or API key, sent as `authorization: Bearer`.
+    #[arg(long, env = "STROM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Args)]
@@ -125,6 +187,9 @@ struct SubscribeArgs {
     /// Resume after this seq.
     #[arg(long)]
     since: Option<u64>,
+    /// A token or API key, sent as `authorization: Bearer`.
+    #[arg(long, env = "STROM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 /// `250ms`, `30s`, `5m`, `24h`; a bare number is seconds.
@@ -163,6 +228,7 @@ async fn main() -> Result<()> {
         Command::Publish(args) => publish(args).await,
         Command::Subscribe(args) => subscribe(args).await,
         Command::Bench(bench) => bench::run(bench).await,
+        Command::Token(args) => token(args),
     }
 }
 
@@ -189,6 +255,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         sse_keepalive: args.sse_keepalive,
         cors_origins: args.cors_origins,
+        auth: args.auth.settings(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -226,6 +293,18 @@ async fn client(server: &str) -> Result<RealtimeClient<tonic::transport::Channel
         .with_context(|| format!("cannot reach strom at {server}"))
 }
 
+/// A request carrying `authorization: Bearer <token>` when there is one.
+fn authorized<T>(message: T, token: Option<&str>) -> Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .context("the token is not a valid header value")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
 async fn publish(args: PublishArgs) -> Result<()> {
     let parse_object = |name: &str, text: &str| -> Result<serde_json::Value> {
         let value: serde_json::Value =
@@ -247,11 +326,15 @@ async fn publish(args: PublishArgs) -> Result<()> {
         timestamp: SystemTime::now(),
         seq: 0,
     };
+    let request = authorized(
+        proto::PublishRequest {
+            events: vec![event_to_proto(&event)],
+        },
+        args.token.as_deref(),
+    )?;
     let response = client(&args.server)
         .await?
-        .publish(proto::PublishRequest {
-            events: vec![event_to_proto(&event)],
-        })
+        .publish(request)
         .await
         .map_err(|s| anyhow::anyhow!("publish failed: {}", s.message()))?;
     println!("{}", response.into_inner().seqs[0]);
@@ -265,6 +348,7 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
         filter: args.filter.map(proto::subscribe_request::Filter::Text),
         since_seq: args.since,
     };
+    let request = authorized(request, args.token.as_deref())?;
     let mut stream = client(&args.server)
         .await?
         .subscribe(request)
@@ -300,5 +384,36 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
             None => {}
         }
     }
+    Ok(())
+}
+
+fn token(args: TokenArgs) -> Result<()> {
+    let auth = Auth::from_settings(&args.auth.settings())?;
+    let Some(jwt) = auth.jwt() else {
+        bail!("no JWT key configured: pass --jwt-secret (or STROM_JWT_SECRET) or --config");
+    };
+    let key = match (&jwt.key, &args.private_key) {
+        (KeySource::Secret(secret), _) => secret.as_bytes().to_vec(),
+        (_, Some(path)) => {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        (_, None) => bail!(
+            "{:?} tokens are signed with a private key: pass --private-key",
+            jwt.algorithm
+        ),
+    };
+    let claims: serde_json::Value =
+        serde_json::from_str(&args.claims).context("--claims is not valid JSON")?;
+    let serde_json::Value::Object(mut claims) = claims else {
+        bail!("--claims must be a JSON object");
+    };
+    if let Some(issuer) = &jwt.issuer {
+        claims.entry("iss").or_insert_with(|| issuer.clone().into());
+    }
+    if let Some(audience) = &jwt.audience {
+        claims.entry("aud").or_insert_with(|| audience.clone().into());
+    }
+    let token = strom::auth::token::mint(jwt.algorithm, &key, &args.sub, claims, args.ttl)?;
+    println!("{token}");
     Ok(())
 }

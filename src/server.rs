@@ -10,6 +10,7 @@ use crate::bus::{
     memory::MemoryBus,
     nats::{NatsBus, NatsConfig},
 };
+use crate::auth::{Auth, AuthError, AuthSettings};
 use crate::edge::errors::{ApiError, ErrorKind};
 use crate::edge::{AppState, grpc::RealtimeService, http_routes, ws::WsConfig};
 use crate::engine::{Engine, EngineConfig};
@@ -29,6 +30,8 @@ pub struct ServerConfig {
     pub nats: Option<NatsConfig>,
     /// History kept for resuming subscribers (in memory, or by JetStream).
     pub retention: Retention,
+    /// Tokens, API keys and the policy; nothing configured is open mode.
+    pub auth: AuthSettings,
     pub ws: WsConfig,
     pub sse_keepalive: Duration,
     /// Origins allowed by CORS (browsers, gRPC-Web); empty means any.
@@ -41,6 +44,7 @@ impl Default for ServerConfig {
             engine: EngineConfig::default(),
             nats: None,
             retention: Retention::default(),
+            auth: AuthSettings::default(),
             ws: WsConfig::default(),
             sse_keepalive: Duration::from_secs(15),
             cors_origins: Vec::new(),
@@ -52,6 +56,8 @@ impl Default for ServerConfig {
 pub enum ServerError {
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("invalid CORS origin {0:?}")]
     Cors(String),
     #[error("server failed: {0}")]
@@ -67,8 +73,14 @@ pub struct Server {
 impl Server {
     /// Connects the bus (NATS, when configured).
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let auth = Auth::from_settings(&config.auth)?;
+        if auth.is_open() {
+            tracing::warn!(
+                "open mode: no JWT key or policy configured, so anyone may subscribe and publish; for development only (see --jwt-secret and --config)"
+            );
+        }
         let (nats, retention) = (config.nats.clone(), config.retention);
-        let engine = Engine::start(config.engine.clone(), |router| async move {
+        let engine = Engine::start(config.engine.clone(), auth, |router| async move {
             Ok::<_, BusError>(match nats {
                 None => Bus::Memory(MemoryBus::new(router, retention)),
                 Some(nats) => Bus::Nats(NatsBus::connect(nats, retention, router).await?),

@@ -336,7 +336,7 @@ async fn auth_without_configuration_is_an_error() {
     let server = TestServer::memory().await;
     let (mut client, _) = Client::connect(&server).await;
     client.send(json!({"action": "auth", "token": "abc"})).await;
-    client.expect_error("authentication").await;
+    client.expect_error("not configured to verify tokens").await;
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! connection cannot go on, a close code). Every edge reports errors through
 //! [`ApiError`], so the same mistake reads the same everywhere.
 
+use crate::auth::AuthError;
 use crate::bus::BusError;
 use crate::codec::CodecError;
 use crate::engine::{EndReason, EngineError};
@@ -15,6 +16,8 @@ use serde_json::json;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     InvalidArgument,
+    Unauthenticated,
+    PermissionDenied,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -36,6 +39,8 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// The client missed heartbeats.
     pub const IDLE: u16 = 4000;
+    /// The connection's token expired without being refreshed.
+    pub const TOKEN_EXPIRED: u16 = 4001;
     /// The client reads too slowly; reconnect and resume with `since`.
     pub const OVERFLOW: u16 = 4008;
 }
@@ -56,6 +61,8 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self.kind {
             ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::NotFound => "not_found",
             ErrorKind::ResourceExhausted => "resource_exhausted",
             ErrorKind::Unavailable => "unavailable",
@@ -66,6 +73,8 @@ impl ApiError {
     pub fn grpc_status(&self) -> tonic::Status {
         let code = match self.kind {
             ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
             ErrorKind::NotFound => tonic::Code::NotFound,
             ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
             ErrorKind::Unavailable => tonic::Code::Unavailable,
@@ -77,6 +86,8 @@ impl ApiError {
     pub fn http_status(&self) -> StatusCode {
         match self.kind {
             ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +105,7 @@ impl ApiError {
     pub fn close_code(&self) -> u16 {
         match self.kind {
             ErrorKind::ResourceExhausted => close_code::OVERFLOW,
+            ErrorKind::Unauthenticated => close_code::TOKEN_EXPIRED,
             ErrorKind::Unavailable => close_code::GOING_AWAY,
             _ => 1011,
         }
@@ -113,6 +125,7 @@ impl From<EngineError> for ApiError {
             EngineError::TooManySubscriptions(_) => ErrorKind::ResourceExhausted,
             EngineError::UnknownSubscription(_) => ErrorKind::NotFound,
             EngineError::Bus(_) => ErrorKind::Unavailable,
+            EngineError::Auth(e) => return ApiError::from(e.clone()),
         };
         ApiError::new(kind, error.to_string())
     }
@@ -121,6 +134,17 @@ impl From<EngineError> for ApiError {
 impl From<BusError> for ApiError {
     fn from(error: BusError) -> Self {
         ApiError::from(EngineError::Bus(error))
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        let kind = match &error {
+            AuthError::Forbidden(_) => ErrorKind::PermissionDenied,
+            AuthError::Config(_) => ErrorKind::Internal,
+            _ => ErrorKind::Unauthenticated,
+        };
+        ApiError::new(kind, error.to_string())
     }
 }
 
@@ -141,6 +165,7 @@ impl From<EndReason> for ApiError {
         let kind = match reason {
             EndReason::Overflow { .. } => ErrorKind::ResourceExhausted,
             EndReason::Shutdown | EndReason::History(_) => ErrorKind::Unavailable,
+            EndReason::TokenExpired => ErrorKind::Unauthenticated,
         };
         ApiError::new(kind, reason.to_string())
     }

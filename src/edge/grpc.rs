@@ -2,6 +2,7 @@
 //! the layer the server adds), translating protobuf to engine calls.
 
 use super::errors::ApiError;
+use crate::auth::Principal;
 use crate::engine::{Engine, Received, SubscriptionSpec, Transport};
 use crate::event::{Event, EventType};
 use crate::filter::{Condition, Filter, Op, Operand, Scalar};
@@ -21,6 +22,19 @@ impl RealtimeService {
     pub fn new(engine: Engine) -> Self {
         RealtimeService { engine }
     }
+
+    /// Who the call comes from: metadata `authorization: Bearer <token or
+    /// API key>`, else `x-api-key`.
+    fn principal(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Principal, Status> {
+        let value = |name| metadata.get(name).and_then(|v| v.to_str().ok());
+        let credential = value("authorization")
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .or_else(|| value("x-api-key"));
+        self.engine
+            .auth()
+            .authenticate(credential)
+            .map_err(|e| ApiError::from(e).grpc_status())
+    }
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -31,6 +45,7 @@ impl proto::realtime_server::Realtime for RealtimeService {
         &self,
         request: Request<proto::PublishRequest>,
     ) -> Result<Response<proto::PublishResponse>, Status> {
+        let principal = self.principal(request.metadata())?;
         let now = SystemTime::now();
         let events = request
             .into_inner()
@@ -45,7 +60,7 @@ impl proto::realtime_server::Realtime for RealtimeService {
             .map_err(|e| e.grpc_status())?;
         let seqs = self
             .engine
-            .publish(events)
+            .publish(&principal, events)
             .await
             .map_err(|e| ApiError::from(e).grpc_status())?;
         Ok(Response::new(proto::PublishResponse { seqs }))
@@ -57,8 +72,9 @@ impl proto::realtime_server::Realtime for RealtimeService {
         &self,
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let principal = self.principal(request.metadata())?;
         let spec = spec_from_proto(request.into_inner()).map_err(|e| e.grpc_status())?;
-        let mut connection = self.engine.connect(Transport::Grpc);
+        let mut connection = self.engine.connect(Transport::Grpc, principal);
         let head_seq = self.engine.head_seq();
         let subscription_id = connection
             .subscribe(spec)

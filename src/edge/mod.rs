@@ -8,7 +8,10 @@ pub mod rest;
 pub mod sse;
 pub mod ws;
 
+use crate::auth::Principal;
 use crate::codec::encode_event;
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderValue};
 use crate::engine::{Connection, Delivery, Engine};
 use crate::event::format_timestamp;
 use axum::Router;
@@ -39,6 +42,25 @@ pub fn http_routes(state: AppState) -> Router {
         .route("/metrics", get(rest::metrics))
         .with_state(state)
 }
+
+/// Who an HTTP request (REST, SSE, the WebSocket upgrade) comes from: the
+/// credential of `Authorization: Bearer`, else `X-Api-Key`, else `?token=`.
+fn principal(
+    engine: &Engine,
+    headers: &HeaderMap,
+    token_param: Option<&str>,
+) -> Result<Principal, errors::ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let bearer = header(AUTHORIZATION.as_str()).and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    });
+    let credential = bearer.or_else(|| header(API_KEY)).or(token_param);
+    Ok(engine.auth().authenticate(credential)?)
+}
+
+/// The header services may put an API key in.
+const API_KEY: &str = "x-api-key";
 
 /// The event JSON of one delivery (see [`crate::codec`]).
 fn event_json(delivery: &Delivery) -> Vec<u8> {

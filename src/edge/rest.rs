@@ -5,16 +5,28 @@ use super::errors::ApiError;
 use crate::codec::{decode_event, event_from_value};
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
+use serde::Deserialize;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use std::fmt::Write;
 use std::time::SystemTime;
 
+#[derive(Deserialize)]
+pub struct TokenParam {
+    token: Option<String>,
+}
+
 /// `POST /api/v1/publish`: one event object → `{"seq": N}`; an array of
 /// events → `{"seqs": [...]}`, published in order.
-pub async fn publish(State(app): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+pub async fn publish(
+    State(app): State<AppState>,
+    Query(params): Query<TokenParam>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
     let now = SystemTime::now();
     let trimmed = body.trim_ascii_start();
     if trimmed.starts_with(b"[") {
@@ -27,11 +39,11 @@ pub async fn publish(State(app): State<AppState>, body: Bytes) -> Result<Json<Va
                 event_from_value(item, now).map_err(|e| ApiError::invalid(format!("[{i}]: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let seqs = app.engine.publish(events).await?;
+        let seqs = app.engine.publish(&principal, events).await?;
         return Ok(Json(json!({ "seqs": seqs })));
     }
     let event = decode_event(&body, None, now)?;
-    let seqs = app.engine.publish(vec![event]).await?;
+    let seqs = app.engine.publish(&principal, vec![event]).await?;
     Ok(Json(json!({ "seq": seqs[0] })))
 }
 
@@ -43,6 +55,7 @@ pub async fn stats(State(app): State<AppState>) -> Json<Value> {
         "authenticated_connections": stats.authenticated_connections,
         "unique_users": stats.unique_users,
         "pubsub_backend": app.engine.backend(),
+        "auth": if app.engine.auth().is_open() { "open" } else { "enforced" },
         "subscriptions": stats.subscriptions,
         "connections_by_transport": stats.per_transport,
         "head_seq": stats.head_seq,

@@ -28,8 +28,6 @@ pub struct SseParams {
     query: Option<String>,
     /// Resume after this seq, like a `Last-Event-ID` header (which wins).
     since: Option<u64>,
-    /// Accepted for compatibility; checked once authentication is configured.
-    #[allow(dead_code)]
     token: Option<String>,
     #[allow(dead_code)]
     user_id: Option<String>,
@@ -108,7 +106,8 @@ async fn open(
         since,
     };
     spec.validate()?;
-    let mut connection = app.engine.connect(Transport::Sse);
+    let principal = super::principal(&app.engine, headers, params.token.as_deref())?;
+    let mut connection = app.engine.connect(Transport::Sse, principal);
     connection.subscribe(spec).await?;
     let greeting = frame(
         "connected",

@@ -15,7 +15,10 @@ use crate::engine::{
 };
 use crate::event::{Wire, format_timestamp};
 use crate::filter::Filter;
-use axum::extract::State;
+use crate::auth::Principal;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use bytes::{BufMut, BytesMut};
@@ -51,18 +54,30 @@ const MAX_BATCH: usize = 512;
 /// keeps idle connections cheap (tungstenite's default is 128 KiB).
 const READ_BUFFER: usize = 4096;
 
-pub async fn upgrade(State(app): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+}
+
+/// A bad `?token=` is refused before the upgrade, with a JSON error (401).
+pub async fn upgrade(
+    State(app): State<AppState>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
     // tungstenite refuses frames past twice the limit outright; frames
     // between the limit and that get the friendlier error of `Session`.
     let hard_limit = app.ws.max_frame_bytes.saturating_mul(2).max(1024);
-    upgrade
+    Ok(upgrade
         .read_buffer_size(READ_BUFFER)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| {
             let tracker = app.tasks.clone();
-            tracker.track_future(async move { Session::run(app, socket).await })
-        })
+            tracker.track_future(async move { Session::run(app, socket, principal).await })
+        }))
 }
 
 fn message(kind: &str, data: Value) -> Message {
@@ -110,9 +125,9 @@ enum Step {
 }
 
 impl Session {
-    async fn run(app: AppState, socket: WebSocket) {
+    async fn run(app: AppState, socket: WebSocket, principal: Principal) {
         let (sink, mut stream) = socket.split();
-        let connection = app.engine.connect(Transport::WebSocket);
+        let connection = app.engine.connect(Transport::WebSocket, principal);
         let mut session = Session {
             connection,
             sink,
@@ -286,9 +301,7 @@ impl Session {
         match name.as_str() {
             "subscribe" => self.subscribe(action).await.map(Some),
             "unsubscribe" => self.unsubscribe(action).map(Some),
-            "auth" => Err(ApiError::invalid(
-                "authentication is not configured on this server",
-            )),
+            "auth" => self.auth(action).map(Some),
             "pong" => Ok(None),
             other => Err(ApiError::invalid(format!(
                 "unknown action {other:?}: expected subscribe, unsubscribe, auth or pong"
@@ -349,6 +362,25 @@ impl Session {
             data["record_id"] = Value::String(record_id);
         }
         Ok(message("subscribed", data))
+    }
+
+    /// `{"action":"auth","token":...}`: authenticates, or refreshes the
+    /// token before it expires.
+    fn auth(&mut self, mut action: serde_json::Map<String, Value>) -> Result<Message, ApiError> {
+        let token = match action.remove("token") {
+            Some(Value::String(token)) if !token.is_empty() => token,
+            _ => return Err(ApiError::invalid("auth needs a `token`")),
+        };
+        let principal = self.app.engine.auth().authenticate_token(&token)?;
+        let mut data = json!({ "user_id": principal.user_id() });
+        if let Principal::User(claims) = &principal {
+            if let Some(email) = claims.claims.get("email") {
+                data["email"] = email.clone();
+            }
+            data["expires_at"] = Value::String(format_timestamp(claims.expires_at));
+        }
+        self.connection.authenticate(principal)?;
+        Ok(message("authenticated", data))
     }
 
     fn unsubscribe(

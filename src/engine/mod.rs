@@ -11,7 +11,8 @@ pub mod router;
 use crate::bus::{Bus, BusError, History, Interest};
 use crate::event::{Event, EventError, SharedEvent, validate_collection};
 use crate::filter::Filter;
-use router::{ConnShared, Router, SubEntry, WILDCARD, classify};
+use crate::auth::{Auth, AuthError, Principal};
+use router::{ConnShared, Gate, Router, SubEntry, WILDCARD};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +45,8 @@ pub enum EndReason {
     Shutdown,
     /// The history a resuming subscription needed could not be read.
     History(String),
+    /// The connection's token expired and was not refreshed.
+    TokenExpired,
 }
 
 impl std::fmt::Display for EndReason {
@@ -55,6 +58,9 @@ impl std::fmt::Display for EndReason {
             ),
             EndReason::Shutdown => f.write_str("server is shutting down"),
             EndReason::History(e) => write!(f, "{e}; resume again from the last seq received"),
+            EndReason::TokenExpired => f.write_str(
+                "the token has expired; reconnect with a fresh token (refresh it with `auth` before it expires to stay connected)",
+            ),
         }
     }
 }
@@ -71,6 +77,8 @@ pub enum EngineError {
     UnknownSubscription(u64),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// The transports, for stats.
@@ -125,6 +133,7 @@ pub struct Engine {
     router: Arc<Router>,
     bus: Arc<Bus>,
     config: EngineConfig,
+    auth: Arc<Auth>,
     published: Arc<AtomicU64>,
 }
 
@@ -143,7 +152,11 @@ pub struct Stats {
 impl Engine {
     /// Builds an engine on a bus; `open_bus` receives the router the bus
     /// delivers into.
-    pub async fn start<F, Fut>(config: EngineConfig, open_bus: F) -> Result<Engine, BusError>
+    pub async fn start<F, Fut>(
+        config: EngineConfig,
+        auth: Auth,
+        open_bus: F,
+    ) -> Result<Engine, BusError>
     where
         F: FnOnce(Arc<Router>) -> Fut,
         Fut: Future<Output = Result<Bus, BusError>>,
@@ -154,6 +167,7 @@ impl Engine {
             router,
             bus,
             config,
+            auth: Arc::new(auth),
             published: Arc::default(),
         })
     }
@@ -162,14 +176,27 @@ impl Engine {
         self.bus.backend()
     }
 
+    /// Authentication and the policy, for edges to identify clients.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
     /// Publishes events in order; returns their sequence numbers once the
-    /// bus has accepted them (with JetStream: stored them).
-    pub async fn publish(&self, mut events: Vec<Event>) -> Result<Vec<u64>, EngineError> {
+    /// bus has accepted them (with JetStream: stored them). All or nothing:
+    /// one invalid or forbidden event refuses the batch.
+    pub async fn publish(
+        &self,
+        principal: &Principal,
+        mut events: Vec<Event>,
+    ) -> Result<Vec<u64>, EngineError> {
         if events.is_empty() {
             return Err(EngineError::NoEvents);
         }
         for event in &mut events {
             event.validate()?;
+            self.auth
+                .policy
+                .check_publish(principal, &event.collection)?;
             event.seq = 0;
         }
         let seqs = self.bus.publish(events).await?;
@@ -183,14 +210,18 @@ impl Engine {
         self.published.load(Ordering::Relaxed)
     }
 
-    /// Opens a connection: a delivery queue that subscriptions feed.
-    pub fn connect(&self, transport: Transport) -> Connection {
+    /// Opens a connection for `principal`: a delivery queue that
+    /// subscriptions feed.
+    pub fn connect(&self, transport: Transport, principal: Principal) -> Connection {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity);
         let shared = Arc::new(ConnShared::new(self.router.next_id(), transport, tx));
+        *shared.user_id.lock().expect("user lock") = principal.user_id();
         self.router.register(Arc::clone(&shared));
         Connection {
             engine: self.clone(),
             shared,
+            expires: deadline(&principal),
+            principal,
             queue: rx,
             subscriptions: HashMap::new(),
             catch_ups: VecDeque::new(),
@@ -243,6 +274,7 @@ impl Engine {
 
 struct OpenSubscription {
     spec: SubscriptionSpec,
+    entry: Arc<SubEntry>,
     /// Keeps the bus delivering this collection to the node.
     _interest: Interest,
 }
@@ -285,6 +317,9 @@ enum Step {
 pub struct Connection {
     engine: Engine,
     shared: Arc<ConnShared>,
+    principal: Principal,
+    /// When the principal's token expires.
+    expires: Option<tokio::time::Instant>,
     queue: mpsc::Receiver<Delivery>,
     subscriptions: HashMap<u64, OpenSubscription>,
     catch_ups: VecDeque<CatchUp>,
@@ -321,12 +356,28 @@ impl Connection {
                 self.engine.config.max_subscriptions,
             ));
         }
+        let auth = &self.engine.auth;
+        let (filter, gate) = if spec.collection == WILDCARD && !auth.is_open() {
+            // Decided per collection as events come (see `Gate`).
+            let gate = Gate::new(Arc::clone(auth), self.principal.clone());
+            (spec.filter.clone(), Some(gate))
+        } else {
+            let row = auth
+                .policy
+                .check_subscribe(&self.principal, &spec.collection)?;
+            let filter = match (row, spec.filter.clone()) {
+                (Some(row), Some(own)) => Some(Filter::All(vec![row, own])),
+                (row, own) => row.or(own),
+            };
+            (filter, None)
+        };
         let interest = self.engine.bus.interest(&spec.collection).await?;
         let id = self.engine.router.next_id();
         let entry = Arc::new(SubEntry {
             id,
             conn: Arc::clone(&self.shared),
-            filter: spec.filter.clone(),
+            filter,
+            gate,
         });
         let removed: Vec<(&str, Option<&str>, u64)> = old
             .iter()
@@ -338,7 +389,7 @@ impl Connection {
         self.engine.router.add_replacing(
             &spec.collection,
             spec.record_id.as_deref(),
-            entry,
+            Arc::clone(&entry),
             &removed,
         );
         for id in &old {
@@ -355,6 +406,7 @@ impl Connection {
             id,
             OpenSubscription {
                 spec,
+                entry,
                 _interest: interest,
             },
         );
@@ -419,9 +471,24 @@ impl Connection {
             .map(|(id, open)| (*id, &open.spec))
     }
 
-    /// Records the authenticated user, for stats.
-    pub fn set_user(&self, user_id: Option<String>) {
-        *self.shared.user_id.lock().expect("user lock") = user_id;
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// Replaces the connection's credentials (the WebSocket `auth` action),
+    /// e.g. a refreshed token before the old one expires. With open
+    /// subscriptions the user must stay the same.
+    pub fn authenticate(&mut self, principal: Principal) -> Result<(), EngineError> {
+        if !self.subscriptions.is_empty() && principal.user_id() != self.principal.user_id() {
+            return Err(AuthError::Forbidden(
+                "a connection with subscriptions cannot change user; unsubscribe first".into(),
+            )
+            .into());
+        }
+        *self.shared.user_id.lock().expect("user lock") = principal.user_id();
+        self.expires = deadline(&principal);
+        self.principal = principal;
+        Ok(())
     }
 
     /// Sorts a live delivery: dropped if its subscription is gone, held if
@@ -457,7 +524,7 @@ impl Connection {
                     .is_none_or(|r| *r == event.event.record_id);
                 if event.event.seq <= catch_up.until
                     && wanted
-                    && let Some(left_filter) = classify(open.spec.filter.as_ref(), &event)
+                    && let Some(left_filter) = open.entry.classify(&event)
                 {
                     self.ready.push_back(Received::Event(Delivery {
                         subscription: catch_up.subscription,
@@ -498,6 +565,15 @@ impl Connection {
             }
             let queue = &mut self.queue;
             let ended = &self.shared.end_signal;
+            let shared = &self.shared;
+            let expiry = async {
+                match self.expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+                shared.end(EndReason::TokenExpired);
+                Step::Ended
+            };
             let live =
                 async { Step::Live(queue.recv().await.expect("the connection holds a sender")) };
             let step = match self.catch_ups.front_mut() {
@@ -505,10 +581,12 @@ impl Connection {
                     step = live => step,
                     item = catch_up.history.next() => Step::History(item),
                     _ = ended.notified() => Step::Ended,
+                    step = expiry => step,
                 },
                 None => tokio::select! {
                     step = live => step,
                     _ = ended.notified() => Step::Ended,
+                    step = expiry => step,
                 },
             };
             match step {
@@ -544,4 +622,13 @@ impl Drop for Connection {
         }
         self.engine.router.unregister(self.shared.id);
     }
+}
+
+/// The moment `principal`'s token expires, on the tokio clock.
+fn deadline(principal: &Principal) -> Option<tokio::time::Instant> {
+    let left = principal
+        .expires_at()?
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Some(tokio::time::Instant::now() + left)
 }

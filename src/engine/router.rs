@@ -8,6 +8,7 @@
 //! [`EndReason::Overflow`]; the dispatcher never waits for a subscriber.
 
 use super::{Delivery, EndReason, Transport};
+use crate::auth::{Auth, Principal};
 use crate::event::SharedEvent;
 use crate::filter::Filter;
 use crate::filter::index::MatchIndex;
@@ -75,27 +76,74 @@ impl ConnShared {
 pub(crate) struct SubEntry {
     pub id: u64,
     pub conn: Arc<ConnShared>,
+    /// The subscriber's filter, already combined with its row rule.
     pub filter: Option<Filter>,
+    /// For `*` subscriptions under a policy: what each collection allows.
+    pub gate: Option<Gate>,
 }
 
 impl SubEntry {
-    fn matches(&self, record: &serde_json::Value) -> bool {
+    fn matches(&self, collection: &str, record: &serde_json::Value) -> bool {
+        if let Some(gate) = &self.gate {
+            match gate.decision(collection) {
+                None => return false,
+                Some(Some(row)) if !row.matches(record) => return false,
+                Some(_) => {}
+            }
+        }
         self.filter.as_ref().is_none_or(|f| f.matches(record))
+    }
+
+    /// Whether this subscription wants `event`, by the live-query rule of
+    /// [`deliver_from`]: `Some(false)` when `data` matches, `Some(true)`
+    /// (left the filter) when only `old_data` does, `None` otherwise. For
+    /// replays, where no index narrows the candidates.
+    pub(crate) fn classify(&self, event: &SharedEvent) -> Option<bool> {
+        let collection = &event.event.collection;
+        if self.matches(collection, &event.event.data) {
+            Some(false)
+        } else if event
+            .event
+            .old_data
+            .as_ref()
+            .is_some_and(|old| self.matches(collection, old))
+        {
+            Some(true)
+        } else {
+            None
+        }
     }
 }
 
-/// Whether `filter` wants `event`, by the live-query rule of
-/// [`deliver_from`]: `Some(false)` when `data` matches, `Some(true)` (left
-/// the filter) when only `old_data` does, `None` otherwise. For replays,
-/// where no index narrows the candidates.
-pub(crate) fn classify(filter: Option<&Filter>, event: &SharedEvent) -> Option<bool> {
-    let matches = |record| filter.is_none_or(|f| f.matches(record));
-    if matches(&event.event.data) {
-        Some(false)
-    } else if event.event.old_data.as_ref().is_some_and(matches) {
-        Some(true)
-    } else {
-        None
+/// The policy decisions of a `*` subscription, per collection, asked once
+/// and remembered: `None` denied, `Some(row filter)` allowed.
+pub(crate) struct Gate {
+    pub auth: Arc<Auth>,
+    pub principal: Principal,
+    decisions: Mutex<HashMap<String, Option<Option<Filter>>>>,
+}
+
+impl Gate {
+    pub fn new(auth: Arc<Auth>, principal: Principal) -> Self {
+        Gate {
+            auth,
+            principal,
+            decisions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn decision(&self, collection: &str) -> Option<Option<Filter>> {
+        let mut decisions = self.decisions.lock().expect("gate lock");
+        if let Some(known) = decisions.get(collection) {
+            return known.clone();
+        }
+        let decision = self
+            .auth
+            .policy
+            .check_subscribe(&self.principal, collection)
+            .ok();
+        decisions.insert(collection.to_owned(), decision.clone());
+        decision
     }
 }
 
@@ -126,15 +174,15 @@ impl Scope {
 /// `left_filter`. The two passes cannot deliver twice: the second delivers
 /// only where the first did not match.
 fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) {
-    let data = &event.event.data;
+    let (collection, data) = (&event.event.collection, &event.event.data);
     index.candidates(data, |_, sub| {
-        if sub.matches(data) {
+        if sub.matches(collection, data) {
             sub.conn.deliver(sub.id, event, false);
         }
     });
     if let Some(old) = &event.event.old_data {
         index.candidates(old, |_, sub| {
-            if !sub.matches(data) && sub.matches(old) {
+            if !sub.matches(collection, data) && sub.matches(collection, old) {
                 sub.conn.deliver(sub.id, event, true);
             }
         });

@@ -289,6 +289,77 @@ impl Filter {
         }
     }
 
+    /// Replaces parameters (string values `$name`) by `lookup(name)`: a
+    /// scalar stays a scalar; a list turns `=` into `in` and joins `in`
+    /// lists. A parameter `lookup` does not know is an error naming it.
+    pub fn bind(&self, lookup: &impl Fn(&str) -> Option<Value>) -> Result<Filter, FilterError> {
+        fn param(s: &Scalar) -> Option<&str> {
+            match s {
+                Scalar::String(text) => text.strip_prefix('$').filter(|n| !n.is_empty()),
+                _ => None,
+            }
+        }
+        let resolve = |name: &str| -> Result<Vec<Scalar>, FilterError> {
+            let value = lookup(name).ok_or_else(|| {
+                FilterError::Invalid(format!("the parameter ${name} has no value"))
+            })?;
+            let items = match &value {
+                Value::Array(items) => items.iter().collect(),
+                single => vec![single],
+            };
+            items
+                .into_iter()
+                .map(|v| {
+                    Scalar::from_json(v).ok_or_else(|| {
+                        FilterError::Invalid(format!("the value of ${name} is not a scalar"))
+                    })
+                })
+                .collect()
+        };
+        Ok(match self {
+            Filter::All(children) => Filter::All(
+                children.iter().map(|c| c.bind(lookup)).collect::<Result<_, _>>()?,
+            ),
+            Filter::Any(children) => Filter::Any(
+                children.iter().map(|c| c.bind(lookup)).collect::<Result<_, _>>()?,
+            ),
+            Filter::Not(child) => Filter::Not(Box::new(child.bind(lookup)?)),
+            Filter::Condition(c) => {
+                let mut c = c.clone();
+                match &c.operand {
+                    Operand::Scalar(s) => {
+                        if let Some(name) = param(s) {
+                            let mut values = resolve(name)?;
+                            if values.len() == 1 {
+                                c.operand = Operand::Scalar(values.pop().expect("one value"));
+                            } else if c.op == Op::Eq && !values.is_empty() {
+                                c.op = Op::In;
+                                c.operand = Operand::List(values);
+                            } else {
+                                return Err(FilterError::Invalid(format!(
+                                    "${name} must hold one value for operator {}",
+                                    c.op.as_str()
+                                )));
+                            }
+                        }
+                    }
+                    Operand::List(items) => {
+                        let mut bound = Vec::new();
+                        for item in items {
+                            match param(item) {
+                                Some(name) => bound.extend(resolve(name)?),
+                                None => bound.push(item.clone()),
+                            }
+                        }
+                        c.operand = Operand::List(bound);
+                    }
+                    Operand::None => {}
+                }
+                Filter::Condition(c)
+            }
+        })
+    }
+
     /// Refuses trees deeper than [`MAX_DEPTH`] or with more than
     /// [`MAX_CONDITIONS`] conditions.
     pub fn check_limits(&self) -> Result<(), FilterError> {

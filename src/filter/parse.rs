@@ -12,7 +12,9 @@
 //! ```
 //!
 //! A bareword value is a string (`status=published`), which keeps the
-//! seeds' query strings valid. Keywords are case-insensitive. Errors name
+//! seeds' query strings valid. A value `$name` is a parameter, bound later
+//! with [`Filter::bind`](super::Filter::bind) (authorization rules use them
+//! for token claims). Keywords are case-insensitive. Errors name
 //! the column (1-based, in characters) and what was expected there.
 
 use super::{Condition, Filter, FilterError, MAX_DEPTH, MAX_TEXT, Op, Operand, Scalar};
@@ -61,7 +63,7 @@ impl Token {
 }
 
 fn is_word_byte(c: char) -> bool {
-    c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@' | ':' | '/' | '+')
+    c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@' | ':' | '/' | '+' | '$')
 }
 
 struct Lexer<'a> {

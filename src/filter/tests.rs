@@ -262,3 +262,21 @@ fn index_removal() {
     assert!(index.is_empty());
     assert_eq!(candidates(&index, &json!({"k": 2})), Vec::<u64>::new());
 }
+
+#[test]
+fn parameters_bind_to_values() {
+    let template = Filter::parse("owner_id = $sub && team in ($teams, \"ops\")").unwrap();
+    let claims = json!({"sub": "alice", "teams": ["red", "blue"], "roles": ["a", "b"]});
+    let lookup = |name: &str| claims.get(name).cloned();
+    let bound = template.bind(&lookup).unwrap();
+    assert!(bound.matches(&json!({"owner_id": "alice", "team": "blue"})));
+    assert!(bound.matches(&json!({"owner_id": "alice", "team": "ops"})));
+    assert!(!bound.matches(&json!({"owner_id": "bob", "team": "red"})));
+    // A list claim under `=` means "one of".
+    let roles = Filter::parse("role = $roles").unwrap().bind(&lookup).unwrap();
+    assert!(roles.matches(&json!({"role": "b"})));
+    let missing = Filter::parse("x = $nope").unwrap().bind(&lookup);
+    assert!(missing.unwrap_err().to_string().contains("$nope"));
+    let wrong = Filter::parse("x > $roles").unwrap().bind(&lookup);
+    assert!(wrong.is_err());
+}
