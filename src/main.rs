@@ -87,7 +87,11 @@ struct ServeArgs {
     #[arg(long, env = "STROM_SSE_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
     sse_keepalive: Duration,
     /// Origins allowed by CORS (repeat or comma-separate); none means any.
-    #[arg(long = "cors-origin", env = "STROM_CORS_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "cors-origin",
+        env = "STROM_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
     cors_origins: Vec<String>,
     #[command(flatten)]
     auth: AuthArgs,
@@ -411,7 +415,9 @@ fn token(args: TokenArgs) -> Result<()> {
         claims.entry("iss").or_insert_with(|| issuer.clone().into());
     }
     if let Some(audience) = &jwt.audience {
-        claims.entry("aud").or_insert_with(|| audience.clone().into());
+        claims
+            .entry("aud")
+            .or_insert_with(|| audience.clone().into());
     }
     let token = strom::auth::token::mint(jwt.algorithm, &key, &args.sub, claims, args.ttl)?;
     println!("{token}");

@@ -5,12 +5,12 @@
 //! cleanly (gRPC UNAVAILABLE, WebSocket close 1001, SSE `error` event),
 //! lets in-flight requests such as publishes finish, then returns.
 
+use crate::auth::{Auth, AuthError, AuthSettings};
 use crate::bus::{
     Bus, BusError, Retention,
     memory::MemoryBus,
     nats::{NatsBus, NatsConfig},
 };
-use crate::auth::{Auth, AuthError, AuthSettings};
 use crate::edge::errors::{ApiError, ErrorKind};
 use crate::edge::{AppState, grpc::RealtimeService, http_routes, ws::WsConfig};
 use crate::engine::{Engine, EngineConfig};

@@ -118,7 +118,10 @@ impl Auth {
         };
         let section = file.as_ref().and_then(|f| f.jwt.as_ref());
         let pick = |flag: &Option<String>, field: Option<&String>| flag.clone().or(field.cloned());
-        let secret = pick(&settings.jwt_secret, section.and_then(|s| s.secret.as_ref()));
+        let secret = pick(
+            &settings.jwt_secret,
+            section.and_then(|s| s.secret.as_ref()),
+        );
         let public_key = settings
             .jwt_public_key
             .clone()
@@ -155,7 +158,10 @@ impl Auth {
                 Some(JwtConfig {
                     algorithm,
                     key,
-                    issuer: pick(&settings.jwt_issuer, section.and_then(|s| s.issuer.as_ref())),
+                    issuer: pick(
+                        &settings.jwt_issuer,
+                        section.and_then(|s| s.issuer.as_ref()),
+                    ),
                     audience: pick(
                         &settings.jwt_audience,
                         section.and_then(|s| s.audience.as_ref()),

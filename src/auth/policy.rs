@@ -22,7 +22,10 @@ pub enum Access {
     /// The token's grants claim lists the collection for this action.
     Granted,
     /// The token has claim `name` equal to `value` (or a list holding it).
-    Claim { name: String, value: Value },
+    Claim {
+        name: String,
+        value: Value,
+    },
     Nobody,
 }
 
@@ -427,9 +430,14 @@ mod tests {
             Err(AuthError::Forbidden(_))
         ));
         assert!(policy.check_publish(&admin, "orders").is_ok());
-        assert!(policy.check_publish(&alice, "posts").is_err(), "publishing needs a grant");
+        assert!(
+            policy.check_publish(&alice, "posts").is_err(),
+            "publishing needs a grant"
+        );
         assert!(policy.check_publish(&granted, "newsroom").is_ok());
-        let billing = Principal::Service(Arc::new(policy.api_key("0123456789abcdef0123").unwrap().clone()));
+        let billing = Principal::Service(Arc::new(
+            policy.api_key("0123456789abcdef0123").unwrap().clone(),
+        ));
         assert!(policy.check_publish(&billing, "invoices.2025").is_ok());
         assert!(policy.check_publish(&billing, "posts").is_err());
         assert!(policy.api_key("0123456789abcdef0124").is_none());
@@ -447,10 +455,19 @@ mod tests {
     #[test]
     fn bad_files_are_refused_with_reasons() {
         for (text, reason) in [
-            ("[[collections]]\nmatch = \"x\"\nsubscribe = \"everyone\"", "unknown access"),
-            ("[[collections]]\nmatch = \"x\"\nrow_filter = \"a >\"", "row_filter"),
+            (
+                "[[collections]]\nmatch = \"x\"\nsubscribe = \"everyone\"",
+                "unknown access",
+            ),
+            (
+                "[[collections]]\nmatch = \"x\"\nrow_filter = \"a >\"",
+                "row_filter",
+            ),
             ("surprise = 1", "unknown field"),
-            ("[[api_keys]]\nname = \"k\"\nkey = \"short\"", "shorter than 16"),
+            (
+                "[[api_keys]]\nname = \"k\"\nkey = \"short\"",
+                "shorter than 16",
+            ),
         ] {
             let error = PolicyFile::parse(text)
                 .and_then(|f| f.policy())

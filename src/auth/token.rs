@@ -143,7 +143,11 @@ impl TokenVerifier {
         let claims = data.claims;
         let subject = match claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            _ => return Err(AuthError::InvalidToken("`sub` must be a non-empty string".into())),
+            _ => {
+                return Err(AuthError::InvalidToken(
+                    "`sub` must be a non-empty string".into(),
+                ));
+            }
         };
         let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
         Ok(Claims {

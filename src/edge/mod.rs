@@ -10,11 +10,11 @@ pub mod ws;
 
 use crate::auth::Principal;
 use crate::codec::encode_event;
-use axum::http::header::AUTHORIZATION;
-use axum::http::{HeaderMap, HeaderValue};
 use crate::engine::{Connection, Delivery, Engine};
 use crate::event::format_timestamp;
 use axum::Router;
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
@@ -50,7 +50,11 @@ fn principal(
     headers: &HeaderMap,
     token_param: Option<&str>,
 ) -> Result<Principal, errors::ApiError> {
-    let header = |name: &str| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
     let bearer = header(AUTHORIZATION.as_str()).and_then(|v| {
         v.strip_prefix("Bearer ")
             .or_else(|| v.strip_prefix("bearer "))

@@ -10,20 +10,20 @@
 
 use super::errors::{ApiError, close_code};
 use super::{AppState, connected_data, event_json};
+use crate::auth::Principal;
 use crate::engine::{
     Connection, Delivery, EndReason, Received, ResetNotice, SubscriptionSpec, Transport,
 };
 use crate::event::{Wire, format_timestamp};
 use crate::filter::Filter;
-use crate::auth::Principal;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use serde::Deserialize;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use bytes::{BufMut, BytesMut};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant, SystemTime};
 

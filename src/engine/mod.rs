@@ -8,10 +8,10 @@
 
 pub mod router;
 
+use crate::auth::{Auth, AuthError, Principal};
 use crate::bus::{Bus, BusError, History, Interest};
 use crate::event::{Event, EventError, SharedEvent, validate_collection};
 use crate::filter::Filter;
-use crate::auth::{Auth, AuthError, Principal};
 use router::{ConnShared, Gate, Router, SubEntry, WILDCARD};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -318,10 +318,16 @@ impl Filter {
         };
         Ok(match self {
             Filter::All(children) => Filter::All(
-                children.iter().map(|c| c.bind(lookup)).collect::<Result<_, _>>()?,
+                children
+                    .iter()
+                    .map(|c| c.bind(lookup))
+                    .collect::<Result<_, _>>()?,
             ),
             Filter::Any(children) => Filter::Any(
-                children.iter().map(|c| c.bind(lookup)).collect::<Result<_, _>>()?,
+                children
+                    .iter()
+                    .map(|c| c.bind(lookup))
+                    .collect::<Result<_, _>>()?,
             ),
             Filter::Not(child) => Filter::Not(Box::new(child.bind(lookup)?)),
             Filter::Condition(c) => {

@@ -273,7 +273,10 @@ fn parameters_bind_to_values() {
     assert!(bound.matches(&json!({"owner_id": "alice", "team": "ops"})));
     assert!(!bound.matches(&json!({"owner_id": "bob", "team": "red"})));
     // A list claim under `=` means "one of".
-    let roles = Filter::parse("role = $roles").unwrap().bind(&lookup).unwrap();
+    let roles = Filter::parse("role = $roles")
+        .unwrap()
+        .bind(&lookup)
+        .unwrap();
     assert!(roles.matches(&json!({"role": "b"})));
     let missing = Filter::parse("x = $nope").unwrap().bind(&lookup);
     assert!(missing.unwrap_err().to_string().contains("$nope"));

@@ -1,0 +1,762 @@
+//! Authentication and authorization on every transport: tokens good and
+//! bad, per-collection rights, grants, API keys, row-level rules, expiry
+//! mid-stream and refresh.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, Value, json};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use strom::auth::AuthSettings;
+use strom::auth::token::mint;
+use strom::proto;
+use strom::server::ServerConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::Code;
+
+const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
+const API_KEY: &str = "backend-key-0123456789";
+
+const POLICY: &str = r#"
+[[api_keys]]
+name = "backend"
+key = "backend-key-0123456789"
+publish = ["*"]
+subscribe = ["*"]
+
+[[collections]]
+match = "public"
+subscribe = "anyone"
+publish = "authenticated"
+
+[[collections]]
+match = "orders"
+subscribe = "authenticated"
+publish = "claim:role=admin"
+row_filter = "owner_id = $sub"
+
+[[collections]]
+match = "admin.*"
+subscribe = "claim:role=admin"
+"#;
+
+struct Secured {
+    server: TestServer,
+    _policy: TempDir,
+}
+
+async fn secured() -> Secured {
+    let dir = TempDir::new("policy");
+    let path = dir.0.join("strom.toml");
+    std::fs::write(&path, POLICY).unwrap();
+    let server = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            config_file: Some(path),
+            jwt_secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    Secured {
+        server,
+        _policy: dir,
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token_with(sub: &str, claims: Value, ttl: Duration) -> String {
+    let claims: Map<String, Value> = claims.as_object().unwrap().clone();
+    mint(Algorithm::HS256, SECRET.as_bytes(), sub, claims, ttl).unwrap()
+}
+
+fn token(sub: &str, claims: Value) -> String {
+    token_with(sub, claims, Duration::from_secs(3600))
+}
+
+/// Every kind of bad token, with the reason the server must give.
+fn bad_tokens() -> Vec<(&'static str, String, &'static str)> {
+    use base64::Engine as _;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let claims = |extra: Value| {
+        let mut c = json!({"sub": "mallory", "exp": now() + 3600});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c.as_object().unwrap().clone()
+    };
+    vec![
+        (
+            "expired",
+            mint(
+                Algorithm::HS256,
+                SECRET.as_bytes(),
+                "mallory",
+                claims(json!({"exp": now() - 600})),
+                Duration::ZERO,
+            )
+            .unwrap(),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            mint(
+                Algorithm::HS256,
+                SECRET.as_bytes(),
+                "mallory",
+                claims(json!({"nbf": now() + 3600})),
+                Duration::ZERO,
+            )
+            .unwrap(),
+            "not valid yet",
+        ),
+        (
+            "wrong signature",
+            mint(
+                Algorithm::HS256,
+                b"another-secret-of-sufficient-length-000",
+                "mallory",
+                claims(json!({})),
+                Duration::ZERO,
+            )
+            .unwrap(),
+            "bad signature",
+        ),
+        (
+            "wrong algorithm",
+            mint(
+                Algorithm::HS512,
+                SECRET.as_bytes(),
+                "mallory",
+                claims(json!({})),
+                Duration::ZERO,
+            )
+            .unwrap(),
+            "algorithm",
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(json!({"alg": "none", "typ": "JWT"})),
+                b64(Value::Object(claims(json!({}))))
+            ),
+            "invalid token",
+        ),
+    ]
+}
+
+fn authorized<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(credential) = credential {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {credential}").parse().unwrap(),
+        );
+    }
+    request
+}
+
+async fn subscribe_as(
+    server: &TestServer,
+    credential: Option<&str>,
+    request: proto::SubscribeRequest,
+) -> Result<tonic::Streaming<proto::SubscribeResponse>, tonic::Status> {
+    let mut client = server.grpc().await;
+    let mut stream = client
+        .subscribe(authorized(request, credential))
+        .await?
+        .into_inner();
+    let first = within("subscribed", stream.message())
+        .await?
+        .expect("a message");
+    assert!(matches!(
+        first.kind,
+        Some(proto::subscribe_response::Kind::Subscribed(_))
+    ));
+    Ok(stream)
+}
+
+async fn publish_as(
+    server: &TestServer,
+    credential: Option<&str>,
+    events: Vec<proto::Event>,
+) -> Result<Vec<u64>, tonic::Status> {
+    let mut client = server.grpc().await;
+    Ok(client
+        .publish(authorized(proto::PublishRequest { events }, credential))
+        .await?
+        .into_inner()
+        .seqs)
+}
+
+#[tokio::test]
+async fn grpc_subscribe_rights() {
+    let s = secured().await;
+    let alice = token("alice", json!({}));
+    let admin = token("root", json!({"role": "admin"}));
+    let status = subscribe_as(&s.server, None, text_subscription("posts", None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("needs a token"),
+        "{}",
+        status.message()
+    );
+    subscribe_as(&s.server, None, text_subscription("public", None))
+        .await
+        .expect("anyone may read public");
+    subscribe_as(&s.server, Some(&alice), text_subscription("posts", None))
+        .await
+        .expect("authenticated users may read by default");
+    let status = subscribe_as(
+        &s.server,
+        Some(&alice),
+        text_subscription("admin.audit", None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    subscribe_as(
+        &s.server,
+        Some(&admin),
+        text_subscription("admin.audit", None),
+    )
+    .await
+    .expect("the admin claim opens admin.*");
+    for (what, bad, reason) in bad_tokens() {
+        let status = subscribe_as(&s.server, Some(&bad), text_subscription("public", None))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{what}");
+        assert!(
+            status.message().contains(reason),
+            "{what}: {}",
+            status.message()
+        );
+    }
+}
+
+#[tokio::test]
+async fn grpc_publish_rights_grants_and_api_keys() {
+    let s = secured().await;
+    let alice = token("alice", json!({}));
+    let writer = token("writer", json!({"strom": {"publish": ["posts", "news.*"]}}));
+    let admin = token("root", json!({"role": "admin"}));
+    let post = || vec![created("posts", "p", json!({}))];
+    assert_eq!(
+        publish_as(&s.server, None, post())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        publish_as(&s.server, Some(&alice), post())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied,
+        "publishing needs a grant by default"
+    );
+    publish_as(&s.server, Some(&writer), post()).await.unwrap();
+    publish_as(
+        &s.server,
+        Some(&writer),
+        vec![created("news.today", "n", json!({}))],
+    )
+    .await
+    .unwrap();
+    publish_as(
+        &s.server,
+        Some(&alice),
+        vec![created("public", "x", json!({}))],
+    )
+    .await
+    .expect("public takes any authenticated publisher");
+    assert_eq!(
+        publish_as(
+            &s.server,
+            Some(&writer),
+            vec![created("orders", "o", json!({}))]
+        )
+        .await
+        .unwrap_err()
+        .code(),
+        Code::PermissionDenied
+    );
+    publish_as(
+        &s.server,
+        Some(&admin),
+        vec![created("orders", "o", json!({}))],
+    )
+    .await
+    .unwrap();
+    publish_as(
+        &s.server,
+        Some(API_KEY),
+        vec![created("orders", "o", json!({}))],
+    )
+    .await
+    .expect("the API key publishes anywhere");
+    let mut client = s.server.grpc().await;
+    let mut request = tonic::Request::new(proto::PublishRequest { events: post() });
+    request
+        .metadata_mut()
+        .insert("x-api-key", API_KEY.parse().unwrap());
+    client.publish(request).await.expect("x-api-key works too");
+    let status = publish_as(&s.server, Some("not-a-known-key-at-all"), post())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // A batch with one forbidden event publishes nothing.
+    let before = publish_as(&s.server, Some(&writer), post()).await.unwrap()[0];
+    let mixed = vec![
+        created("posts", "a", json!({})),
+        created("orders", "b", json!({})),
+    ];
+    assert!(publish_as(&s.server, Some(&writer), mixed).await.is_err());
+    let after = publish_as(&s.server, Some(&writer), post()).await.unwrap()[0];
+    assert_eq!(after, before + 1);
+}
+
+#[tokio::test]
+async fn row_rules_cannot_be_widened_by_the_client_filter() {
+    let s = secured().await;
+    let alice = token("alice", json!({}));
+    let order = |id: &str, owner: &str, total: u64| {
+        created("orders", id, json!({"owner_id": owner, "total": total}))
+    };
+    // Alice asks for Bob's orders, and for everything with `||`.
+    let mut sneaky = subscribe_as(
+        &s.server,
+        Some(&alice),
+        text_subscription("orders", Some(r#"owner_id = "bob" || total > 0"#)),
+    )
+    .await
+    .unwrap();
+    let mut everything = subscribe_as(&s.server, Some(&alice), text_subscription("*", None))
+        .await
+        .unwrap();
+    publish_as(
+        &s.server,
+        Some(API_KEY),
+        vec![
+            order("1", "bob", 5),
+            order("2", "alice", 7),
+            order("3", "bob", 9),
+        ],
+    )
+    .await
+    .unwrap();
+    publish_as(
+        &s.server,
+        Some(API_KEY),
+        vec![created("admin.audit", "x", json!({}))],
+    )
+    .await
+    .unwrap();
+    let marker = publish_as(
+        &s.server,
+        Some(API_KEY),
+        vec![created("posts", "end", json!({}))],
+    )
+    .await
+    .unwrap()[0];
+    assert_eq!(next_event(&mut sneaky).await.record_id, "2");
+    let seen: Vec<String> = [
+        next_event(&mut everything).await,
+        next_event(&mut everything).await,
+    ]
+    .into_iter()
+    .map(|e| format!("{}/{}", e.collection, e.record_id))
+    .collect();
+    assert_eq!(seen, ["orders/2", "posts/end"], "no Bob orders, no admin.*");
+    // A resume replays through the same rule.
+    let request = proto::SubscribeRequest {
+        since_seq: Some(0),
+        ..text_subscription("orders", None)
+    };
+    let mut replay = subscribe_as(&s.server, Some(&alice), request)
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut replay).await.record_id, "2");
+    let _ = marker;
+}
+
+#[tokio::test]
+async fn an_expiring_token_ends_the_grpc_stream() {
+    let s = secured().await;
+    let short = token_with("alice", json!({}), Duration::from_secs(1));
+    let mut stream = subscribe_as(&s.server, Some(&short), text_subscription("posts", None))
+        .await
+        .unwrap();
+    let status = loop {
+        match within("the expiry", stream.message()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("expired"), "{}", status.message());
+}
+
+async fn ws_connect(server: &TestServer, query: &str) -> Result<WsClient, u16> {
+    let url = format!("ws://{}/api/v1/ws/realtime{query}", server.addr);
+    match tokio_tungstenite::connect_async(url).await {
+        Ok((mut socket, _)) => {
+            let greeting = socket.next().await.unwrap().unwrap();
+            assert!(greeting.to_text().unwrap().contains("connected"));
+            Ok(WsClient { socket })
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(other) => panic!("{other}"),
+    }
+}
+
+struct WsClient {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl WsClient {
+    async fn send(&mut self, value: Value) {
+        self.socket
+            .send(Message::text(value.to_string()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON message, skipping heartbeats; `None` once closed.
+    async fn next(&mut self) -> Option<Value> {
+        loop {
+            match within("a WebSocket message", self.socket.next()).await? {
+                Ok(Message::Text(text)) => {
+                    let value: Value = serde_json::from_str(&text).unwrap();
+                    if value["type"] != "ping" {
+                        return Some(value);
+                    }
+                }
+                Ok(Message::Close(frame)) => {
+                    return Some(
+                        json!({"type": "close", "code": frame.map(|f| u16::from(f.code))}),
+                    );
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    async fn request(&mut self, value: Value) -> Value {
+        self.send(value).await;
+        self.next().await.expect("a reply")
+    }
+}
+
+#[tokio::test]
+async fn websocket_tokens_auth_action_and_stats() {
+    let s = secured().await;
+    let alice = token("alice", json!({"email": "alice@example.com"}));
+    let bob = token("bob", json!({}));
+    for (what, bad, _) in bad_tokens() {
+        let refused = ws_connect(&s.server, &format!("?token={bad}")).await.err();
+        assert_eq!(refused, Some(401), "{what} is refused before the upgrade");
+    }
+    let mut anonymous = ws_connect(&s.server, "").await.unwrap();
+    let denied = anonymous
+        .request(json!({"action": "subscribe", "collection": "posts"}))
+        .await;
+    assert_eq!(denied["type"], "error");
+    assert_eq!(denied["data"]["code"], "unauthenticated");
+    for (what, bad, reason) in bad_tokens() {
+        let reply = anonymous
+            .request(json!({"action": "auth", "token": bad}))
+            .await;
+        assert_eq!(reply["type"], "error", "{what}");
+        assert!(
+            reply["data"]["message"].as_str().unwrap().contains(reason),
+            "{what}: {reply}"
+        );
+    }
+    let reply = anonymous
+        .request(json!({"action": "auth", "token": alice}))
+        .await;
+    assert_eq!(reply["type"], "authenticated");
+    assert_eq!(reply["data"]["user_id"], "alice");
+    assert_eq!(reply["data"]["email"], "alice@example.com");
+    let reply = anonymous
+        .request(json!({"action": "subscribe", "collection": "posts"}))
+        .await;
+    assert_eq!(reply["type"], "subscribed");
+    let reply = anonymous
+        .request(json!({"action": "subscribe", "collection": "admin.audit"}))
+        .await;
+    assert_eq!(reply["data"]["code"], "permission_denied");
+    let reply = anonymous
+        .request(json!({"action": "auth", "token": bob}))
+        .await;
+    assert!(
+        reply["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot change user")
+    );
+
+    let _second_alice = ws_connect(&s.server, &format!("?token={alice}"))
+        .await
+        .unwrap();
+    let _bob = ws_connect(&s.server, &format!("?token={bob}"))
+        .await
+        .unwrap();
+    let (_, stats) = s.server.get("/api/v1/stats").await;
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["total_connections"], 3);
+    assert_eq!(stats["authenticated_connections"], 3);
+    assert_eq!(stats["unique_users"], 2);
+    assert_eq!(stats["auth"], "enforced");
+}
+
+#[tokio::test]
+async fn websocket_expiry_closes_and_refresh_keeps_it_open() {
+    let s = secured().await;
+    let short = token_with("alice", json!({}), Duration::from_secs(1));
+    let mut expiring = ws_connect(&s.server, &format!("?token={short}"))
+        .await
+        .unwrap();
+    let error = expiring.next().await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert!(
+        error["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+    assert_eq!(expiring.next().await.unwrap()["code"], 4001);
+
+    let short = token_with("alice", json!({}), Duration::from_secs(2));
+    let short_exp = now() + 2;
+    let mut refreshed = ws_connect(&s.server, &format!("?token={short}"))
+        .await
+        .unwrap();
+    let reply = refreshed
+        .request(json!({"action": "auth", "token": token("alice", json!({}))}))
+        .await;
+    assert_eq!(reply["type"], "authenticated");
+    refreshed
+        .request(json!({"action": "subscribe", "collection": "posts"}))
+        .await;
+    // Past the first token's expiry (what is tested here is time passing),
+    // the connection still delivers.
+    let past_expiry = UNIX_EPOCH + Duration::from_secs(short_exp + 1);
+    if let Ok(wait) = past_expiry.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    publish_as(
+        &s.server,
+        Some(API_KEY),
+        vec![created("posts", "later", json!({}))],
+    )
+    .await
+    .unwrap();
+    let event = refreshed.next().await.expect("still open");
+    assert_eq!(event["type"], "event", "{event}");
+    assert_eq!(event["data"]["record_id"], "later");
+}
+
+#[tokio::test]
+async fn sse_and_rest_enforce_the_same_rules() {
+    let s = secured().await;
+    let alice = token("alice", json!({}));
+    let writer = token("writer", json!({"strom": {"publish": ["posts"]}}));
+    let (status, body) = s.server.get("/api/v1/realtime/posts").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unauthenticated"));
+    let (status, _) = s
+        .server
+        .get(&format!("/api/v1/realtime/admin.x?token={alice}"))
+        .await;
+    assert_eq!(status, 403);
+    for (what, bad, _) in bad_tokens() {
+        let (status, _) = s
+            .server
+            .get(&format!("/api/v1/realtime/public?token={bad}"))
+            .await;
+        assert_eq!(status, 401, "{what}");
+    }
+    let mut sse = SseReader::open(
+        s.server.addr,
+        "/api/v1/realtime/orders",
+        &format!("Authorization: Bearer {alice}\r\n"),
+    )
+    .await;
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.next().await.unwrap().event, "connected");
+
+    let body = |collection: &str, owner: &str| {
+        json!({"type": "record.created", "collection": collection, "record_id": owner,
+            "data": {"owner_id": owner}})
+        .to_string()
+    };
+    let (status, _) = s.server.post("/api/v1/publish", &body("posts", "x")).await;
+    assert_eq!(status, 401);
+    let publish_with = |header: String, payload: String| {
+        let addr = s.server.addr;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\n{header}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+                payload.len()
+            );
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            tcp.read_to_string(&mut response).await.unwrap();
+            response.split(' ').nth(1).unwrap().parse::<u16>().unwrap()
+        }
+    };
+    assert_eq!(
+        publish_with(format!("Authorization: Bearer {alice}"), body("posts", "x")).await,
+        403
+    );
+    assert_eq!(
+        publish_with(
+            format!("Authorization: Bearer {writer}"),
+            body("posts", "x")
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        publish_with(format!("X-Api-Key: {API_KEY}"), body("orders", "bob")).await,
+        200
+    );
+    assert_eq!(
+        publish_with(
+            format!("Authorization: Bearer {API_KEY}"),
+            body("orders", "alice")
+        )
+        .await,
+        200
+    );
+    let (status, _) = s
+        .server
+        .post(
+            &format!("/api/v1/publish?token={writer}"),
+            &body("posts", "y"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let event = sse.next_of("record.created").await;
+    assert!(
+        event.data.contains(r#""owner_id":"alice""#),
+        "only Alice's order: {}",
+        event.data
+    );
+}
+
+#[tokio::test]
+async fn sse_stream_ends_when_the_token_expires() {
+    let s = secured().await;
+    let short = token_with("alice", json!({}), Duration::from_secs(1));
+    let mut sse = SseReader::open(
+        s.server.addr,
+        &format!("/api/v1/realtime/posts?token={short}"),
+        "",
+    )
+    .await;
+    assert_eq!(sse.next().await.unwrap().event, "connected");
+    let error = sse.next_of("error").await;
+    assert!(error.data.contains("expired"), "{}", error.data);
+    assert!(sse.next().await.is_none(), "then the stream closes");
+}
+
+#[tokio::test]
+async fn public_key_tokens_and_the_hs256_with_public_key_attack() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let server = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            jwt_public_key: Some(fixtures.join("ed25519.pub.pem")),
+            jwt_algorithm: Some("EdDSA".into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let private = std::fs::read(fixtures.join("ed25519.pem")).unwrap();
+    let good = mint(
+        Algorithm::EdDSA,
+        &private,
+        "erin",
+        Map::new(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    subscribe_as(&server, Some(&good), text_subscription("posts", None))
+        .await
+        .expect("an EdDSA token verifies with the public key");
+    let public = std::fs::read(fixtures.join("ed25519.pub.pem")).unwrap();
+    let forged = mint(
+        Algorithm::HS256,
+        &public,
+        "erin",
+        Map::new(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let status = subscribe_as(&server, Some(&forged), text_subscription("posts", None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn the_token_command_mints_tokens_the_server_accepts() {
+    let s = secured().await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_strom"))
+        .args([
+            "token",
+            "--sub",
+            "cli-user",
+            "--ttl",
+            "10m",
+            "--claims",
+            r#"{"role":"admin"}"#,
+        ])
+        .env("STROM_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let minted = String::from_utf8(output.stdout).unwrap();
+    subscribe_as(
+        &s.server,
+        Some(minted.trim()),
+        text_subscription("admin.audit", None),
+    )
+    .await
+    .expect("the minted admin token opens admin.*");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_strom"))
+        .args(["token", "--sub", "x"])
+        .env_remove("STROM_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no JWT key configured"));
+}
