@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use strom::auth::{Auth, AuthSettings, KeySource};
 use strom::bus::Retention;
 use strom::bus::nats::NatsConfig;
+use strom::bus::presence_sync::PresenceTiming;
 use strom::edge::grpc::{event_from_proto, event_to_proto};
 use strom::engine::EngineConfig;
 use strom::event::{Event, EventType};
@@ -68,6 +69,12 @@ struct ServeArgs {
     /// History kept for resuming subscribers, by count.
     #[arg(long, env = "STROM_HISTORY_MAX_EVENTS", default_value_t = 100_000)]
     history_max_events: usize,
+    /// With NATS: how often a node tells the others it is alive.
+    #[arg(long, env = "STROM_PRESENCE_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
+    presence_heartbeat: Duration,
+    /// With NATS: a node silent this long is gone, and its users leave.
+    #[arg(long, env = "STROM_PRESENCE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    presence_timeout: Duration,
     /// Deliveries queued per connection before a slow reader is cut off.
     #[arg(long, env = "STROM_QUEUE_CAPACITY", default_value_t = 4096)]
     queue_capacity: usize,
@@ -240,6 +247,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let nats = args.nats_url.map(|url| NatsConfig {
         stream: args.nats_stream,
         subject_prefix: args.nats_subject_prefix,
+        presence: PresenceTiming {
+            heartbeat: args.presence_heartbeat,
+            timeout: args.presence_timeout,
+        },
         ..NatsConfig::new(url)
     });
     let config = ServerConfig {

@@ -80,10 +80,10 @@ impl Server {
             );
         }
         let (nats, retention) = (config.nats.clone(), config.retention);
-        let engine = Engine::start(config.engine.clone(), auth, |router| async move {
+        let engine = Engine::start(config.engine.clone(), auth, |router, presence| async move {
             Ok::<_, BusError>(match nats {
                 None => Bus::Memory(MemoryBus::new(router, retention)),
-                Some(nats) => Bus::Nats(NatsBus::connect(nats, retention, router).await?),
+                Some(nats) => Bus::Nats(NatsBus::connect(nats, retention, router, presence).await?),
             })
         })
         .await?;

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,7 +12,6 @@ use strom::auth::AuthSettings;
 use strom::auth::token::mint;
 use strom::proto;
 use strom::server::ServerConfig;
-use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 
 const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
@@ -412,59 +410,7 @@ async fn an_expiring_token_ends_the_grpc_stream() {
 }
 
 async fn ws_connect(server: &TestServer, query: &str) -> Result<WsClient, u16> {
-    let url = format!("ws://{}/api/v1/ws/realtime{query}", server.addr);
-    match tokio_tungstenite::connect_async(url).await {
-        Ok((mut socket, _)) => {
-            let greeting = socket.next().await.unwrap().unwrap();
-            assert!(greeting.to_text().unwrap().contains("connected"));
-            Ok(WsClient { socket })
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            Err(response.status().as_u16())
-        }
-        Err(other) => panic!("{other}"),
-    }
-}
-
-struct WsClient {
-    socket: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-}
-
-impl WsClient {
-    async fn send(&mut self, value: Value) {
-        self.socket
-            .send(Message::text(value.to_string()))
-            .await
-            .unwrap();
-    }
-
-    /// The next JSON message, skipping heartbeats; `None` once closed.
-    async fn next(&mut self) -> Option<Value> {
-        loop {
-            match within("a WebSocket message", self.socket.next()).await? {
-                Ok(Message::Text(text)) => {
-                    let value: Value = serde_json::from_str(&text).unwrap();
-                    if value["type"] != "ping" {
-                        return Some(value);
-                    }
-                }
-                Ok(Message::Close(frame)) => {
-                    return Some(
-                        json!({"type": "close", "code": frame.map(|f| u16::from(f.code))}),
-                    );
-                }
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-    }
-
-    async fn request(&mut self, value: Value) -> Value {
-        self.send(value).await;
-        self.next().await.expect("a reply")
-    }
+    WsClient::connect(server.addr, query).await
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod presence_sync;
 
 use crate::event::{Event, SharedEvent};
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub enum BusError {
     Subscribe(String),
     #[error("reading history from NATS failed: {0}")]
     History(String),
+    #[error("presence over NATS failed to start: {0}")]
+    Presence(String),
 }
 
 /// How much history the bus keeps for resuming subscribers.

@@ -14,8 +14,10 @@
 //! consumer exists on the server, so an event published after a subscribe
 //! returned is never missed.
 
+use super::presence_sync::{self, PresenceTiming};
 use super::{BusError, History, Replay, Retention};
 use crate::codec::{decode_event, encode_bus_body};
+use crate::engine::presence::Presence;
 use crate::engine::router::{Audience, Router, WILDCARD};
 use crate::event::{Event, SharedEvent};
 use async_nats::jetstream::{self, consumer, stream};
@@ -33,6 +35,8 @@ pub struct NatsConfig {
     pub stream: String,
     /// Subject prefix; events go to `<prefix>.<collection>`.
     pub subject_prefix: String,
+    /// Presence heartbeats between nodes.
+    pub presence: PresenceTiming,
 }
 
 impl NatsConfig {
@@ -41,6 +45,7 @@ impl NatsConfig {
             url: url.into(),
             stream: "STROM_EVENTS".into(),
             subject_prefix: "strom.events".into(),
+            presence: PresenceTiming::default(),
         }
     }
 }
@@ -141,6 +146,7 @@ impl NatsBus {
         config: NatsConfig,
         retention: Retention,
         router: Arc<Router>,
+        presence: Arc<Presence>,
     ) -> Result<NatsBus, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("strom")
@@ -151,6 +157,9 @@ impl NatsBus {
                 url: config.url.clone(),
                 reason: e.to_string(),
             })?;
+        presence_sync::start(client.clone(), presence, config.presence)
+            .await
+            .map_err(|e| BusError::Presence(e.to_string()))?;
         let js = jetstream::new(client);
         let stream = tokio::time::timeout(
             Duration::from_secs(10),

@@ -3,6 +3,7 @@
 
 use super::errors::ApiError;
 use crate::auth::Principal;
+use crate::engine::presence::{PRESENCE_COLLECTION, PresenceUser};
 use crate::engine::{Engine, Received, SubscriptionSpec, Transport};
 use crate::event::{Event, EventType};
 use crate::filter::{Condition, Filter, Op, Operand, Scalar};
@@ -106,18 +107,104 @@ impl proto::realtime_server::Realtime for RealtimeService {
 
     async fn get_presence(
         &self,
-        _request: Request<proto::GetPresenceRequest>,
+        request: Request<proto::GetPresenceRequest>,
     ) -> Result<Response<proto::PresenceSnapshot>, Status> {
-        Err(Status::unimplemented("presence is not available yet"))
+        let principal = self.principal(request.metadata())?;
+        let channel = request.into_inner().channel;
+        let users = self
+            .engine
+            .presence(&principal, Some(channel.as_str()).filter(|c| !c.is_empty()))
+            .map_err(|e| ApiError::from(e).grpc_status())?;
+        Ok(Response::new(snapshot_to_proto(channel, &users)))
     }
 
     type WatchPresenceStream = ResponseStream<proto::PresenceUpdate>;
 
+    /// The snapshot, then joins and leaves as they happen. Changes right
+    /// after the snapshot may repeat what it already shows.
     async fn watch_presence(
         &self,
-        _request: Request<proto::WatchPresenceRequest>,
+        request: Request<proto::WatchPresenceRequest>,
     ) -> Result<Response<Self::WatchPresenceStream>, Status> {
-        Err(Status::unimplemented("presence is not available yet"))
+        use proto::presence_update::Kind;
+        let principal = self.principal(request.metadata())?;
+        let channel = request.into_inner().channel;
+        let wanted = match channel.as_str() {
+            "" => Scalar::Null,
+            name => Scalar::String(name.into()),
+        };
+        let filter = Condition::new("channel", Op::Eq, Operand::Scalar(wanted))
+            .map_err(|e| ApiError::from(e).grpc_status())?;
+        let mut connection = self.engine.connect(Transport::Grpc, principal.clone());
+        connection
+            .subscribe(SubscriptionSpec {
+                collection: PRESENCE_COLLECTION.into(),
+                record_id: None,
+                filter: Some(Filter::Condition(filter)),
+                since: None,
+            })
+            .await
+            .map_err(|e| ApiError::from(e).grpc_status())?;
+        let users = self
+            .engine
+            .presence(&principal, Some(channel.as_str()).filter(|c| !c.is_empty()))
+            .map_err(|e| ApiError::from(e).grpc_status())?;
+        let first = proto::PresenceUpdate {
+            kind: Some(Kind::Snapshot(snapshot_to_proto(channel, &users))),
+        };
+        let changes = futures_util::stream::unfold(Some(connection), |connection| async move {
+            let mut connection = connection?;
+            loop {
+                return match connection.recv().await {
+                    Ok(Received::Event(delivery)) => {
+                        let event = &delivery.event.event;
+                        let user = presence_user_from_event(&event.data);
+                        let kind = match event.event_type {
+                            EventType::UserJoined => Kind::Joined(user),
+                            _ => Kind::Left(user),
+                        };
+                        let update = proto::PresenceUpdate { kind: Some(kind) };
+                        Some((Ok(update), Some(connection)))
+                    }
+                    Ok(Received::Reset(_)) => continue,
+                    Err(reason) => Some((Err(ApiError::from(reason).grpc_status()), None)),
+                };
+            }
+        });
+        let stream = futures_util::stream::once(async { Ok(first) });
+        Ok(Response::new(Box::pin(futures_util::StreamExt::chain(
+            stream, changes,
+        ))))
+    }
+}
+
+fn presence_user_to_proto(user: &PresenceUser) -> proto::PresenceUser {
+    proto::PresenceUser {
+        user_id: user.user_id.clone(),
+        user_name: user.user_name.clone().unwrap_or_default(),
+        connections: user.connections,
+        last_seen: Some(user.last_seen.into()),
+    }
+}
+
+fn snapshot_to_proto(channel: String, users: &[PresenceUser]) -> proto::PresenceSnapshot {
+    proto::PresenceSnapshot {
+        channel,
+        count: users.len() as u32,
+        users: users.iter().map(presence_user_to_proto).collect(),
+    }
+}
+
+/// The user of a `user.joined` / `user.left` event's data.
+fn presence_user_from_event(data: &Value) -> proto::PresenceUser {
+    let last_seen = data["last_seen"]
+        .as_str()
+        .and_then(|t| crate::event::parse_timestamp(t).ok());
+    proto::PresenceUser {
+        user_id: data["user_id"].as_str().unwrap_or_default().into(),
+        user_name: data["user_name"].as_str().unwrap_or_default().into(),
+        connections: data["connections"].as_u64().unwrap_or_default() as u32,
+        last_seen: last_seen.map(Into::into),
     }
 }
 

@@ -38,6 +38,7 @@ pub fn http_routes(state: AppState) -> Router {
         .route("/api/v1/realtime/{collection}", get(sse::stream_collection))
         .route("/api/v1/publish", post(rest::publish))
         .route("/api/v1/stats", get(rest::stats))
+        .route("/api/v1/presence", get(rest::presence))
         .route("/healthz", get(rest::healthz))
         .route("/metrics", get(rest::metrics))
         .with_state(state)

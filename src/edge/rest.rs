@@ -3,6 +3,7 @@
 use super::AppState;
 use super::errors::ApiError;
 use crate::codec::{decode_event, event_from_value};
+use crate::event::format_timestamp;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -60,6 +61,38 @@ pub async fn stats(State(app): State<AppState>) -> Json<Value> {
         "connections_by_transport": stats.per_transport,
         "head_seq": stats.head_seq,
     }))
+}
+
+#[derive(Deserialize)]
+pub struct PresenceParams {
+    channel: Option<String>,
+    token: Option<String>,
+}
+
+/// `GET /api/v1/presence[?channel=]`: `{"users": [...], "count": N}` as in
+/// seed 001, for the whole cluster.
+pub async fn presence(
+    State(app): State<AppState>,
+    Query(params): Query<PresenceParams>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
+    let channel = params.channel.filter(|c| !c.is_empty());
+    let users = app.engine.presence(&principal, channel.as_deref())?;
+    let users: Vec<Value> = users
+        .iter()
+        .map(|u| {
+            json!({
+                "user_id": u.user_id,
+                "user_name": u.user_name,
+                "connections": u.connections,
+                "last_seen": format_timestamp(u.last_seen),
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"users": users, "count": users.len(), "channel": channel}),
+    ))
 }
 
 pub async fn healthz() -> Json<Value> {

@@ -29,8 +29,9 @@ pub struct SseParams {
     /// Resume after this seq, like a `Last-Event-ID` header (which wins).
     since: Option<u64>,
     token: Option<String>,
-    #[allow(dead_code)]
+    /// Presence of an anonymous client on an open server.
     user_id: Option<String>,
+    user_name: Option<String>,
 }
 
 pub async fn stream_all(
@@ -80,11 +81,10 @@ fn frame(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
 fn event_frame(delivery: &Delivery) -> Bytes {
     delivery.event.encoded(Wire::Sse, delivery.left_filter, || {
         let event = &delivery.event.event;
-        frame(
-            event.event_type.as_str(),
-            Some(event.seq),
-            &event_json(delivery),
-        )
+        // Presence events (seq 0) are not in the log: no `id:`, so they do
+        // not move the browser's resume position.
+        let id = Some(event.seq).filter(|seq| *seq > 0);
+        frame(event.event_type.as_str(), id, &event_json(delivery))
     })
 }
 
@@ -108,6 +108,7 @@ async fn open(
     spec.validate()?;
     let principal = super::principal(&app.engine, headers, params.token.as_deref())?;
     let mut connection = app.engine.connect(Transport::Sse, principal);
+    connection.join_presence(params.user_id.map(|id| (id, params.user_name)));
     connection.subscribe(spec).await?;
     let greeting = frame(
         "connected",

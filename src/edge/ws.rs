@@ -57,6 +57,10 @@ const READ_BUFFER: usize = 4096;
 #[derive(Debug, Deserialize)]
 pub struct WsParams {
     token: Option<String>,
+    /// Presence of an anonymous client on an open server; `user_name` is
+    /// shown in presence snapshots.
+    user_id: Option<String>,
+    user_name: Option<String>,
 }
 
 /// A bad `?token=` is refused before the upgrade, with a JSON error (401).
@@ -76,7 +80,9 @@ pub async fn upgrade(
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| {
             let tracker = app.tasks.clone();
-            tracker.track_future(async move { Session::run(app, socket, principal).await })
+            let presence = params.user_id.map(|id| (id, params.user_name));
+            tracker
+                .track_future(async move { Session::run(app, socket, principal, presence).await })
         }))
 }
 
@@ -125,9 +131,15 @@ enum Step {
 }
 
 impl Session {
-    async fn run(app: AppState, socket: WebSocket, principal: Principal) {
+    async fn run(
+        app: AppState,
+        socket: WebSocket,
+        principal: Principal,
+        presence: Option<(String, Option<String>)>,
+    ) {
         let (sink, mut stream) = socket.split();
-        let connection = app.engine.connect(Transport::WebSocket, principal);
+        let mut connection = app.engine.connect(Transport::WebSocket, principal);
+        connection.join_presence(presence);
         let mut session = Session {
             connection,
             sink,

@@ -6,12 +6,14 @@
 //! its bounded delivery queue. The engine knows nothing of HTTP, gRPC, JSON
 //! framing or NATS: the bus moves events between nodes, the edges translate.
 
+pub mod presence;
 pub mod router;
 
 use crate::auth::{Auth, AuthError, Principal};
 use crate::bus::{Bus, BusError, History, Interest};
 use crate::event::{Event, EventError, SharedEvent, validate_collection};
 use crate::filter::Filter;
+use presence::{PRESENCE_COLLECTION, Presence, PresenceUser};
 use router::{ConnShared, Gate, Router, SubEntry, WILDCARD};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -134,6 +136,7 @@ pub struct Engine {
     bus: Arc<Bus>,
     config: EngineConfig,
     auth: Arc<Auth>,
+    presence: Arc<Presence>,
     published: Arc<AtomicU64>,
 }
 
@@ -151,29 +154,44 @@ pub struct Stats {
 
 impl Engine {
     /// Builds an engine on a bus; `open_bus` receives the router the bus
-    /// delivers into.
+    /// delivers events into and the presence tracker it shares.
     pub async fn start<F, Fut>(
         config: EngineConfig,
         auth: Auth,
         open_bus: F,
     ) -> Result<Engine, BusError>
     where
-        F: FnOnce(Arc<Router>) -> Fut,
+        F: FnOnce(Arc<Router>, Arc<Presence>) -> Fut,
         Fut: Future<Output = Result<Bus, BusError>>,
     {
         let router = Arc::new(Router::default());
-        let bus = Arc::new(open_bus(Arc::clone(&router)).await?);
+        let presence = Arc::new(Presence::new(router.node().to_owned(), Arc::clone(&router)));
+        let bus = Arc::new(open_bus(Arc::clone(&router), Arc::clone(&presence)).await?);
         Ok(Engine {
             router,
             bus,
             config,
             auth: Arc::new(auth),
+            presence,
             published: Arc::default(),
         })
     }
 
     pub fn backend(&self) -> &'static str {
         self.bus.backend()
+    }
+
+    /// Who is online, on `channel` or at all, over the whole cluster.
+    /// Reading it takes the right to subscribe to the `presence` collection.
+    pub fn presence(
+        &self,
+        principal: &Principal,
+        channel: Option<&str>,
+    ) -> Result<Vec<PresenceUser>, EngineError> {
+        self.auth
+            .policy
+            .check_subscribe(principal, PRESENCE_COLLECTION)?;
+        Ok(self.presence.snapshot(channel))
     }
 
     /// Authentication and the policy, for edges to identify clients.
@@ -217,16 +235,19 @@ impl Engine {
         let shared = Arc::new(ConnShared::new(self.router.next_id(), transport, tx));
         *shared.user_id.lock().expect("user lock") = principal.user_id();
         self.router.register(Arc::clone(&shared));
-        Connection {
+        let mut connection = Connection {
             engine: self.clone(),
             shared,
             expires: deadline(&principal),
+            present_as: None,
             principal,
             queue: rx,
             subscriptions: HashMap::new(),
             catch_ups: VecDeque::new(),
             ready: VecDeque::new(),
-        }
+        };
+        connection.join_presence(None);
+        connection
     }
 
     pub fn head_seq(&self) -> u64 {
@@ -320,6 +341,8 @@ pub struct Connection {
     principal: Principal,
     /// When the principal's token expires.
     expires: Option<tokio::time::Instant>,
+    /// The user this connection counts as online, and their display name.
+    present_as: Option<(String, Option<String>)>,
     queue: mpsc::Receiver<Delivery>,
     subscriptions: HashMap<u64, OpenSubscription>,
     catch_ups: VecDeque<CatchUp>,
@@ -392,6 +415,7 @@ impl Connection {
             Arc::clone(&entry),
             &removed,
         );
+        self.count_in_channel(&spec.collection, 1);
         for id in &old {
             self.forget(*id);
         }
@@ -451,7 +475,9 @@ impl Connection {
 
     /// Drops what the connection holds of subscription `id`.
     fn forget(&mut self, id: u64) {
-        self.subscriptions.remove(&id);
+        if let Some(open) = self.subscriptions.remove(&id) {
+            self.count_in_channel(&open.spec.collection, -1);
+        }
         self.catch_ups.retain(|c| c.subscription != id);
         self.ready.retain(|r| match r {
             Received::Event(d) => d.subscription != id,
@@ -488,7 +514,57 @@ impl Connection {
         *self.shared.user_id.lock().expect("user lock") = principal.user_id();
         self.expires = deadline(&principal);
         self.principal = principal;
+        if self.present_as.is_none() {
+            self.join_presence(None);
+        }
         Ok(())
+    }
+
+    /// Counts this connection as online: as its principal's user, or, for
+    /// an anonymous connection on an open server, as `claimed` (the SSE and
+    /// WebSocket `user_id=` parameter). `user_name` is shown in snapshots.
+    pub fn join_presence(&mut self, claimed: Option<(String, Option<String>)>) {
+        if self.present_as.is_some() {
+            return;
+        }
+        let identity = match (self.principal.user_id(), claimed) {
+            (Some(user_id), claimed) => {
+                let name = match &self.principal {
+                    Principal::User(claims) => claims
+                        .claims
+                        .get("name")
+                        .and_then(|n| n.as_str())
+                        .map(str::to_owned),
+                    _ => None,
+                };
+                (user_id, name.or(claimed.and_then(|(_, name)| name)))
+            }
+            (None, Some(claimed)) if self.engine.auth.is_open() => claimed,
+            (None, _) => return,
+        };
+        let presence = &self.engine.presence;
+        presence.change_local(&identity.0, None, identity.1.as_deref(), 1);
+        let channels: Vec<String> = self
+            .subscriptions
+            .values()
+            .map(|open| open.spec.collection.clone())
+            .collect();
+        self.present_as = Some(identity);
+        for channel in channels {
+            self.count_in_channel(&channel, 1);
+        }
+    }
+
+    /// Counts this connection's user in (or out of) a channel.
+    fn count_in_channel(&self, channel: &str, delta: i32) {
+        if channel == WILDCARD || channel == PRESENCE_COLLECTION {
+            return;
+        }
+        if let Some((user_id, user_name)) = &self.present_as {
+            self.engine
+                .presence
+                .change_local(user_id, Some(channel), user_name.as_deref(), delta);
+        }
     }
 
     /// Sorts a live delivery: dropped if its subscription is gone, held if
@@ -621,6 +697,11 @@ impl Drop for Connection {
             let _ = self.unsubscribe(id);
         }
         self.engine.router.unregister(self.shared.id);
+        if let Some((user_id, user_name)) = self.present_as.take() {
+            self.engine
+                .presence
+                .change_local(&user_id, None, user_name.as_deref(), -1);
+        }
     }
 }
 

@@ -260,6 +260,11 @@ impl Default for Router {
 }
 
 impl Router {
+    /// This node's random name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     pub fn connection_name(&self, id: u64) -> String {
         format!("{}-{id}", self.node)
     }

@@ -399,3 +399,137 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A `strom serve` process, for tests that kill a node outright.
+pub struct StromProcess {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl StromProcess {
+    pub fn start(args: &[&str]) -> StromProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_strom"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("STROM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start strom");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines.next().expect("strom printed its address").unwrap();
+        let addr = line
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        std::thread::spawn(move || for _ in lines {});
+        StromProcess { child, addr }
+    }
+
+    /// SIGKILL: no goodbye to anyone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http(self.addr, "GET", path, "").await.unwrap()
+    }
+}
+
+impl Drop for StromProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A WebSocket client of the realtime endpoint that speaks JSON.
+pub struct WsClient {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    /// The `data` of the `connected` greeting.
+    pub greeting: serde_json::Value,
+}
+
+impl WsClient {
+    /// Connects with `query` (e.g. `?token=...`); an HTTP refusal is its
+    /// status code.
+    pub async fn connect(addr: SocketAddr, query: &str) -> Result<WsClient, u16> {
+        use futures_util::StreamExt;
+        let url = format!("ws://{addr}/api/v1/ws/realtime{query}");
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((mut socket, _)) => {
+                let greeting = within("the greeting", socket.next())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let greeting: serde_json::Value =
+                    serde_json::from_str(greeting.to_text().unwrap()).unwrap();
+                assert_eq!(greeting["type"], "connected");
+                Ok(WsClient {
+                    socket,
+                    greeting: greeting["data"].clone(),
+                })
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    pub async fn send(&mut self, value: serde_json::Value) {
+        use futures_util::SinkExt;
+        self.socket
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                value.to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON message, heartbeats skipped; a close frame reads as
+    /// `{"type": "close", "code": N}`; `None` once the socket is gone.
+    pub async fn next(&mut self) -> Option<serde_json::Value> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            match within("a WebSocket message", self.socket.next()).await? {
+                Ok(Message::Text(text)) => {
+                    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    if value["type"] != "ping" {
+                        return Some(value);
+                    }
+                }
+                Ok(Message::Close(frame)) => {
+                    let code = frame.map(|f| u16::from(f.code));
+                    return Some(serde_json::json!({"type": "close", "code": code}));
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends an action and returns the next message.
+    pub async fn request(&mut self, value: serde_json::Value) -> serde_json::Value {
+        self.send(value).await;
+        self.next().await.expect("a reply")
+    }
+
+    /// Subscribes and checks the `subscribed` reply.
+    pub async fn subscribe(&mut self, collection: &str) {
+        let reply = self
+            .request(serde_json::json!({"action": "subscribe", "collection": collection}))
+            .await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
