@@ -11,7 +11,10 @@
 //! ```
 //!
 //! On input `seq` is ignored, `timestamp` is optional and `record_id` may be
-//! a string or a number.
+//! a string or a number. On output `sender` (the publisher's user id) appears
+//! when known, and a `broadcast` carries `channel` (its collection) too.
+//! The NATS body also carries `sender` and `origin` (the publishing
+//! connection, for echo control); over HTTP the server sets both itself.
 
 use crate::event::{Event, EventError, EventType, format_timestamp, parse_timestamp};
 use serde::{Deserialize, Serialize};
@@ -41,6 +44,8 @@ struct EventIn {
     data: Option<Value>,
     old_data: Option<Value>,
     timestamp: Option<String>,
+    sender: Option<String>,
+    origin: Option<String>,
 }
 
 /// Reads one event. `collection` (from a NATS subject) wins over the body's.
@@ -87,6 +92,8 @@ fn event_from_input(
         old_data: input.old_data.filter(|v| !v.is_null()),
         timestamp,
         seq: 0,
+        sender: input.sender,
+        origin: input.origin,
     };
     event.validate()?;
     Ok(event)
@@ -105,9 +112,16 @@ struct EventOut<'a> {
     seq: Option<u64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     left_filter: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sender: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<&'a str>,
 }
 
 fn event_out(event: &Event, seq: Option<u64>, left_filter: bool) -> EventOut<'_> {
+    let broadcast = event.event_type == EventType::Broadcast;
     EventOut {
         event_type: event.event_type.as_str(),
         collection: &event.collection,
@@ -117,6 +131,9 @@ fn event_out(event: &Event, seq: Option<u64>, left_filter: bool) -> EventOut<'_>
         timestamp: format_timestamp(event.timestamp),
         seq,
         left_filter,
+        channel: broadcast.then_some(event.collection.as_str()),
+        sender: event.sender.as_deref(),
+        origin: None,
     }
 }
 
@@ -125,9 +142,14 @@ pub fn encode_event(event: &Event, left_filter: bool) -> Vec<u8> {
     serde_json::to_vec(&event_out(event, Some(event.seq), left_filter)).expect("JSON of an event")
 }
 
-/// The event as a NATS message body: no `seq`, which the stream assigns.
+/// The event as a NATS message body: no `seq`, which the stream assigns,
+/// and the `origin` connection.
 pub fn encode_bus_body(event: &Event) -> Vec<u8> {
-    serde_json::to_vec(&event_out(event, None, false)).expect("JSON of an event")
+    let out = EventOut {
+        origin: event.origin.as_deref(),
+        ..event_out(event, None, false)
+    };
+    serde_json::to_vec(&out).expect("JSON of an event")
 }
 
 #[cfg(test)]

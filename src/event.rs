@@ -23,10 +23,13 @@ pub enum EventType {
     CollectionDeleted,
     UserJoined,
     UserLeft,
+    /// A message on a channel (a collection that carries messages rather
+    /// than record changes): chat, typing indicators, cursors.
+    Broadcast,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 8] = [
+    pub const ALL: [EventType; 9] = [
         EventType::RecordCreated,
         EventType::RecordUpdated,
         EventType::RecordDeleted,
@@ -35,6 +38,7 @@ impl EventType {
         EventType::CollectionDeleted,
         EventType::UserJoined,
         EventType::UserLeft,
+        EventType::Broadcast,
     ];
 
     /// The dotted name used in JSON, SSE `event:` lines and NATS bodies.
@@ -48,6 +52,7 @@ impl EventType {
             EventType::CollectionDeleted => "collection.deleted",
             EventType::UserJoined => "user.joined",
             EventType::UserLeft => "user.left",
+            EventType::Broadcast => "broadcast",
         }
     }
 
@@ -69,7 +74,7 @@ impl fmt::Display for EventType {
 #[derive(Debug, Error, PartialEq)]
 pub enum EventError {
     #[error(
-        "unknown event type {0:?}: expected one of record.created, record.updated, record.deleted, collection.created, collection.updated, collection.deleted, user.joined, user.left"
+        "unknown event type {0:?}: expected one of record.created, record.updated, record.deleted, collection.created, collection.updated, collection.deleted, user.joined, user.left, broadcast"
     )]
     UnknownType(String),
     #[error("invalid collection name {0:?}: {1}")]
@@ -122,6 +127,12 @@ pub struct Event {
     pub timestamp: SystemTime,
     /// Position in the event log; 0 until the bus assigns it.
     pub seq: u64,
+    /// Who published it: the user id of the publisher's credentials, set
+    /// by the server (publishers cannot choose it).
+    pub sender: Option<String>,
+    /// The connection that published it, for echo control; not shown to
+    /// subscribers.
+    pub origin: Option<String>,
 }
 
 impl Event {

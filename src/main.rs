@@ -81,6 +81,12 @@ struct ServeArgs {
     /// Subscriptions one connection may hold.
     #[arg(long, env = "STROM_MAX_SUBSCRIPTIONS", default_value_t = 256)]
     max_subscriptions: usize,
+    /// Channel messages a client connection may send per second.
+    #[arg(long, env = "STROM_CLIENT_PUBLISH_RATE", default_value_t = 20)]
+    client_publish_rate: u32,
+    /// Largest channel message a client connection may send (bytes of JSON).
+    #[arg(long, env = "STROM_CLIENT_MESSAGE_BYTES", default_value_t = 16384)]
+    client_message_bytes: usize,
     /// WebSocket heartbeat: the server sends `ping` this often.
     #[arg(long, env = "STROM_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     ws_ping_interval: Duration,
@@ -257,6 +263,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         engine: EngineConfig {
             queue_capacity: args.queue_capacity,
             max_subscriptions: args.max_subscriptions,
+            client_publish_rate: args.client_publish_rate,
+            client_message_bytes: args.client_message_bytes,
         },
         nats,
         retention: Retention {
@@ -340,6 +348,8 @@ async fn publish(args: PublishArgs) -> Result<()> {
             .transpose()?,
         timestamp: SystemTime::now(),
         seq: 0,
+        sender: None,
+        origin: None,
     };
     let request = authorized(
         proto::PublishRequest {
@@ -362,6 +372,7 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
         record_id: args.record_id.unwrap_or_default(),
         filter: args.filter.map(proto::subscribe_request::Filter::Text),
         since_seq: args.since,
+        echo: false,
     };
     let request = authorized(request, args.token.as_deref())?;
     let mut stream = client(&args.server)

@@ -121,7 +121,10 @@ impl IntoResponse for ApiError {
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         let kind = match &error {
-            EngineError::InvalidEvent(_) | EngineError::NoEvents => ErrorKind::InvalidArgument,
+            EngineError::InvalidEvent(_)
+            | EngineError::NoEvents
+            | EngineError::MessageTooLarge(..) => ErrorKind::InvalidArgument,
+            EngineError::RateLimited(_) => ErrorKind::ResourceExhausted,
             EngineError::TooManySubscriptions(_) => ErrorKind::ResourceExhausted,
             EngineError::UnknownSubscription(_) => ErrorKind::NotFound,
             EngineError::Bus(_) => ErrorKind::Unavailable,

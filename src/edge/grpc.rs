@@ -142,6 +142,7 @@ impl proto::realtime_server::Realtime for RealtimeService {
                 record_id: None,
                 filter: Some(Filter::Condition(filter)),
                 since: None,
+                echo: false,
             })
             .await
             .map_err(|e| ApiError::from(e).grpc_status())?;
@@ -240,6 +241,7 @@ pub fn spec_from_proto(request: proto::SubscribeRequest) -> Result<SubscriptionS
         record_id: Some(request.record_id).filter(|r| !r.is_empty()),
         filter,
         since: request.since_seq,
+        echo: request.echo,
     };
     spec.validate()?;
     Ok(spec)
@@ -257,6 +259,7 @@ pub fn event_type_to_proto(t: EventType) -> proto::EventType {
         EventType::CollectionDeleted => proto::EventType::CollectionDeleted,
         EventType::UserJoined => proto::EventType::UserJoined,
         EventType::UserLeft => proto::EventType::UserLeft,
+        EventType::Broadcast => proto::EventType::Broadcast,
     }
 }
 
@@ -265,7 +268,7 @@ pub fn event_type_from_proto(t: i32) -> Result<EventType, ApiError> {
     EventType::ALL
         .into_iter()
         .find(|e| event_type_to_proto(*e) == t)
-        .ok_or_else(|| ApiError::invalid("type is required: one of the eight EVENT_TYPE_* values"))
+        .ok_or_else(|| ApiError::invalid("type is required: one of the EVENT_TYPE_* values"))
 }
 
 pub fn event_to_proto(event: &Event) -> proto::Event {
@@ -278,6 +281,7 @@ pub fn event_to_proto(event: &Event) -> proto::Event {
         timestamp: Some(event.timestamp.into()),
         seq: event.seq,
         left_filter: false,
+        sender: event.sender.clone().unwrap_or_default(),
     }
 }
 
@@ -298,6 +302,8 @@ pub fn event_from_proto(event: proto::Event, now: SystemTime) -> Result<Event, A
         old_data: event.old_data.map(|s| json_from_struct(&s)),
         timestamp,
         seq: 0,
+        sender: None,
+        origin: None,
     };
     event
         .validate()

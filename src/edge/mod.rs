@@ -36,7 +36,12 @@ pub fn http_routes(state: AppState) -> Router {
         .route("/api/v1/ws/realtime", get(ws::upgrade))
         .route("/api/v1/realtime", get(sse::stream_all))
         .route("/api/v1/realtime/{collection}", get(sse::stream_collection))
+        .route(
+            "/api/v1/realtime/channel/{channel}",
+            get(sse::stream_collection),
+        )
         .route("/api/v1/publish", post(rest::publish))
+        .route("/api/v1/broadcast", post(rest::broadcast))
         .route("/api/v1/stats", get(rest::stats))
         .route("/api/v1/presence", get(rest::presence))
         .route("/healthz", get(rest::healthz))

@@ -3,7 +3,7 @@
 use super::AppState;
 use super::errors::ApiError;
 use crate::codec::{decode_event, event_from_value};
-use crate::event::format_timestamp;
+use crate::event::{Event, EventType, format_timestamp};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -44,6 +44,40 @@ pub async fn publish(
         return Ok(Json(json!({ "seqs": seqs })));
     }
     let event = decode_event(&body, None, now)?;
+    let seqs = app.engine.publish(&principal, vec![event]).await?;
+    Ok(Json(json!({ "seq": seqs[0] })))
+}
+
+#[derive(Deserialize)]
+pub struct BroadcastBody {
+    channel: String,
+    #[serde(alias = "payload")]
+    data: Option<Value>,
+}
+
+/// `POST /api/v1/broadcast` `{"channel": "...", "data": {...}}` (or
+/// `payload`, as better-query names it) → `{"seq": N}`: a message on a
+/// channel, from a service.
+pub async fn broadcast(
+    State(app): State<AppState>,
+    Query(params): Query<TokenParam>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
+    let body: BroadcastBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("invalid broadcast body: {e}")))?;
+    let event = Event {
+        event_type: EventType::Broadcast,
+        collection: body.channel,
+        record_id: String::new(),
+        data: body.data.unwrap_or_else(Event::empty_data),
+        old_data: None,
+        timestamp: SystemTime::now(),
+        seq: 0,
+        sender: None,
+        origin: None,
+    };
     let seqs = app.engine.publish(&principal, vec![event]).await?;
     Ok(Json(json!({ "seq": seqs[0] })))
 }

@@ -104,6 +104,7 @@ async fn open(
         record_id: None,
         filter,
         since,
+        echo: false,
     };
     spec.validate()?;
     let principal = super::principal(&app.engine, headers, params.token.as_deref())?;

@@ -14,7 +14,7 @@ use crate::auth::Principal;
 use crate::engine::{
     Connection, Delivery, EndReason, Received, ResetNotice, SubscriptionSpec, Transport,
 };
-use crate::event::{Wire, format_timestamp};
+use crate::event::{Event, EventType, Wire, format_timestamp};
 use crate::filter::Filter;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -313,10 +313,11 @@ impl Session {
         match name.as_str() {
             "subscribe" => self.subscribe(action).await.map(Some),
             "unsubscribe" => self.unsubscribe(action).map(Some),
+            "publish" => self.publish(action).await,
             "auth" => self.auth(action).map(Some),
             "pong" => Ok(None),
             other => Err(ApiError::invalid(format!(
-                "unknown action {other:?}: expected subscribe, unsubscribe, auth or pong"
+                "unknown action {other:?}: expected subscribe, unsubscribe, publish, auth or pong"
             ))),
         }
     }
@@ -325,8 +326,13 @@ impl Session {
         &mut self,
         mut action: serde_json::Map<String, Value>,
     ) -> Result<Message, ApiError> {
-        let collection = required_string(&mut action, "collection", "subscribe")?;
+        let collection = target(&mut action, "subscribe")?;
         let record_id = optional_string(&mut action, "record_id")?;
+        let echo = match action.remove("echo") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(echo)) => echo,
+            Some(_) => return Err(ApiError::invalid("`echo` must be true or false")),
+        };
         let since = match action.remove("since") {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
@@ -353,6 +359,7 @@ impl Session {
             record_id: record_id.clone(),
             filter,
             since,
+            echo,
         };
         spec.validate()?;
         // Subscribing again to the same collection (and record) replaces
@@ -374,6 +381,35 @@ impl Session {
             data["record_id"] = Value::String(record_id);
         }
         Ok(message("subscribed", data))
+    }
+
+    /// `{"action":"publish","channel":"chat.room1","data":{...},"ack":true}`:
+    /// a message on a channel, within the connection's rate and size limits.
+    /// With `ack`, the reply `{"type":"ack","data":{"channel","seq"}}`.
+    async fn publish(
+        &mut self,
+        mut action: serde_json::Map<String, Value>,
+    ) -> Result<Option<Message>, ApiError> {
+        let channel = target(&mut action, "publish")?;
+        let data = match action.remove("data").or_else(|| action.remove("payload")) {
+            Some(data @ Value::Object(_)) => data,
+            None => Event::empty_data(),
+            Some(_) => return Err(ApiError::invalid("`data` must be a JSON object")),
+        };
+        let ack = matches!(action.remove("ack"), Some(Value::Bool(true)));
+        let event = Event {
+            event_type: EventType::Broadcast,
+            collection: channel.clone(),
+            record_id: String::new(),
+            data,
+            old_data: None,
+            timestamp: SystemTime::now(),
+            seq: 0,
+            sender: None,
+            origin: None,
+        };
+        let seq = self.connection.publish(event).await?;
+        Ok(ack.then(|| message("ack", json!({"channel": channel, "seq": seq}))))
     }
 
     /// `{"action":"auth","token":...}`: authenticates, or refreshes the
@@ -399,7 +435,7 @@ impl Session {
         &mut self,
         mut action: serde_json::Map<String, Value>,
     ) -> Result<Message, ApiError> {
-        let collection = required_string(&mut action, "collection", "unsubscribe")?;
+        let collection = target(&mut action, "unsubscribe")?;
         let record_id = optional_string(&mut action, "record_id")?;
         let matching: Vec<u64> = self
             .connection
@@ -422,15 +458,17 @@ impl Session {
     }
 }
 
-fn required_string(
-    action: &mut serde_json::Map<String, Value>,
-    field: &str,
-    name: &str,
-) -> Result<String, ApiError> {
+/// The `collection` (or, the same thing, `channel`) an action names.
+fn target(action: &mut serde_json::Map<String, Value>, name: &str) -> Result<String, ApiError> {
+    let field = if action.contains_key("channel") {
+        "channel"
+    } else {
+        "collection"
+    };
     match action.remove(field) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s),
         Some(Value::String(_)) | None => Err(ApiError::invalid(format!(
-            "{name} needs a `{field}` (a collection name, or \"*\" for all)"
+            "{name} needs a `collection` or `channel` (a name, or \"*\" for all)"
         ))),
         Some(_) => Err(ApiError::invalid(format!("`{field}` must be a string"))),
     }

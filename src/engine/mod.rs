@@ -27,6 +27,11 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
+    /// Messages per second a client connection may publish (burst: as
+    /// many at once).
+    pub client_publish_rate: u32,
+    /// Largest `data` a client connection may publish, in bytes of JSON.
+    pub client_message_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +39,8 @@ impl Default for EngineConfig {
         EngineConfig {
             queue_capacity: 4096,
             max_subscriptions: 256,
+            client_publish_rate: 20,
+            client_message_bytes: 16 * 1024,
         }
     }
 }
@@ -77,6 +84,10 @@ pub enum EngineError {
     TooManySubscriptions(usize),
     #[error("no subscription {0} on this connection")]
     UnknownSubscription(u64),
+    #[error("rate limit: at most {0} messages per second from one connection")]
+    RateLimited(u32),
+    #[error("message of {0} bytes is larger than the limit of {1} bytes")]
+    MessageTooLarge(usize, usize),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error(transparent)]
@@ -110,6 +121,8 @@ pub struct SubscriptionSpec {
     pub filter: Option<Filter>,
     /// Resume: replay the retained events after this seq first.
     pub since: Option<u64>,
+    /// Also deliver what this same connection publishes.
+    pub echo: bool,
 }
 
 impl SubscriptionSpec {
@@ -205,6 +218,17 @@ impl Engine {
     pub async fn publish(
         &self,
         principal: &Principal,
+        events: Vec<Event>,
+    ) -> Result<Vec<u64>, EngineError> {
+        self.publish_from(principal, None, events).await
+    }
+
+    /// [`Engine::publish`] on behalf of connection `origin` (for echo
+    /// control). The server sets each event's `sender` from `principal`.
+    async fn publish_from(
+        &self,
+        principal: &Principal,
+        origin: Option<String>,
         mut events: Vec<Event>,
     ) -> Result<Vec<u64>, EngineError> {
         if events.is_empty() {
@@ -216,6 +240,8 @@ impl Engine {
                 .policy
                 .check_publish(principal, &event.collection)?;
             event.seq = 0;
+            event.sender = principal.user_id();
+            event.origin = origin.clone();
         }
         let seqs = self.bus.publish(events).await?;
         self.published
@@ -232,7 +258,9 @@ impl Engine {
     /// subscriptions feed.
     pub fn connect(&self, transport: Transport, principal: Principal) -> Connection {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity);
-        let shared = Arc::new(ConnShared::new(self.router.next_id(), transport, tx));
+        let id = self.router.next_id();
+        let name = self.router.connection_name(id);
+        let shared = Arc::new(ConnShared::new(id, name, transport, tx));
         *shared.user_id.lock().expect("user lock") = principal.user_id();
         self.router.register(Arc::clone(&shared));
         let mut connection = Connection {
@@ -240,6 +268,7 @@ impl Engine {
             shared,
             expires: deadline(&principal),
             present_as: None,
+            sent: RateLimiter::new(self.config.client_publish_rate),
             principal,
             queue: rx,
             subscriptions: HashMap::new(),
@@ -343,6 +372,8 @@ pub struct Connection {
     expires: Option<tokio::time::Instant>,
     /// The user this connection counts as online, and their display name.
     present_as: Option<(String, Option<String>)>,
+    /// Paces what this client publishes.
+    sent: RateLimiter,
     queue: mpsc::Receiver<Delivery>,
     subscriptions: HashMap<u64, OpenSubscription>,
     catch_ups: VecDeque<CatchUp>,
@@ -352,7 +383,28 @@ pub struct Connection {
 impl Connection {
     /// The connection's name, unique in the cluster: `<node>-<number>`.
     pub fn name(&self) -> String {
-        self.engine.router.connection_name(self.shared.id)
+        self.shared.name.to_string()
+    }
+
+    /// Publishes as this client (e.g. the WebSocket `publish` action), within
+    /// the per-connection rate and size limits; subscriptions of this
+    /// connection without `echo` do not receive it back.
+    pub async fn publish(&mut self, event: Event) -> Result<u64, EngineError> {
+        let limit = self.engine.config.client_message_bytes;
+        let size = serde_json::to_vec(&event.data).map_or(0, |b| b.len());
+        if size > limit {
+            return Err(EngineError::MessageTooLarge(size, limit));
+        }
+        if !self.sent.take() {
+            return Err(EngineError::RateLimited(
+                self.engine.config.client_publish_rate,
+            ));
+        }
+        let seqs = self
+            .engine
+            .publish_from(&self.principal, Some(self.name()), vec![event])
+            .await?;
+        Ok(seqs[0])
     }
 
     /// Starts a subscription; events published after this returns reach it.
@@ -401,6 +453,7 @@ impl Connection {
             conn: Arc::clone(&self.shared),
             filter,
             gate,
+            echo: spec.echo,
         });
         let removed: Vec<(&str, Option<&str>, u64)> = old
             .iter()
@@ -712,4 +765,34 @@ fn deadline(principal: &Principal) -> Option<tokio::time::Instant> {
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
     Some(tokio::time::Instant::now() + left)
+}
+
+/// A token bucket: `rate` tokens a second, holding at most `rate`.
+struct RateLimiter {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl RateLimiter {
+    fn new(rate: u32) -> Self {
+        RateLimiter {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }

@@ -276,6 +276,8 @@ impl Presence {
             old_data: None,
             timestamp: SystemTime::now(),
             seq: 0,
+            sender: None,
+            origin: None,
         };
         self.router
             .dispatch(Arc::new(SharedEvent::new(event)), Audience::Everyone);

@@ -20,6 +20,8 @@ use tokio::sync::{Notify, mpsc};
 /// What the registry knows of one open connection.
 pub(crate) struct ConnShared {
     pub id: u64,
+    /// Unique in the cluster; what `Event::origin` holds.
+    pub name: Arc<str>,
     pub transport: Transport,
     pub user_id: Mutex<Option<String>>,
     queue: mpsc::Sender<Delivery>,
@@ -31,9 +33,10 @@ pub(crate) struct ConnShared {
 }
 
 impl ConnShared {
-    pub fn new(id: u64, transport: Transport, queue: mpsc::Sender<Delivery>) -> Self {
+    pub fn new(id: u64, name: String, transport: Transport, queue: mpsc::Sender<Delivery>) -> Self {
         ConnShared {
             id,
+            name: name.into(),
             transport,
             user_id: Mutex::new(None),
             queue,
@@ -80,9 +83,22 @@ pub(crate) struct SubEntry {
     pub filter: Option<Filter>,
     /// For `*` subscriptions under a policy: what each collection allows.
     pub gate: Option<Gate>,
+    /// Also deliver what its own connection publishes.
+    pub echo: bool,
 }
 
 impl SubEntry {
+    /// Whether `event` came from this subscription's own connection, which
+    /// does not want it back.
+    fn is_own_echo(&self, event: &SharedEvent) -> bool {
+        !self.echo
+            && event
+                .event
+                .origin
+                .as_deref()
+                .is_some_and(|origin| *origin == *self.conn.name)
+    }
+
     fn matches(&self, collection: &str, record: &serde_json::Value) -> bool {
         if let Some(gate) = &self.gate {
             match gate.decision(collection) {
@@ -100,7 +116,9 @@ impl SubEntry {
     /// replays, where no index narrows the candidates.
     pub(crate) fn classify(&self, event: &SharedEvent) -> Option<bool> {
         let collection = &event.event.collection;
-        if self.matches(collection, &event.event.data) {
+        if self.is_own_echo(event) {
+            None
+        } else if self.matches(collection, &event.event.data) {
             Some(false)
         } else if event
             .event
@@ -176,13 +194,16 @@ impl Scope {
 fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) {
     let (collection, data) = (&event.event.collection, &event.event.data);
     index.candidates(data, |_, sub| {
-        if sub.matches(collection, data) {
+        if sub.matches(collection, data) && !sub.is_own_echo(event) {
             sub.conn.deliver(sub.id, event, false);
         }
     });
     if let Some(old) = &event.event.old_data {
         index.candidates(old, |_, sub| {
-            if !sub.matches(collection, data) && sub.matches(collection, old) {
+            if !sub.matches(collection, data)
+                && sub.matches(collection, old)
+                && !sub.is_own_echo(event)
+            {
                 sub.conn.deliver(sub.id, event, true);
             }
         });
