@@ -16,10 +16,12 @@
 //! - [`event`]: the event model and the per-wire-format encoding cache.
 //! - [`codec`]: the JSON spelling of events, shared by the JSON edges and
 //!   the NATS bus body.
-//! - [`server`]: wires it all onto one listener; [`proto`]: generated code.
+//! - [`server`]: wires it all onto one listener; [`proto`]: generated code;
+//!   [`client`]: a small Rust client over the generated one.
 
 pub mod auth;
 pub mod bus;
+pub mod client;
 pub mod codec;
 pub mod edge;
 pub mod engine;

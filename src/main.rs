@@ -7,16 +7,14 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use strom::auth::{Auth, AuthSettings, KeySource};
 use strom::bus::Retention;
 use strom::bus::nats::NatsConfig;
 use strom::bus::presence_sync::PresenceTiming;
-use strom::edge::grpc::{event_from_proto, event_to_proto};
+use strom::client::{Client, Update};
 use strom::engine::EngineConfig;
 use strom::event::{Event, EventType};
-use strom::proto;
-use strom::proto::realtime_client::RealtimeClient;
 use strom::server::{Server, ServerConfig};
 
 #[derive(Parser)]
@@ -310,22 +308,12 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn client(server: &str) -> Result<RealtimeClient<tonic::transport::Channel>> {
-    RealtimeClient::connect(server.to_owned())
-        .await
-        .with_context(|| format!("cannot reach strom at {server}"))
-}
-
-/// A request carrying `authorization: Bearer <token>` when there is one.
-fn authorized<T>(message: T, token: Option<&str>) -> Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = token {
-        let value = format!("Bearer {token}")
-            .parse()
-            .context("the token is not a valid header value")?;
-        request.metadata_mut().insert("authorization", value);
-    }
-    Ok(request)
+async fn client(server: &str, token: Option<&str>) -> Result<Client> {
+    let client = Client::connect(server).await?;
+    Ok(match token {
+        Some(token) => client.with_token(token)?,
+        None => client,
+    })
 }
 
 async fn publish(args: PublishArgs) -> Result<()> {
@@ -339,76 +327,50 @@ async fn publish(args: PublishArgs) -> Result<()> {
     };
     let event = Event {
         event_type: EventType::parse(&args.event_type)?,
-        collection: args.collection,
-        record_id: args.record_id.unwrap_or_default(),
-        data: parse_object("data", &args.data)?,
         old_data: args
             .old_data
             .map(|text| parse_object("old-data", &text))
             .transpose()?,
-        timestamp: SystemTime::now(),
-        seq: 0,
-        sender: None,
-        origin: None,
+        ..strom::client::record(
+            &args.collection,
+            &args.record_id.unwrap_or_default(),
+            parse_object("data", &args.data)?,
+        )
     };
-    let request = authorized(
-        proto::PublishRequest {
-            events: vec![event_to_proto(&event)],
-        },
-        args.token.as_deref(),
-    )?;
-    let response = client(&args.server)
+    let seq = client(&args.server, args.token.as_deref())
         .await?
-        .publish(request)
+        .publish(event)
         .await
-        .map_err(|s| anyhow::anyhow!("publish failed: {}", s.message()))?;
-    println!("{}", response.into_inner().seqs[0]);
+        .context("publish failed")?;
+    println!("{seq}");
     Ok(())
 }
 
 async fn subscribe(args: SubscribeArgs) -> Result<()> {
-    let request = proto::SubscribeRequest {
-        collection: args.collection,
-        record_id: args.record_id.unwrap_or_default(),
-        filter: args.filter.map(proto::subscribe_request::Filter::Text),
-        since_seq: args.since,
-        echo: false,
-    };
-    let request = authorized(request, args.token.as_deref())?;
-    let mut stream = client(&args.server)
+    let mut subscription = client(&args.server, args.token.as_deref())
         .await?
-        .subscribe(request)
+        .subscribe(&args.collection, args.filter.as_deref(), args.since)
         .await
-        .map_err(|s| anyhow::anyhow!("subscribe failed: {}", s.message()))?
-        .into_inner();
+        .context("subscribe failed")?;
+    eprintln!("subscribed");
     let mut stdout = std::io::stdout();
-    while let Some(message) = stream
-        .message()
-        .await
-        .map_err(|s| anyhow::anyhow!("stream ended: {}", s.message()))?
-    {
-        match message.kind {
-            Some(proto::subscribe_response::Kind::Subscribed(s)) => {
-                eprintln!("subscribed (head seq {})", s.head_seq);
-            }
-            Some(proto::subscribe_response::Kind::Reset(r)) => {
+    while let Some(update) = subscription.next().await.context("stream ended")? {
+        let line = match update {
+            Update::Event(event) => strom::codec::encode_event(&event, false),
+            Update::LeftFilter(event) => strom::codec::encode_event(&event, true),
+            Update::Reset {
+                since,
+                first_available,
+            } => {
                 eprintln!(
-                    "reset: events after {} are no longer retained; replaying from {}",
-                    r.since_seq, r.first_available_seq
+                    "reset: events after {since} are no longer retained; replaying from {first_available}"
                 );
+                continue;
             }
-            Some(proto::subscribe_response::Kind::Event(event)) => {
-                let (seq, left_filter) = (event.seq, event.left_filter);
-                let mut event = event_from_proto(event, SystemTime::now())
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                event.seq = seq;
-                let line = strom::codec::encode_event(&event, left_filter);
-                stdout.write_all(&line)?;
-                stdout.write_all(b"\n")?;
-                stdout.flush()?;
-            }
-            None => {}
-        }
+        };
+        stdout.write_all(&line)?;
+        stdout.write_all(b"\n")?;
+        stdout.flush()?;
     }
     Ok(())
 }
