@@ -199,5 +199,6 @@ pub fn record(collection: &str, record_id: &str, data: serde_json::Value) -> Eve
         seq: 0,
         sender: None,
         origin: None,
+        id: None,
     }
 }

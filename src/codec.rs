@@ -46,6 +46,7 @@ struct EventIn {
     timestamp: Option<String>,
     sender: Option<String>,
     origin: Option<String>,
+    id: Option<String>,
 }
 
 /// Reads one event. `collection` (from a NATS subject) wins over the body's.
@@ -94,6 +95,7 @@ fn event_from_input(
         seq: 0,
         sender: input.sender,
         origin: input.origin,
+        id: input.id,
     };
     event.validate()?;
     Ok(event)
@@ -118,6 +120,8 @@ struct EventOut<'a> {
     sender: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     origin: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
 }
 
 fn event_out(event: &Event, seq: Option<u64>, left_filter: bool) -> EventOut<'_> {
@@ -134,6 +138,7 @@ fn event_out(event: &Event, seq: Option<u64>, left_filter: bool) -> EventOut<'_>
         channel: broadcast.then_some(event.collection.as_str()),
         sender: event.sender.as_deref(),
         origin: None,
+        id: event.id.as_deref(),
     }
 }
 

@@ -133,6 +133,10 @@ pub struct Event {
     /// The connection that published it, for echo control; not shown to
     /// subscribers.
     pub origin: Option<String>,
+    /// A stable id from the event's source (e.g. `pg:0/16B3748` for a
+    /// Postgres change), so a source that may deliver twice is published
+    /// at most once.
+    pub id: Option<String>,
 }
 
 impl Event {

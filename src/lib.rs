@@ -13,6 +13,8 @@
 //!   (in memory, or NATS JetStream).
 //! - [`filter`]: the filter language, its evaluation and the match index;
 //!   depends on nothing else here.
+//! - [`capture`]: database change sources (Postgres), publishing through
+//!   the engine like any publisher.
 //! - [`event`]: the event model and the per-wire-format encoding cache.
 //! - [`codec`]: the JSON spelling of events, shared by the JSON edges and
 //!   the NATS bus body.
@@ -21,6 +23,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod capture;
 pub mod client;
 pub mod codec;
 pub mod edge;

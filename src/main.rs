@@ -12,6 +12,7 @@ use strom::auth::{Auth, AuthSettings, KeySource};
 use strom::bus::Retention;
 use strom::bus::nats::NatsConfig;
 use strom::bus::presence_sync::PresenceTiming;
+use strom::capture::postgres::PostgresConfig;
 use strom::client::{Client, Update};
 use strom::engine::EngineConfig;
 use strom::event::{Event, EventType};
@@ -38,6 +39,9 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// Mint a development token with the configured JWT key.
     Token(TokenArgs),
+    /// Postgres change capture: enable or disable tables, show status.
+    #[command(subcommand)]
+    Postgres(PostgresCommand),
     /// Load generator for benchmarks against a running server.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -106,6 +110,46 @@ struct ServeArgs {
     cors_origins: Vec<String>,
     #[command(flatten)]
     auth: AuthArgs,
+    /// Capture changes of this PostgreSQL database (tables enabled with
+    /// `strom postgres enable`).
+    #[arg(long, env = "STROM_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
+    /// The logical replication slot the capture reads.
+    #[arg(long, env = "STROM_POSTGRES_SLOT", default_value = "strom")]
+    postgres_slot: String,
+}
+
+#[derive(Subcommand)]
+enum PostgresCommand {
+    /// Capture INSERT, UPDATE and DELETE of a table (installs what is missing).
+    Enable {
+        /// The table, `schema.table` (schema defaults to public).
+        table: String,
+        /// The collection its events go to (default `schema.table`).
+        #[arg(long = "as")]
+        collection: Option<String>,
+        #[command(flatten)]
+        db: PostgresArgs,
+    },
+    /// Stop capturing a table.
+    Disable {
+        table: String,
+        #[command(flatten)]
+        db: PostgresArgs,
+    },
+    /// Captured tables, and the capture's lag.
+    Status {
+        #[command(flatten)]
+        db: PostgresArgs,
+    },
+}
+
+#[derive(Args)]
+struct PostgresArgs {
+    #[arg(long, env = "STROM_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: String,
+    #[arg(long, env = "STROM_POSTGRES_SLOT", default_value = "strom")]
+    postgres_slot: String,
 }
 
 /// Authentication settings; any of them turns off open mode.
@@ -244,6 +288,7 @@ async fn main() -> Result<()> {
         Command::Subscribe(args) => subscribe(args).await,
         Command::Bench(bench) => bench::run(bench).await,
         Command::Token(args) => token(args),
+        Command::Postgres(command) => postgres(command).await,
     }
 }
 
@@ -277,6 +322,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         sse_keepalive: args.sse_keepalive,
         cors_origins: args.cors_origins,
         auth: args.auth.settings(),
+        postgres: args.postgres_url.map(|url| PostgresConfig {
+            slot: args.postgres_slot,
+            ..PostgresConfig::new(url)
+        }),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -371,6 +420,48 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
         stdout.write_all(&line)?;
         stdout.write_all(b"\n")?;
         stdout.flush()?;
+    }
+    Ok(())
+}
+
+async fn postgres(command: PostgresCommand) -> Result<()> {
+    use strom::capture::postgres;
+    match command {
+        PostgresCommand::Enable {
+            table,
+            collection,
+            db,
+        } => {
+            let collection = postgres::enable(
+                &db.postgres_url,
+                &db.postgres_slot,
+                &table,
+                collection.as_deref(),
+            )
+            .await?;
+            println!("capturing {table} into collection {collection}");
+        }
+        PostgresCommand::Disable { table, db } => {
+            postgres::disable(&db.postgres_url, &table).await?;
+            println!("no longer capturing {table}");
+        }
+        PostgresCommand::Status { db } => {
+            let client = postgres::connect(&db.postgres_url).await?;
+            let tables = postgres::captured_tables(&client).await?;
+            if tables.is_empty() {
+                println!("no table is captured");
+            }
+            for captured in tables {
+                println!("{} -> {}", captured.table, captured.collection);
+            }
+            match postgres::slot_state(&client, &db.postgres_slot).await? {
+                Some(state) => println!(
+                    "slot {}: {}, lag {} bytes of WAL",
+                    db.postgres_slot, state.wal_status, state.lag_bytes
+                ),
+                None => println!("slot {} does not exist yet", db.postgres_slot),
+            }
+        }
     }
     Ok(())
 }

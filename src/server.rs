@@ -11,6 +11,7 @@ use crate::bus::{
     memory::MemoryBus,
     nats::{NatsBus, NatsConfig},
 };
+use crate::capture::postgres::{self, CaptureError, PostgresConfig};
 use crate::edge::errors::{ApiError, ErrorKind};
 use crate::edge::{AppState, grpc::RealtimeService, http_routes, ws::WsConfig};
 use crate::engine::{Engine, EngineConfig};
@@ -32,6 +33,8 @@ pub struct ServerConfig {
     pub retention: Retention,
     /// Tokens, API keys and the policy; nothing configured is open mode.
     pub auth: AuthSettings,
+    /// Capture changes of this PostgreSQL database.
+    pub postgres: Option<PostgresConfig>,
     pub ws: WsConfig,
     pub sse_keepalive: Duration,
     /// Origins allowed by CORS (browsers, gRPC-Web); empty means any.
@@ -45,6 +48,7 @@ impl Default for ServerConfig {
             nats: None,
             retention: Retention::default(),
             auth: AuthSettings::default(),
+            postgres: None,
             ws: WsConfig::default(),
             sse_keepalive: Duration::from_secs(15),
             cors_origins: Vec::new(),
@@ -58,6 +62,8 @@ pub enum ServerError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
     #[error("invalid CORS origin {0:?}")]
     Cors(String),
     #[error("server failed: {0}")]
@@ -74,6 +80,9 @@ impl Server {
     /// Connects the bus (NATS, when configured).
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let auth = Auth::from_settings(&config.auth)?;
+        if let Some(postgres) = &config.postgres {
+            postgres::prepare(postgres).await?;
+        }
         if auth.is_open() {
             tracing::warn!(
                 "open mode: no JWT key or policy configured, so anyone may subscribe and publish; for development only (see --jwt-secret and --config)"
@@ -98,6 +107,11 @@ impl Server {
     ) -> Result<(), ServerError> {
         let tasks = TaskTracker::new();
         let app = app(self.engine.clone(), &self.config, tasks.clone())?;
+        let capture = self
+            .config
+            .postgres
+            .clone()
+            .map(|config| tokio::spawn(postgres::run(config, self.engine.clone())));
         let stopping = self.engine.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -105,6 +119,9 @@ impl Server {
                 stopping.shutdown();
             })
             .await?;
+        if let Some(capture) = capture {
+            capture.abort();
+        }
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
         Ok(())

@@ -48,6 +48,8 @@ pub enum Principal {
     User(Arc<Claims>),
     /// A server-to-server API key.
     Service(Arc<ApiKey>),
+    /// strom itself (e.g. database change capture): may do everything.
+    System(&'static str),
 }
 
 impl Principal {
@@ -58,6 +60,7 @@ impl Principal {
             Principal::Anonymous => None,
             Principal::User(claims) => Some(claims.subject.clone()),
             Principal::Service(key) => Some(format!("apikey:{}", key.name)),
+            Principal::System(name) => Some(format!("system:{name}")),
         }
     }
 
@@ -73,6 +76,7 @@ impl Principal {
             Principal::Anonymous => "an anonymous client".into(),
             Principal::User(claims) => format!("user {:?}", claims.subject),
             Principal::Service(key) => format!("API key {:?}", key.name),
+            Principal::System(name) => format!("strom's {name}"),
         }
     }
 }

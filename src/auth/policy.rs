@@ -171,6 +171,9 @@ impl Policy {
                 action.as_str()
             )),
         };
+        if let Principal::System(_) = principal {
+            return Ok(());
+        }
         if let Principal::Service(key) = principal {
             let list = match action {
                 Action::Subscribe => &key.subscribe,
@@ -213,7 +216,7 @@ impl Policy {
                     None => false,
                 }
             }
-            (_, Principal::Service(_)) => unreachable!("handled above"),
+            (_, Principal::Service(_) | Principal::System(_)) => unreachable!("handled above"),
         };
         if allowed { Ok(()) } else { Err(denied()) }
     }

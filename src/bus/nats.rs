@@ -191,12 +191,21 @@ impl NatsBus {
         let mut acks = Vec::with_capacity(events.len());
         for event in &events {
             let subject = format!("{}.{}", self.inner.prefix, event.collection);
-            let ack = self
-                .inner
-                .js
-                .publish(subject, encode_bus_body(event).into())
-                .await
-                .map_err(|e| publish_error(&e))?;
+            let body = encode_bus_body(event).into();
+            // A source id makes JetStream drop a second copy (within the
+            // stream's duplicate window).
+            let ack = match &event.id {
+                Some(id) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    self.inner
+                        .js
+                        .publish_with_headers(subject, headers, body)
+                        .await
+                }
+                None => self.inner.js.publish(subject, body).await,
+            }
+            .map_err(|e| publish_error(&e))?;
             acks.push(ack);
         }
         let mut seqs = Vec::with_capacity(acks.len());

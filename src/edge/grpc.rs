@@ -304,6 +304,7 @@ pub fn event_from_proto(event: proto::Event, now: SystemTime) -> Result<Event, A
         seq: 0,
         sender: None,
         origin: None,
+        id: None,
     };
     event
         .validate()

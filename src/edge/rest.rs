@@ -77,6 +77,7 @@ pub async fn broadcast(
         seq: 0,
         sender: None,
         origin: None,
+        id: None,
     };
     let seqs = app.engine.publish(&principal, vec![event]).await?;
     Ok(Json(json!({ "seq": seqs[0] })))

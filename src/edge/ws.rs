@@ -407,6 +407,7 @@ impl Session {
             seq: 0,
             sender: None,
             origin: None,
+            id: None,
         };
         let seq = self.connection.publish(event).await?;
         Ok(ack.then(|| message("ack", json!({"channel": channel, "seq": seq}))))

@@ -278,6 +278,7 @@ impl Presence {
             seq: 0,
             sender: None,
             origin: None,
+            id: None,
         };
         self.router
             .dispatch(Arc::new(SharedEvent::new(event)), Audience::Everyone);

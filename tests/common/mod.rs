@@ -533,3 +533,148 @@ impl WsClient {
         let _ = self.socket.close(None).await;
     }
 }
+
+/// A throwaway PostgreSQL server (Debian's binaries) with `wal_level =
+/// logical`, on a free port, stopped and removed on drop.
+pub struct PostgresServer {
+    child: Child,
+    pub url: String,
+    pub port: u16,
+    _data: TempDir,
+}
+
+impl PostgresServer {
+    /// `$STROM_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+    fn bin_dir() -> PathBuf {
+        if let Ok(dir) = std::env::var("STROM_PG_BIN") {
+            return dir.into();
+        }
+        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is not installed: run scripts/test, which installs it")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("postgres").exists())
+            .collect();
+        versions.sort();
+        versions.pop().expect("a PostgreSQL server binary")
+    }
+
+    /// Runs as the `postgres` user when we are root (PostgreSQL refuses root).
+    fn command(program: PathBuf) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(program);
+        if running_as_root() {
+            let (uid, gid) = postgres_user();
+            command.uid(uid).gid(gid);
+        }
+        command
+    }
+
+    pub fn start() -> PostgresServer {
+        PostgresServer::start_with(&[])
+    }
+
+    /// With more `-c name=value` settings, which win over the defaults.
+    pub fn start_with(settings: &[&str]) -> PostgresServer {
+        let data = TempDir::new("pg");
+        if running_as_root() {
+            let (uid, gid) = postgres_user();
+            std::os::unix::fs::chown(&data.0, Some(uid), Some(gid)).unwrap();
+        }
+        let bin = Self::bin_dir();
+        let init = Self::command(bin.join("initdb"))
+            .args(["-D"])
+            .arg(data.0.join("db"))
+            .args(["-U", "strom", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .expect("initdb runs");
+        assert!(
+            init.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let child = Self::command(bin.join("postgres"))
+            .arg("-D")
+            .arg(data.0.join("db"))
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&data.0)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "wal_level=logical",
+            ])
+            .args(["-c", "fsync=off", "-c", "max_slot_wal_keep_size=1GB"])
+            .args(settings.iter().flat_map(|s| ["-c", s]))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("postgres starts");
+        let url = format!("host=127.0.0.1 port={port} user=strom dbname=postgres");
+        let server = PostgresServer {
+            child,
+            url,
+            port,
+            _data: data,
+        };
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "postgres did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    return client;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot connect to postgres: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether this process runs as root (effective uid 0).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The uid and gid of the `postgres` user the Debian package creates.
+fn postgres_user() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("a postgres user (the Debian postgresql package creates it)");
+    let fields: Vec<&str> = line.split(':').collect();
+    (fields[2].parse().unwrap(), fields[3].parse().unwrap())
+}
