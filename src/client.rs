@@ -189,16 +189,5 @@ impl Subscription {
 
 /// A `record.created` event, for quick publishing.
 pub fn record(collection: &str, record_id: &str, data: serde_json::Value) -> Event {
-    Event {
-        event_type: EventType::RecordCreated,
-        collection: collection.to_owned(),
-        record_id: record_id.to_owned(),
-        data,
-        old_data: None,
-        timestamp: SystemTime::now(),
-        seq: 0,
-        sender: None,
-        origin: None,
-        id: None,
-    }
+    Event::new(EventType::RecordCreated, collection, record_id, data)
 }

@@ -140,6 +140,27 @@ pub struct Event {
 }
 
 impl Event {
+    /// A new event, stamped now, not yet published.
+    pub fn new(
+        event_type: EventType,
+        collection: impl Into<String>,
+        record_id: impl Into<String>,
+        data: Value,
+    ) -> Event {
+        Event {
+            event_type,
+            collection: collection.into(),
+            record_id: record_id.into(),
+            data,
+            old_data: None,
+            timestamp: SystemTime::now(),
+            seq: 0,
+            sender: None,
+            origin: None,
+            id: None,
+        }
+    }
+
     /// Checks what a publisher controls: collection name, record id, and
     /// that data and old_data are objects.
     pub fn validate(&self) -> Result<(), EventError> {

@@ -415,17 +415,10 @@ async fn resync(
     let events: Vec<Event> = captured_tables(client)
         .await?
         .into_iter()
-        .map(|captured| Event {
-            event_type: EventType::CollectionUpdated,
-            collection: captured.collection,
-            record_id: String::new(),
-            data: json!({"resync": true, "reason": "change capture lost its replication slot; reload this collection"}),
-            old_data: None,
-            timestamp: SystemTime::now(),
-            seq: 0,
-            sender: None,
-            origin: None,
-            id: None,
+        .map(|captured| {
+            let reason = "change capture lost its replication slot; reload this collection";
+            let data = json!({"resync": true, "reason": reason});
+            Event::new(EventType::CollectionUpdated, captured.collection, "", data)
         })
         .collect();
     if !events.is_empty() {

@@ -67,18 +67,8 @@ pub async fn broadcast(
     let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
     let body: BroadcastBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("invalid broadcast body: {e}")))?;
-    let event = Event {
-        event_type: EventType::Broadcast,
-        collection: body.channel,
-        record_id: String::new(),
-        data: body.data.unwrap_or_else(Event::empty_data),
-        old_data: None,
-        timestamp: SystemTime::now(),
-        seq: 0,
-        sender: None,
-        origin: None,
-        id: None,
-    };
+    let data = body.data.unwrap_or_else(Event::empty_data);
+    let event = Event::new(EventType::Broadcast, body.channel, "", data);
     let seqs = app.engine.publish(&principal, vec![event]).await?;
     Ok(Json(json!({ "seq": seqs[0] })))
 }

@@ -397,18 +397,7 @@ impl Session {
             Some(_) => return Err(ApiError::invalid("`data` must be a JSON object")),
         };
         let ack = matches!(action.remove("ack"), Some(Value::Bool(true)));
-        let event = Event {
-            event_type: EventType::Broadcast,
-            collection: channel.clone(),
-            record_id: String::new(),
-            data,
-            old_data: None,
-            timestamp: SystemTime::now(),
-            seq: 0,
-            sender: None,
-            origin: None,
-            id: None,
-        };
+        let event = Event::new(EventType::Broadcast, channel.clone(), "", data);
         let seq = self.connection.publish(event).await?;
         Ok(ack.then(|| message("ack", json!({"channel": channel, "seq": seq}))))
     }

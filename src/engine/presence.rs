@@ -262,24 +262,14 @@ impl Presence {
     /// `presence` collection. Presence events are not part of the event log:
     /// their `seq` is 0 and they are not replayed.
     fn announce(&self, event_type: EventType, user: &PresenceUser, channel: Option<&str>) {
-        let event = Event {
-            event_type,
-            collection: PRESENCE_COLLECTION.into(),
-            record_id: user.user_id.clone(),
-            data: json!({
-                "user_id": user.user_id,
-                "user_name": user.user_name,
-                "connections": user.connections,
-                "last_seen": format_timestamp(user.last_seen),
-                "channel": channel,
-            }),
-            old_data: None,
-            timestamp: SystemTime::now(),
-            seq: 0,
-            sender: None,
-            origin: None,
-            id: None,
-        };
+        let data = json!({
+            "user_id": user.user_id,
+            "user_name": user.user_name,
+            "connections": user.connections,
+            "last_seen": format_timestamp(user.last_seen),
+            "channel": channel,
+        });
+        let event = Event::new(event_type, PRESENCE_COLLECTION, user.user_id.clone(), data);
         self.router
             .dispatch(Arc::new(SharedEvent::new(event)), Audience::Everyone);
     }
