@@ -64,14 +64,11 @@ async fn the_client_publishes_subscribes_resumes_and_reads_presence() {
 #[tokio::test]
 async fn the_quickstart_example_runs() {
     let server = TestServer::memory().await;
-    let example =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/quickstart");
-    assert!(
-        example.exists(),
-        "{} is not built: run the tests with `cargo test --all-targets`",
-        example.display()
-    );
-    let output = tokio::process::Command::new(example)
+    // `cargo test` compiles examples but does not leave a runnable binary;
+    // `cargo run` builds (once) and runs it.
+    let output = tokio::process::Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--quiet", "--example", "quickstart", "--"])
         .arg(server.url())
         .output()
         .await

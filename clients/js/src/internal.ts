@@ -21,6 +21,7 @@ export interface Channel {
   readonly collection: string;
   readonly recordId: string | null;
   readonly filter: Filter | null;
+  readonly echo: boolean;
   /** The highest seq delivered (or the `since` asked for); events at or below it are duplicates. */
   lastSeq: number | null;
   /**
@@ -40,7 +41,7 @@ export function resumePosition(channel: Channel): number | null {
 }
 
 /** Does this event belong to this channel (collection and record)? */
-export function channelMatches(channel: Channel, event: { collection: string; record_id: string }): boolean {
+export function channelMatches(channel: Channel, event: { collection: string; record_id: string | null }): boolean {
   if (channel.collection !== '*' && channel.collection !== event.collection) return false;
   return channel.recordId === null || channel.recordId === event.record_id;
 }
@@ -74,6 +75,8 @@ export interface Transport {
   remove(channel: Channel): void;
   /** Presents a new token to the server (WebSocket `auth`; SSE reopens its streams). */
   authenticate(token: string | null): Promise<void>;
+  /** A channel message over the transport's own connection; null when it cannot (then REST is used). */
+  broadcast?(channel: string, data: Record<string, unknown>): Promise<number> | null;
   state(): TransportState;
 }
 

@@ -40,6 +40,7 @@ export class SseTransport implements Transport {
     const stream = new Stream(this.host, channel);
     this.streams.set(channel, stream);
     if (this.running) stream.start();
+    this.host.stateChanged();
   }
 
   remove(channel: Channel): void {

@@ -1,4 +1,7 @@
-/** The eight event types strom delivers. */
+/**
+ * The event types strom delivers: the eight of records, collections and
+ * presence, and `broadcast` (a message on a channel).
+ */
 export const EVENT_TYPES = [
   'record.created',
   'record.updated',
@@ -8,6 +11,7 @@ export const EVENT_TYPES = [
   'collection.deleted',
   'user.joined',
   'user.left',
+  'broadcast',
 ] as const;
 
 export type EventType = (typeof EVENT_TYPES)[number];
@@ -26,7 +30,8 @@ export type JsonObject = Record<string, unknown>;
 export interface StromEvent<T extends JsonObject = JsonObject> {
   type: EventType;
   collection: string;
-  record_id: string;
+  /** The record's id; null when the event has none (e.g. a `broadcast`). */
+  record_id: string | null;
   data: T;
   old_data: T | null;
   /** RFC 3339. */
@@ -38,6 +43,12 @@ export interface StromEvent<T extends JsonObject = JsonObject> {
    * the live query.
    */
   left_filter?: boolean;
+  /** The publisher's user id, set by the server when the publisher was authenticated. */
+  sender?: string;
+  /** On a `broadcast`: its channel (the same as `collection`). */
+  channel?: string;
+  /** A stable id of the change, when the source has one (e.g. `pg:<lsn>` from Postgres capture). */
+  id?: string;
 }
 
 /** What to publish: `seq` is assigned by the server; `timestamp` is optional. */
@@ -148,6 +159,11 @@ export interface SubscribeOptions<T extends JsonObject = JsonObject> {
   recordId?: string | null;
   /** Start with the retained events after this seq (`0`: everything retained). */
   since?: number | null;
+  /**
+   * Channels: also receive the messages this connection broadcast itself
+   * (WebSocket only; the server leaves them out by default).
+   */
+  echo?: boolean;
   onEvent: (event: StromEvent<T>) => void;
   /** The resume position is older than what the server retains: reload state. */
   onReset?: (info: ResetInfo) => void;

@@ -40,10 +40,13 @@ export function channelsOverlap(a: Channel, b: Channel): boolean {
 type Pending =
   | { kind: 'subscribe'; channel: Channel; since: number | null }
   | { kind: 'unsubscribe' }
-  | { kind: 'auth'; resolve: () => void; reject: (error: Error) => void };
+  | { kind: 'auth'; resolve: () => void; reject: (error: Error) => void }
+  | { kind: 'publish'; resolve: (seq: number) => void; reject: (error: Error) => void };
 
 interface SubState {
-  /** The server's subscription id once `subscribed` arrived. */
+  /** `subscribed` arrived: events for it may come. */
+  confirmed: boolean;
+  /** The server's subscription id, from `subscribed`. */
   serverId: number | null;
   /** A `subscribe` for it is in flight. */
   pending: boolean;
@@ -99,6 +102,12 @@ export class WsTransport implements Transport {
   async authenticate(token: string | null): Promise<void> {
     if (token === null) return;
     await Promise.all(this.lanes.map((lane) => lane.authenticate(token)));
+  }
+
+  /** Sends a channel message over the main socket, or returns null when it is not open. */
+  broadcast(channel: string, data: Record<string, unknown>): Promise<number> | null {
+    const primary = this.lanes[0];
+    return primary ? primary.broadcast(channel, data) : null;
   }
 
   state(): TransportState {
@@ -181,7 +190,7 @@ class Lane {
   }
 
   add(channel: Channel): void {
-    this.subs.set(channel, { serverId: null, pending: false, failed: false });
+    this.subs.set(channel, { confirmed: false, serverId: null, pending: false, failed: false });
     if (this.status === 'open') this.sendSubscribe(channel);
   }
 
@@ -191,7 +200,7 @@ class Lane {
     this.subs.delete(channel);
     if (state.serverId !== null) this.byServerId.delete(state.serverId);
     channel.live = false;
-    if (this.status === 'open' && (state.serverId !== null || state.pending)) {
+    if (this.status === 'open' && (state.confirmed || state.pending)) {
       const action: Record<string, unknown> = { action: 'unsubscribe', collection: channel.collection };
       if (channel.recordId !== null) action.record_id = channel.recordId;
       this.send(action, { kind: 'unsubscribe' });
@@ -210,6 +219,14 @@ class Lane {
     });
   }
 
+  /** The `publish` action, always with `ack` so that every one gets exactly one reply. */
+  broadcast(channel: string, data: Record<string, unknown>): Promise<number> | null {
+    if (this.status !== 'open') return null;
+    return new Promise<number>((resolve, reject) => {
+      this.send({ action: 'publish', channel, data, ack: true }, { kind: 'publish', resolve, reject });
+    });
+  }
+
   connect(): void {
     if (this.status === 'closed' || this.status === 'connecting' || this.status === 'open') return;
     this.status = 'connecting';
@@ -221,7 +238,7 @@ class Lane {
       },
       (error: unknown) => {
         if (this.status !== 'connecting') return;
-        this.host.error(new StromError('unauthenticated', `the token function failed: ${describe(error)}`, { cause: error }));
+        this.host.error(error instanceof StromError ? error : new StromError('unauthenticated', `no token: ${describe(error)}`, { cause: error }));
         this.retry();
       },
     );
@@ -298,6 +315,11 @@ class Lane {
         if (pending?.kind === 'auth') pending.resolve();
         break;
       }
+      case 'ack': {
+        const pending = this.takePending('publish');
+        if (pending?.kind === 'publish') pending.resolve(Number(data.seq));
+        break;
+      }
       case 'reset':
         this.onReset(data);
         break;
@@ -327,6 +349,7 @@ class Lane {
     if (channel.filter !== null) action.filter = channel.filter;
     if (channel.recordId !== null) action.record_id = channel.recordId;
     if (since !== null) action.since = since;
+    if (channel.echo) action.echo = true;
     state.pending = true;
     state.failed = false;
     this.send(action, { kind: 'subscribe', channel, since });
@@ -339,6 +362,7 @@ class Lane {
     const state = this.subs.get(channel);
     if (!state) return; // unsubscribed meanwhile; its `unsubscribe` follows
     state.pending = false;
+    state.confirmed = true;
     if (state.serverId !== null) this.byServerId.delete(state.serverId);
     const serverId = typeof data.subscription_id === 'number' ? data.subscription_id : null;
     state.serverId = serverId;
@@ -352,10 +376,13 @@ class Lane {
 
   private onEvent(event: StromEvent): void {
     if (!event || typeof event.collection !== 'string') return;
-    for (const channel of this.subs.keys()) {
-      // Lanes hold no overlapping channels, so at most one matches.
+    for (const [channel, state] of this.subs) {
+      // Lanes hold no overlapping channels, so at most one matches. Only a
+      // confirmed subscription takes events: until its `subscribed` arrives,
+      // what comes is still for the one it follows on this socket (the
+      // server sends everything in order).
       if (channelMatches(channel, event)) {
-        this.host.deliver(channel, event);
+        if (state.confirmed) this.host.deliver(channel, event);
         return;
       }
     }
@@ -399,6 +426,7 @@ class Lane {
         break;
       }
       case 'auth':
+      case 'publish':
         pending.reject(error);
         break;
       case 'unsubscribe':
@@ -418,13 +446,16 @@ class Lane {
     const socket = this.socket;
     if (!socket || this.status !== 'open') {
       if (pending?.kind === 'auth') pending.resolve(); // the next connect carries the token
+      if (pending?.kind === 'publish') pending.reject(new StromError('unavailable', 'not connected'));
       return;
     }
     try {
       socket.send(JSON.stringify(action));
       if (pending) this.pending.push(pending);
     } catch (error) {
-      if (pending?.kind === 'auth') pending.reject(new StromError('network', describe(error), { cause: error }));
+      if (pending?.kind === 'auth' || pending?.kind === 'publish') {
+        pending.reject(new StromError('network', describe(error), { cause: error }));
+      }
       this.abandon();
     }
   }
@@ -438,6 +469,7 @@ class Lane {
     this.failPending(error);
     for (const [channel, state] of this.subs) {
       channel.live = false;
+      state.confirmed = false;
       state.serverId = null;
       state.pending = false;
     }
@@ -490,7 +522,8 @@ class Lane {
 
   private failPending(error: Error): void {
     for (const pending of this.pending.splice(0)) {
-      if (pending.kind === 'auth') pending.reject(error);
+      // A channel message in flight may or may not have been published.
+      if (pending.kind === 'auth' || pending.kind === 'publish') pending.reject(error);
     }
   }
 
