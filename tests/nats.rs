@@ -134,3 +134,37 @@ async fn a_node_reads_only_the_collections_its_subscribers_need() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn subscribed_reports_the_cluster_head_so_resuming_from_it_misses_nothing() {
+    let nats = NatsServer::start();
+    let a = node(&nats).await;
+    let b = node(&nats).await;
+    let seq = a
+        .publish_json(json!({"type": "record.created", "collection": "elsewhere", "data": {}}))
+        .await;
+    let mut client = b.grpc().await;
+    let mut stream = client
+        .subscribe(text_subscription("quiet", None))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let Some(proto::subscribe_response::Kind::Subscribed(subscribed)) = first.kind else {
+        panic!("subscribed first, got {first:?}");
+    };
+    assert_eq!(
+        subscribed.head_seq, seq,
+        "B reports the stream's head, not what it dispatched"
+    );
+    drop(stream);
+    let missed = a
+        .publish_json(json!({"type": "record.created", "collection": "quiet", "data": {}}))
+        .await;
+    let request = proto::SubscribeRequest {
+        since_seq: Some(subscribed.head_seq),
+        ..text_subscription("quiet", None)
+    };
+    let mut resumed = grpc_subscribe(&mut client, request).await;
+    assert_eq!(next_event(&mut resumed).await.seq, missed);
+}

@@ -64,6 +64,10 @@ impl MemoryBus {
         seqs
     }
 
+    pub fn head(&self) -> u64 {
+        self.log.lock().expect("log lock").last_seq
+    }
+
     /// The retained events of `key` after `since`, up to the current head.
     pub fn replay(&self, key: &str, since: u64) -> Replay {
         let log = self.log.lock().expect("log lock");

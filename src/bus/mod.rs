@@ -106,6 +106,15 @@ impl Bus {
         }
     }
 
+    /// The newest seq in the log: a subscriber that starts now and later
+    /// resumes from this position misses nothing.
+    pub async fn head(&self) -> Result<u64, BusError> {
+        match self {
+            Bus::Memory(bus) => Ok(bus.head()),
+            Bus::Nats(bus) => bus.head().await,
+        }
+    }
+
     /// The retained events of `collection` (`*`: all) after `since`.
     pub async fn replay(&self, collection: &str, since: u64) -> Result<Replay, BusError> {
         match self {

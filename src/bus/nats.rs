@@ -215,6 +215,13 @@ impl NatsBus {
         Ok(seqs)
     }
 
+    /// The stream's last sequence number.
+    pub async fn head(&self) -> Result<u64, BusError> {
+        let info = self.inner.stream.get_info().await;
+        let info = info.map_err(|e| BusError::History(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
     /// The retained events of `key` after `since`, up to the stream's
     /// current last sequence, read through a temporary ordered consumer.
     pub async fn replay(&self, key: &str, since: u64) -> Result<Replay, BusError> {

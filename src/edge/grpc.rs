@@ -79,7 +79,11 @@ impl proto::realtime_server::Realtime for RealtimeService {
         let principal = self.principal(request.metadata())?;
         let spec = spec_from_proto(request.into_inner()).map_err(|e| e.grpc_status())?;
         let mut connection = self.engine.connect(Transport::Grpc, principal);
-        let head_seq = self.engine.head_seq();
+        let head_seq = self
+            .engine
+            .head_seq()
+            .await
+            .map_err(|e| ApiError::from(e).grpc_status())?;
         let subscription_id = connection
             .subscribe(spec)
             .await

@@ -370,12 +370,14 @@ impl Session {
             .filter(|(_, s)| s.collection == collection && s.record_id == record_id)
             .map(|(id, _)| id)
             .collect();
+        // Read before the subscription starts: resuming from it misses nothing.
+        let head_seq = self.app.engine.head_seq().await?;
         let id = self.connection.replace(&earlier, spec).await?;
         let mut data = json!({
             "collection": collection,
             "filter": filter_json,
             "subscription_id": id,
-            "head_seq": self.app.engine.head_seq(),
+            "head_seq": head_seq,
         });
         if let Some(record_id) = record_id {
             data["record_id"] = Value::String(record_id);

@@ -279,8 +279,9 @@ impl Engine {
         connection
     }
 
-    pub fn head_seq(&self) -> u64 {
-        self.router.head_seq()
+    /// The newest seq of the event log (the whole cluster's, with NATS).
+    pub async fn head_seq(&self) -> Result<u64, EngineError> {
+        Ok(self.bus.head().await?)
     }
 
     pub fn stats(&self) -> Stats {
