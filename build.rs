@@ -14,9 +14,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("strom_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
+    // Messages and the client.
     tonic_prost_build::configure()
         .build_client(true)
+        .build_server(false)
+        .compile_fds(descriptors.clone())?;
+    // The server, with one change: Subscribe streams pre-encoded responses,
+    // so an event is encoded once and its bytes shared by every gRPC
+    // subscriber (see `edge::grpc::EncodedResponse`).
+    let server_dir = out_dir.join("server");
+    std::fs::create_dir_all(&server_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
         .build_server(true)
+        .out_dir(&server_dir)
+        .extern_path(
+            ".strom.v1.SubscribeResponse",
+            "crate::edge::grpc::EncodedResponse",
+        )
+        .extern_path(".strom.v1", "crate::proto")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -54,6 +54,9 @@ pub struct FanoutArgs {
     /// The server's process id, to report its memory.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// How subscribers connect: `websocket` or `grpc`.
+    #[arg(long, default_value = "websocket")]
+    transport: String,
 }
 
 #[derive(Args)]
@@ -148,9 +151,22 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
     let url = ws_url(&args.server);
     let collection = format!("bench_{}", now_micros());
     let before = args.server_pid.map(rss_kib).transpose()?;
-    let sockets = open_many(&url, args.subscribers, Some(&collection)).await?;
+    let feeds: Vec<Feed> = match args.transport.as_str() {
+        "websocket" => open_many(&url, args.subscribers, Some(&collection))
+            .await?
+            .into_iter()
+            .map(Feed::WebSocket)
+            .collect(),
+        "grpc" => open_grpc(&args.server, args.subscribers, &collection).await?,
+        other => bail!("unknown transport {other:?}: use websocket or grpc"),
+    };
     let after = args.server_pid.map(rss_kib).transpose()?;
-    println!("{} subscribers connected to {url}", sockets.len());
+    println!(
+        "{} {} subscribers connected to {}",
+        feeds.len(),
+        args.transport,
+        args.server
+    );
     if let (Some(before), Some(after)) = (before, after) {
         println!(
             "server memory: {:.1} KiB per subscribed connection ({} KiB → {} KiB)",
@@ -165,7 +181,7 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
     let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
     let done = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
-    for (i, mut socket) in sockets.into_iter().enumerate() {
+    for (i, mut feed) in feeds.into_iter().enumerate() {
         let (delivered, cut_off, latencies, done) = (
             Arc::clone(&delivered),
             Arc::clone(&cut_off),
@@ -177,30 +193,21 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
             let mut local = Vec::new();
             let mut count = 0u64;
             while !done.load(Ordering::Relaxed) {
-                let frame =
-                    match tokio::time::timeout(Duration::from_millis(200), socket.next()).await {
-                        Ok(Some(Ok(frame))) => frame,
-                        Ok(_) => {
-                            cut_off.fetch_add(1, Ordering::Relaxed);
-                            break;
+                let next = tokio::time::timeout(Duration::from_millis(200), feed.next(sampled));
+                match next.await {
+                    Ok(Next::Event(sent)) => {
+                        count += 1;
+                        if count.is_multiple_of(256) {
+                            delivered.fetch_add(256, Ordering::Relaxed);
                         }
-                        Err(_) => continue,
-                    };
-                let Message::Text(text) = frame else { continue };
-                if !text.starts_with(r#"{"type":"event""#) {
-                    if text.starts_with(r#"{"type":"ping""#) {
-                        let _ = socket.send(Message::text(r#"{"action":"pong"}"#)).await;
+                        if let Some(sent) = sent {
+                            local.push(now_micros().saturating_sub(sent));
+                        }
                     }
-                    continue;
-                }
-                count += 1;
-                if count.is_multiple_of(256) {
-                    delivered.fetch_add(256, Ordering::Relaxed);
-                }
-                if sampled {
-                    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                    if let Some(sent) = value["data"]["data"]["t"].as_u64() {
-                        local.push(now_micros().saturating_sub(sent));
+                    Ok(Next::Other) | Err(_) => continue,
+                    Ok(Next::Closed) => {
+                        cut_off.fetch_add(1, Ordering::Relaxed);
+                        break;
                     }
                 }
             }
@@ -280,6 +287,81 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         percentile(&samples, 1.0)
     );
     Ok(())
+}
+
+/// A subscriber's stream, whatever the transport.
+enum Feed {
+    WebSocket(Socket),
+    Grpc(tonic::Streaming<proto::SubscribeResponse>),
+}
+
+enum Next {
+    /// An event; with its publish time when asked to parse it.
+    Event(Option<u64>),
+    Other,
+    Closed,
+}
+
+impl Feed {
+    async fn next(&mut self, parse: bool) -> Next {
+        match self {
+            Feed::WebSocket(socket) => match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    if text.starts_with(r#"{"type":"event""#) {
+                        let sent = parse
+                            .then(|| serde_json::from_str::<serde_json::Value>(&text).ok())
+                            .flatten()
+                            .and_then(|v| v["data"]["data"]["t"].as_u64());
+                        Next::Event(sent)
+                    } else {
+                        if text.starts_with(r#"{"type":"ping""#) {
+                            let _ = socket.send(Message::text(r#"{"action":"pong"}"#)).await;
+                        }
+                        Next::Other
+                    }
+                }
+                Some(Ok(_)) => Next::Other,
+                _ => Next::Closed,
+            },
+            Feed::Grpc(stream) => match stream.message().await {
+                Ok(Some(proto::SubscribeResponse {
+                    kind: Some(proto::subscribe_response::Kind::Event(event)),
+                })) => {
+                    let sent = parse
+                        .then(|| event.data.as_ref())
+                        .flatten()
+                        .and_then(|data| data.fields.get("t"))
+                        .and_then(|t| match t.kind {
+                            Some(prost_types::value::Kind::NumberValue(n)) => Some(n as u64),
+                            _ => None,
+                        });
+                    Next::Event(sent)
+                }
+                Ok(Some(_)) => Next::Other,
+                _ => Next::Closed,
+            },
+        }
+    }
+}
+
+/// Opens `count` Subscribe streams, 100 per HTTP/2 connection.
+async fn open_grpc(server: &str, count: usize, collection: &str) -> Result<Vec<Feed>> {
+    let mut feeds = Vec::with_capacity(count);
+    let mut client = None;
+    for i in 0..count {
+        if i % 100 == 0 {
+            client = Some(RealtimeClient::connect(server.to_owned()).await?);
+        }
+        let client = client.as_mut().expect("a client");
+        let request = proto::SubscribeRequest {
+            collection: collection.to_owned(),
+            ..Default::default()
+        };
+        let mut stream = client.subscribe(request).await?.into_inner();
+        stream.message().await?.context("no subscribed message")?;
+        feeds.push(Feed::Grpc(stream));
+    }
+    Ok(feeds)
 }
 
 async fn idle(args: IdleArgs) -> Result<()> {

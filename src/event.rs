@@ -213,9 +213,10 @@ pub fn parse_timestamp(text: &str) -> Result<SystemTime, EventError> {
 pub enum Wire {
     WebSocket,
     Sse,
+    Grpc,
 }
 
-const WIRE_SLOTS: usize = 2;
+const WIRE_SLOTS: usize = 3;
 
 /// A published event on its way to subscribers, shared by all of them.
 #[derive(Debug)]

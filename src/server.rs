@@ -13,7 +13,8 @@ use crate::bus::{
 };
 use crate::capture::postgres::{self, CaptureError, PostgresConfig};
 use crate::edge::errors::{ApiError, ErrorKind};
-use crate::edge::{AppState, grpc::RealtimeService, http_routes, ws::WsConfig};
+use crate::edge::grpc::{RealtimeService, generated::realtime_server::RealtimeServer};
+use crate::edge::{AppState, http_routes, ws::WsConfig};
 use crate::engine::{Engine, EngineConfig};
 use crate::proto;
 use axum::response::IntoResponse;
@@ -143,8 +144,7 @@ fn app(
     tasks: TaskTracker,
 ) -> Result<axum::Router, ServerError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let realtime =
-        proto::realtime_server::RealtimeServer::new(RealtimeService::new(engine.clone()));
+    let realtime = RealtimeServer::new(RealtimeService::new(engine.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -152,7 +152,7 @@ fn app(
         .expect("the embedded descriptors are valid");
     tokio::spawn(async move {
         health_reporter
-            .set_serving::<proto::realtime_server::RealtimeServer<RealtimeService>>()
+            .set_serving::<RealtimeServer<RealtimeService>>()
             .await;
     });
     let grpc = tonic::service::Routes::new(realtime)

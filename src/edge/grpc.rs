@@ -5,15 +5,23 @@ use super::errors::ApiError;
 use crate::auth::Principal;
 use crate::engine::presence::{PRESENCE_COLLECTION, PresenceUser};
 use crate::engine::{Engine, Received, SubscriptionSpec, Transport};
-use crate::event::{Event, EventType};
+use crate::event::{Event, EventType, Wire};
 use crate::filter::{Condition, Filter, Op, Operand, Scalar};
 use crate::proto;
+use bytes::Bytes;
 use futures_util::Stream;
+use prost::Message;
 use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
 use std::pin::Pin;
 use std::time::SystemTime;
 use tonic::{Request, Response, Status};
+
+/// The generated server, whose Subscribe streams [`EncodedResponse`]s.
+pub mod generated {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/server/strom.v1.rs"));
+}
 
 pub struct RealtimeService {
     engine: Engine,
@@ -44,7 +52,7 @@ impl RealtimeService {
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl proto::realtime_server::Realtime for RealtimeService {
+impl generated::realtime_server::Realtime for RealtimeService {
     async fn publish(
         &self,
         request: Request<proto::PublishRequest>,
@@ -70,7 +78,7 @@ impl proto::realtime_server::Realtime for RealtimeService {
         Ok(Response::new(proto::PublishResponse { seqs }))
     }
 
-    type SubscribeStream = ResponseStream<proto::SubscribeResponse>;
+    type SubscribeStream = ResponseStream<EncodedResponse>;
 
     async fn subscribe(
         &self,
@@ -88,14 +96,14 @@ impl proto::realtime_server::Realtime for RealtimeService {
             .subscribe(spec)
             .await
             .map_err(|e| ApiError::from(e).grpc_status())?;
-        let first = proto::SubscribeResponse {
+        let first = EncodedResponse::of(&proto::SubscribeResponse {
             kind: Some(proto::subscribe_response::Kind::Subscribed(
                 proto::Subscribed {
                     subscription_id,
                     head_seq,
                 },
             )),
-        };
+        });
         let events = futures_util::stream::unfold(Some(connection), |connection| async move {
             let mut connection = connection?;
             match connection.recv().await {
@@ -213,20 +221,66 @@ fn presence_user_from_event(data: &Value) -> proto::PresenceUser {
     }
 }
 
-fn response(received: Received) -> proto::SubscribeResponse {
+/// A `SubscribeResponse` already encoded. The generated server streams
+/// these (build.rs maps the message to this type), so an event is encoded
+/// once (`Wire::Grpc`) and its bytes shared by every gRPC subscriber.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EncodedResponse(Bytes);
+
+impl EncodedResponse {
+    fn of(response: &proto::SubscribeResponse) -> Self {
+        EncodedResponse(response.encode_to_vec().into())
+    }
+}
+
+impl Message for EncodedResponse {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // The server only sends these.
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+fn response(received: Received) -> EncodedResponse {
     use proto::subscribe_response::Kind;
-    let kind = match received {
+    match received {
         Received::Event(delivery) => {
-            let mut event = event_to_proto(&delivery.event.event);
-            event.left_filter = delivery.left_filter;
-            Kind::Event(event)
+            let bytes = delivery
+                .event
+                .encoded(Wire::Grpc, delivery.left_filter, || {
+                    let mut event = event_to_proto(&delivery.event.event);
+                    event.left_filter = delivery.left_filter;
+                    let response = proto::SubscribeResponse {
+                        kind: Some(Kind::Event(event)),
+                    };
+                    response.encode_to_vec().into()
+                });
+            EncodedResponse(bytes)
         }
-        Received::Reset(notice) => Kind::Reset(proto::Reset {
-            since_seq: notice.since,
-            first_available_seq: notice.first_available,
+        Received::Reset(notice) => EncodedResponse::of(&proto::SubscribeResponse {
+            kind: Some(Kind::Reset(proto::Reset {
+                since_seq: notice.since,
+                first_available_seq: notice.first_available,
+            })),
         }),
-    };
-    proto::SubscribeResponse { kind: Some(kind) }
+    }
 }
 
 pub fn spec_from_proto(request: proto::SubscribeRequest) -> Result<SubscriptionSpec, ApiError> {
@@ -443,5 +497,46 @@ fn condition_from_proto(c: proto::Condition) -> Result<Condition, ApiError> {
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         error.grpc_status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Delivery;
+    use crate::event::SharedEvent;
+    use std::sync::Arc;
+
+    #[test]
+    fn an_event_is_encoded_once_for_every_grpc_subscriber() {
+        let event = Event::new(
+            EventType::RecordCreated,
+            "posts",
+            "p1",
+            serde_json::json!({"title": "hi"}),
+        );
+        let shared = Arc::new(SharedEvent::new(event));
+        let deliver = |subscription| {
+            response(Received::Event(Delivery {
+                subscription,
+                event: Arc::clone(&shared),
+                left_filter: false,
+            }))
+        };
+        let (first, second) = (deliver(1), deliver(2));
+        assert_eq!(
+            first.0.as_ptr(),
+            second.0.as_ptr(),
+            "the same bytes, shared"
+        );
+        let decoded = proto::SubscribeResponse::decode(first.0.clone()).unwrap();
+        let Some(proto::subscribe_response::Kind::Event(event)) = decoded.kind else {
+            panic!("an event");
+        };
+        assert_eq!(
+            (event.collection.as_str(), event.record_id.as_str()),
+            ("posts", "p1")
+        );
+        assert_eq!(first.encoded_len(), first.0.len());
     }
 }

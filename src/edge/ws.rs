@@ -52,7 +52,7 @@ const MAX_BATCH: usize = 512;
 
 /// Per-connection read buffer. Clients send small actions, so a small buffer
 /// keeps idle connections cheap (tungstenite's default is 128 KiB).
-const READ_BUFFER: usize = 4096;
+const READ_BUFFER: usize = 1024;
 
 #[derive(Debug, Deserialize)]
 pub struct WsParams {
