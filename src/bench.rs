@@ -328,7 +328,7 @@ impl Feed {
                     kind: Some(proto::subscribe_response::Kind::Event(event)),
                 })) => {
                     let sent = parse
-                        .then(|| event.data.as_ref())
+                        .then_some(event.data.as_ref())
                         .flatten()
                         .and_then(|data| data.fields.get("t"))
                         .and_then(|t| match t.kind {
