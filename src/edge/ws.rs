@@ -81,8 +81,7 @@ pub async fn upgrade(
         .on_upgrade(move |socket| {
             let tracker = app.tasks.clone();
             let presence = params.user_id.map(|id| (id, params.user_name));
-            tracker
-                .track_future(async move { Session::run(app, socket, principal, presence).await })
+            tracker.track_future(Session::run(app, socket, principal, presence))
         }))
 }
 
@@ -157,16 +156,18 @@ impl Session {
                 incoming = stream.next() => match incoming {
                     Some(Ok(frame)) => {
                         session.last_heard = Instant::now();
-                        session.on_frame(frame).await
+                        // Boxed: actions are rare, and their futures would
+                        // otherwise make every idle connection's task large.
+                        Box::pin(session.on_frame(frame)).await
                     }
-                    Some(Err(e)) => session.on_read_error(e).await,
+                    Some(Err(e)) => Box::pin(session.on_read_error(e)).await,
                     None => Step::Close,
                 },
                 delivery = session.connection.recv() => match delivery {
                     Ok(received) => session.write_received(received).await,
-                    Err(reason) => session.end(reason).await,
+                    Err(reason) => Box::pin(session.end(reason)).await,
                 },
-                _ = ping.tick() => session.heartbeat().await,
+                _ = ping.tick() => Box::pin(session.heartbeat()).await,
             };
             if let Step::Close = step {
                 break;
