@@ -706,3 +706,93 @@ async fn the_token_command_mints_tokens_the_server_accepts() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no JWT key configured"));
 }
+
+#[tokio::test]
+async fn issuer_and_audience_are_checked_when_configured() {
+    let server = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            jwt_secret: Some(SECRET.into()),
+            jwt_issuer: Some("https://auth.test".into()),
+            jwt_audience: Some("strom".into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let with = |claims: Value| token_with("ivy", claims, Duration::from_secs(600));
+    let good = with(json!({"iss": "https://auth.test", "aud": "strom"}));
+    subscribe_as(&server, Some(&good), text_subscription("posts", None))
+        .await
+        .expect("the right issuer and audience");
+    for (claims, reason) in [
+        (
+            json!({"iss": "https://evil.test", "aud": "strom"}),
+            "wrong issuer",
+        ),
+        (
+            json!({"iss": "https://auth.test", "aud": "other"}),
+            "wrong audience",
+        ),
+        (json!({"aud": "strom"}), "`iss`"),
+        (json!({"iss": "https://auth.test"}), "`aud`"),
+    ] {
+        let status = subscribe_as(
+            &server,
+            Some(&with(claims.clone())),
+            text_subscription("posts", None),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{claims}");
+        assert!(
+            status.message().contains(reason),
+            "{claims}: {}",
+            status.message()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_jwks_file_supplies_the_public_key() {
+    use base64::Engine as _;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let pem = std::fs::read_to_string(fixtures.join("ed25519.pub.pem")).unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
+    let raw = &der[der.len() - 32..];
+    let jwks = json!({"keys": [{
+        "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": "k1",
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw),
+    }]});
+    let dir = TempDir::new("jwks");
+    let path = dir.0.join("jwks.json");
+    std::fs::write(&path, jwks.to_string()).unwrap();
+    let server = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            jwks: Some(path),
+            jwt_algorithm: Some("EdDSA".into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let private = std::fs::read(fixtures.join("ed25519.pem")).unwrap();
+    let good = mint(
+        Algorithm::EdDSA,
+        &private,
+        "jo",
+        Map::new(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    subscribe_as(&server, Some(&good), text_subscription("posts", None))
+        .await
+        .expect("verified with the JWKS key");
+    let forged = token("jo", json!({}));
+    let status = subscribe_as(&server, Some(&forged), text_subscription("posts", None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}

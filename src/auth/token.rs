@@ -105,7 +105,12 @@ impl TokenVerifier {
         let mut validation = Validation::new(config.algorithm);
         validation.leeway = config.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must also be present, not just
+        // right when present.
+        let mut required = vec!["exp", "sub"];
+        required.extend(config.issuer.as_ref().map(|_| "iss"));
+        required.extend(config.audience.as_ref().map(|_| "aud"));
+        validation.set_required_spec_claims(&required);
         validation.validate_aud = config.audience.is_some();
         if let Some(audience) = &config.audience {
             validation.set_audience(&[audience]);
