@@ -269,3 +269,54 @@ async fn bad_setups_are_refused_with_clear_errors() {
         .unwrap_err();
     assert!(error.to_string().contains("has no primary key"), "{error}");
 }
+
+#[tokio::test]
+async fn a_lost_slot_is_reported_with_a_resync_event_and_capture_goes_on() {
+    let pg = PostgresServer::start_with(&["max_slot_wal_keep_size=1MB"]);
+    let db = with_tables(&pg).await;
+    // With strom stopped, far more WAL than the slot may keep.
+    db.batch_execute(
+        "CREATE TABLE filler AS SELECT g, repeat('x', 2000) AS pad FROM generate_series(1, 20000) g",
+    )
+    .await
+    .unwrap();
+    within("the slot to be lost", async {
+        loop {
+            db.batch_execute("SELECT pg_switch_wal(); CHECKPOINT;")
+                .await
+                .unwrap();
+            let state = postgres::slot_state(&db, "strom").await.unwrap().unwrap();
+            if state.wal_status == "lost" {
+                break;
+            }
+        }
+    })
+    .await;
+
+    let server = TestServer::start(capture_config(&pg)).await;
+    let mut client = server.grpc().await;
+    let request = proto::SubscribeRequest {
+        since_seq: Some(0),
+        ..text_subscription("*", None)
+    };
+    let mut stream = grpc_subscribe(&mut client, request).await;
+    let mut resynced = Vec::new();
+    for _ in 0..2 {
+        let event = next_event(&mut stream).await;
+        assert_eq!(event.r#type, proto::EventType::CollectionUpdated as i32);
+        let data = strom::edge::grpc::json_from_struct(event.data.as_ref().unwrap());
+        assert_eq!(data["resync"], true);
+        resynced.push(event.collection);
+    }
+    resynced.sort();
+    assert_eq!(resynced, ["orders", "public.products"]);
+    // A fresh slot: new changes flow again.
+    db.execute("INSERT INTO products VALUES (9, 'new', 1, NULL)", &[])
+        .await
+        .unwrap();
+    let event = next_event(&mut stream).await;
+    assert_eq!(
+        (event.collection.as_str(), event.record_id.as_str()),
+        ("public.products", "9")
+    );
+}
