@@ -551,10 +551,6 @@ impl Connection {
             .map(|(id, open)| (*id, &open.spec))
     }
 
-    pub fn principal(&self) -> &Principal {
-        &self.principal
-    }
-
     /// Replaces the connection's credentials (the WebSocket `auth` action),
     /// e.g. a refreshed token before the old one expires. With open
     /// subscriptions the user must stay the same.
@@ -736,11 +732,6 @@ impl Connection {
             let delivery = self.queue.try_recv().ok()?;
             self.take_live(delivery);
         }
-    }
-
-    /// When the connection's delivery ended, why.
-    pub fn end_reason(&self) -> Option<EndReason> {
-        self.shared.end_reason().cloned()
     }
 }
 

@@ -46,10 +46,6 @@ impl<T: Clone> Default for MatchIndex<T> {
 }
 
 impl<T: Clone> MatchIndex<T> {
-    pub fn len(&self) -> usize {
-        self.placements.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.placements.is_empty()
     }
