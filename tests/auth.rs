@@ -630,31 +630,45 @@ async fn sse_stream_ends_when_the_token_expires() {
     assert!(sse.next().await.is_none(), "then the stream closes");
 }
 
+/// The test key pair (Ed25519) in tests/fixtures.
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// An EdDSA token signed with the fixture's private key.
+fn eddsa_token(sub: &str) -> String {
+    let private = std::fs::read(fixture("ed25519.pem")).unwrap();
+    mint(
+        Algorithm::EdDSA,
+        &private,
+        sub,
+        Map::new(),
+        Duration::from_secs(600),
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn public_key_tokens_and_the_hs256_with_public_key_attack() {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let server = TestServer::start(ServerConfig {
         auth: AuthSettings {
-            jwt_public_key: Some(fixtures.join("ed25519.pub.pem")),
+            jwt_public_key: Some(fixture("ed25519.pub.pem")),
             jwt_algorithm: Some("EdDSA".into()),
             ..AuthSettings::default()
         },
         ..ServerConfig::default()
     })
     .await;
-    let private = std::fs::read(fixtures.join("ed25519.pem")).unwrap();
-    let good = mint(
-        Algorithm::EdDSA,
-        &private,
-        "erin",
-        Map::new(),
-        Duration::from_secs(600),
+    subscribe_as(
+        &server,
+        Some(&eddsa_token("erin")),
+        text_subscription("posts", None),
     )
-    .unwrap();
-    subscribe_as(&server, Some(&good), text_subscription("posts", None))
-        .await
-        .expect("an EdDSA token verifies with the public key");
-    let public = std::fs::read(fixtures.join("ed25519.pub.pem")).unwrap();
+    .await
+    .expect("an EdDSA token verifies with the public key");
+    let public = std::fs::read(fixture("ed25519.pub.pem")).unwrap();
     let forged = mint(
         Algorithm::HS256,
         &public,
@@ -755,8 +769,7 @@ async fn issuer_and_audience_are_checked_when_configured() {
 #[tokio::test]
 async fn a_jwks_file_supplies_the_public_key() {
     use base64::Engine as _;
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let pem = std::fs::read_to_string(fixtures.join("ed25519.pub.pem")).unwrap();
+    let pem = std::fs::read_to_string(fixture("ed25519.pub.pem")).unwrap();
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     let der = base64::engine::general_purpose::STANDARD
         .decode(body)
@@ -778,18 +791,13 @@ async fn a_jwks_file_supplies_the_public_key() {
         ..ServerConfig::default()
     })
     .await;
-    let private = std::fs::read(fixtures.join("ed25519.pem")).unwrap();
-    let good = mint(
-        Algorithm::EdDSA,
-        &private,
-        "jo",
-        Map::new(),
-        Duration::from_secs(600),
+    subscribe_as(
+        &server,
+        Some(&eddsa_token("jo")),
+        text_subscription("posts", None),
     )
-    .unwrap();
-    subscribe_as(&server, Some(&good), text_subscription("posts", None))
-        .await
-        .expect("verified with the JWKS key");
+    .await
+    .expect("verified with the JWKS key");
     let forged = token("jo", json!({}));
     let status = subscribe_as(&server, Some(&forged), text_subscription("posts", None))
         .await

@@ -5,14 +5,12 @@
 mod common;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use strom::bus::Retention;
 use strom::bus::nats::NatsConfig;
 use strom::engine::EngineConfig;
 use strom::proto;
 use strom::server::ServerConfig;
-use tokio_tungstenite::tungstenite::Message;
 
 fn event(collection: &str, n: u64) -> Value {
     json!({"type": "record.created", "collection": collection, "record_id": n.to_string(),
@@ -64,24 +62,16 @@ async fn grpc_resume_delivers_exactly_the_missed_events_then_live() {
 #[tokio::test]
 async fn websocket_resume_with_since() {
     let server = TestServer::memory().await;
-    let url = format!("ws://{}/api/v1/ws/realtime", server.addr);
     let seqs = publish_n(&server, "notes", 0..6).await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    socket.next().await.unwrap().unwrap(); // connected
-    let subscribe = json!({"action": "subscribe", "collection": "notes", "since": seqs[1]});
-    socket
-        .send(Message::text(subscribe.to_string()))
-        .await
-        .unwrap();
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
+    client
+        .subscribe_with(json!({"action": "subscribe", "collection": "notes", "since": seqs[1]}))
+        .await;
     let mut received = Vec::new();
     while received.len() < 4 {
-        let text = within("a message", socket.next()).await.unwrap().unwrap();
-        let message: Value = serde_json::from_str(text.to_text().unwrap()).unwrap();
-        match message["type"].as_str().unwrap() {
-            "subscribed" => assert!(received.is_empty(), "subscribed comes first"),
-            "event" => received.push(message["data"]["seq"].as_u64().unwrap()),
-            other => panic!("unexpected {other}: {message}"),
-        }
+        let message = client.reply().await;
+        assert_eq!(message["type"], "event", "{message}");
+        received.push(message["data"]["seq"].as_u64().unwrap());
     }
     assert_eq!(received, seqs[2..]);
 }

@@ -4,95 +4,10 @@
 mod common;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::time::Duration;
 use strom::edge::ws::WsConfig;
 use strom::server::ServerConfig;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-struct Client {
-    socket: Socket,
-}
-
-impl Client {
-    async fn connect(server: &TestServer) -> (Client, Value) {
-        let url = format!("ws://{}/api/v1/ws/realtime", server.addr);
-        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        let mut client = Client { socket };
-        let connected = client.next_json().await;
-        assert_eq!(connected["type"], "connected");
-        (client, connected)
-    }
-
-    async fn send(&mut self, value: Value) {
-        self.send_text(&value.to_string()).await;
-    }
-
-    async fn send_text(&mut self, text: &str) {
-        self.socket.send(Message::text(text)).await.unwrap();
-    }
-
-    /// The next frame; `None` once the server closed (with its close frame).
-    async fn next_frame(&mut self) -> Option<Message> {
-        within("a WebSocket frame", self.socket.next())
-            .await
-            .map(|m| m.unwrap())
-    }
-
-    async fn next_json(&mut self) -> Value {
-        loop {
-            match self.next_frame().await {
-                Some(Message::Text(text)) => return serde_json::from_str(&text).unwrap(),
-                Some(Message::Ping(_) | Message::Pong(_)) => continue,
-                other => panic!("expected a JSON message, got {other:?}"),
-            }
-        }
-    }
-
-    /// The next message that is not a heartbeat `ping`.
-    async fn next_reply(&mut self) -> Value {
-        loop {
-            let message = self.next_json().await;
-            if message["type"] != "ping" {
-                return message;
-            }
-        }
-    }
-
-    async fn subscribe(&mut self, subscribe: Value) -> Value {
-        self.send(subscribe).await;
-        let reply = self.next_reply().await;
-        assert_eq!(reply["type"], "subscribed", "{reply}");
-        reply
-    }
-
-    async fn expect_error(&mut self, containing: &str) -> Value {
-        let reply = self.next_reply().await;
-        assert_eq!(reply["type"], "error", "{reply}");
-        let message = reply["data"]["message"].as_str().unwrap();
-        assert!(
-            message.contains(containing),
-            "{message:?} lacks {containing:?}"
-        );
-        reply
-    }
-
-    /// Waits for the server's close frame and returns its code.
-    async fn expect_close(&mut self) -> CloseCode {
-        loop {
-            match self.next_frame().await {
-                Some(Message::Close(Some(frame))) => return frame.code,
-                Some(Message::Close(None)) | None => panic!("closed without a code"),
-                Some(_) => continue,
-            }
-        }
-    }
-}
 
 fn event(collection: &str, record_id: &str, data: Value) -> Value {
     json!({"type": "record.created", "collection": collection, "record_id": record_id, "data": data})
@@ -101,7 +16,8 @@ fn event(collection: &str, record_id: &str, data: Value) -> Value {
 #[tokio::test]
 async fn connected_greeting_and_stats() {
     let server = TestServer::memory().await;
-    let (mut client, connected) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
+    let connected = json!({"data": client.greeting.clone()});
     let id = connected["data"]["connection_id"]
         .as_str()
         .unwrap()
@@ -113,7 +29,7 @@ async fn connected_greeting_and_stats() {
             .ends_with('Z')
     );
     client
-        .subscribe(json!({"action": "subscribe", "collection": "posts"}))
+        .subscribe_with(json!({"action": "subscribe", "collection": "posts"}))
         .await;
     let (_, body) = server.get("/api/v1/stats").await;
     let stats: Value = serde_json::from_str(&body).unwrap();
@@ -128,21 +44,21 @@ async fn connected_greeting_and_stats() {
 #[tokio::test]
 async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
     let server = TestServer::memory().await;
-    let (mut client, _) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
     let reply = client
-        .subscribe(
+        .subscribe_with(
             json!({"action": "subscribe", "collection": "posts", "filter": {"published": true}}),
         )
         .await;
     assert_eq!(reply["data"]["collection"], "posts");
     assert_eq!(reply["data"]["filter"], json!({"published": true}));
     client
-        .subscribe(
+        .subscribe_with(
             json!({"action": "subscribe", "collection": "products", "filter": "price > 100"}),
         )
         .await;
     client
-        .subscribe(json!({"action": "subscribe", "collection": "comments", "record_id": "c1"}))
+        .subscribe_with(json!({"action": "subscribe", "collection": "comments", "record_id": "c1"}))
         .await;
 
     server
@@ -157,7 +73,7 @@ async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
     let seq = server
         .publish_json(event("posts", "p2", json!({"published": true})))
         .await;
-    let got = client.next_reply().await;
+    let got = client.reply().await;
     assert_eq!(got["type"], "event");
     assert_eq!(got["data"]["record_id"], "p2");
     assert_eq!(got["data"]["seq"], seq);
@@ -166,16 +82,16 @@ async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
     server
         .publish_json(event("products", "x2", json!({"price": 500})))
         .await;
-    assert_eq!(client.next_reply().await["data"]["record_id"], "x2");
+    assert_eq!(client.reply().await["data"]["record_id"], "x2");
     server
         .publish_json(event("comments", "c1", json!({})))
         .await;
-    assert_eq!(client.next_reply().await["data"]["record_id"], "c1");
+    assert_eq!(client.reply().await["data"]["record_id"], "c1");
 
     client
         .send(json!({"action": "unsubscribe", "collection": "posts"}))
         .await;
-    let reply = client.next_reply().await;
+    let reply = client.reply().await;
     assert_eq!(
         reply,
         json!({"type": "unsubscribed", "data": {"collection": "posts"}})
@@ -187,7 +103,7 @@ async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
         .publish_json(event("products", "x3", json!({"price": 500})))
         .await;
     assert_eq!(
-        client.next_reply().await["data"]["record_id"],
+        client.reply().await["data"]["record_id"],
         "x3",
         "p3 never came"
     );
@@ -196,7 +112,7 @@ async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
 #[tokio::test]
 async fn every_error_is_reported_and_the_connection_goes_on() {
     let server = TestServer::memory().await;
-    let (mut client, _) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
     client.send_text("{not json").await;
     client.expect_error("malformed JSON").await;
     client.send_text("[1, 2]").await;
@@ -224,29 +140,25 @@ async fn every_error_is_reported_and_the_connection_goes_on() {
         .send(json!({"action": "unsubscribe", "collection": "never"}))
         .await;
     client.expect_error("not subscribed").await;
-    client
-        .socket
-        .send(Message::binary(vec![1, 2, 3]))
-        .await
-        .unwrap();
+    client.send_binary(vec![1, 2, 3]).await;
     client.expect_error("binary frames").await;
     // Still usable.
     client
-        .subscribe(json!({"action": "subscribe", "collection": "posts"}))
+        .subscribe_with(json!({"action": "subscribe", "collection": "posts"}))
         .await;
     server.publish_json(event("posts", "ok", json!({}))).await;
-    assert_eq!(client.next_reply().await["data"]["record_id"], "ok");
+    assert_eq!(client.reply().await["data"]["record_id"], "ok");
 }
 
 #[tokio::test]
 async fn resubscribing_replaces_the_subscription() {
     let server = TestServer::memory().await;
-    let (mut client, _) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
     client
-        .subscribe(json!({"action": "subscribe", "collection": "posts"}))
+        .subscribe_with(json!({"action": "subscribe", "collection": "posts"}))
         .await;
     client
-        .subscribe(json!({"action": "subscribe", "collection": "posts", "filter": {"n": 2}}))
+        .subscribe_with(json!({"action": "subscribe", "collection": "posts", "filter": {"n": 2}}))
         .await;
     server
         .publish_json(event("posts", "1", json!({"n": 1})))
@@ -257,8 +169,8 @@ async fn resubscribing_replaces_the_subscription() {
     server
         .publish_json(event("posts", "3", json!({"n": 2})))
         .await;
-    assert_eq!(client.next_reply().await["data"]["record_id"], "2");
-    assert_eq!(client.next_reply().await["data"]["record_id"], "3");
+    assert_eq!(client.reply().await["data"]["record_id"], "2");
+    assert_eq!(client.reply().await["data"]["record_id"], "3");
 }
 
 fn heartbeat_config(ping: u64, idle: u64) -> ServerConfig {
@@ -275,27 +187,27 @@ fn heartbeat_config(ping: u64, idle: u64) -> ServerConfig {
 #[tokio::test]
 async fn answered_pings_keep_the_connection_open() {
     let server = TestServer::start(heartbeat_config(25, 500)).await;
-    let (mut client, _) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
     // Thirty pings span longer than the idle timeout; answering each keeps
     // the connection open.
     for _ in 0..30 {
-        let ping = client.next_json().await;
+        let ping = client.next_message().await.unwrap();
         assert_eq!(ping["type"], "ping");
         assert!(ping["data"]["timestamp"].is_string());
         client.send(json!({"action": "pong"})).await;
     }
     client
-        .subscribe(json!({"action": "subscribe", "collection": "alive"}))
+        .subscribe_with(json!({"action": "subscribe", "collection": "alive"}))
         .await;
 }
 
 #[tokio::test]
 async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     let server = TestServer::start(heartbeat_config(20, 100)).await;
-    let (mut client, _) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
     let mut pings = 0;
     let error = loop {
-        let message = client.next_json().await;
+        let message = client.next_message().await.unwrap();
         match message["type"].as_str() {
             Some("ping") => pings += 1,
             _ => break message,
@@ -304,7 +216,7 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(error["type"], "error");
     assert!(error["data"]["message"].as_str().unwrap().contains("pong"));
     assert!(pings >= 1, "pings came before the close");
-    assert_eq!(client.expect_close().await, CloseCode::Library(4000));
+    assert_eq!(client.expect_close().await, 4000);
 }
 
 #[tokio::test]
@@ -317,24 +229,24 @@ async fn an_oversized_frame_is_refused_with_an_error_and_a_close() {
         ..ServerConfig::default()
     })
     .await;
-    let (mut client, _) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
     let big = json!({"action": "subscribe", "collection": "x".repeat(1200)}).to_string();
     client.send_text(&big).await;
     client
         .expect_error("larger than the limit of 1000 bytes")
         .await;
-    assert_eq!(client.expect_close().await, CloseCode::Size);
+    assert_eq!(client.expect_close().await, 1009);
     // The server is fine.
-    let (mut other, _) = Client::connect(&server).await;
+    let mut other = WsClient::connect(server.addr, "").await.unwrap();
     other
-        .subscribe(json!({"action": "subscribe", "collection": "posts"}))
+        .subscribe_with(json!({"action": "subscribe", "collection": "posts"}))
         .await;
 }
 
 #[tokio::test]
 async fn auth_without_configuration_is_an_error() {
     let server = TestServer::memory().await;
-    let (mut client, _) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
     client.send(json!({"action": "auth", "token": "abc"})).await;
     client.expect_error("not configured to verify tokens").await;
 }
@@ -342,11 +254,11 @@ async fn auth_without_configuration_is_an_error() {
 #[tokio::test]
 async fn shutdown_closes_with_going_away() {
     let mut server = TestServer::memory().await;
-    let (mut client, _) = Client::connect(&server).await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
     client
-        .subscribe(json!({"action": "subscribe", "collection": "posts"}))
+        .subscribe_with(json!({"action": "subscribe", "collection": "posts"}))
         .await;
     server.begin_stop();
     client.expect_error("shutting down").await;
-    assert_eq!(client.expect_close().await, CloseCode::Away);
+    assert_eq!(client.expect_close().await, 1001);
 }

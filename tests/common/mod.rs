@@ -492,19 +492,31 @@ impl WsClient {
             .unwrap();
     }
 
-    /// The next JSON message, heartbeats skipped; a close frame reads as
-    /// `{"type": "close", "code": N}`; `None` once the socket is gone.
-    pub async fn next(&mut self) -> Option<serde_json::Value> {
+    pub async fn send_text(&mut self, text: &str) {
+        use futures_util::SinkExt;
+        self.socket
+            .send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        use futures_util::SinkExt;
+        self.socket
+            .send(tokio_tungstenite::tungstenite::Message::binary(bytes))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON message, heartbeat `ping`s included; a close frame
+    /// reads as `{"type": "close", "code": N}`; `None` once the socket is
+    /// gone.
+    pub async fn next_message(&mut self) -> Option<serde_json::Value> {
         use futures_util::StreamExt;
         use tokio_tungstenite::tungstenite::Message;
         loop {
             match within("a WebSocket message", self.socket.next()).await? {
-                Ok(Message::Text(text)) => {
-                    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-                    if value["type"] != "ping" {
-                        return Some(value);
-                    }
-                }
+                Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
                 Ok(Message::Close(frame)) => {
                     let code = frame.map(|f| u16::from(f.code));
                     return Some(serde_json::json!({"type": "close", "code": code}));
@@ -515,18 +527,60 @@ impl WsClient {
         }
     }
 
+    /// The next JSON message that is not a heartbeat `ping`.
+    pub async fn next(&mut self) -> Option<serde_json::Value> {
+        loop {
+            let message = self.next_message().await?;
+            if message["type"] != "ping" {
+                return Some(message);
+            }
+        }
+    }
+
+    /// Like [`WsClient::next`], for a connection that must still be open.
+    pub async fn reply(&mut self) -> serde_json::Value {
+        self.next().await.expect("the connection is open")
+    }
+
+    /// The next message must be an `error` whose message contains `containing`.
+    pub async fn expect_error(&mut self, containing: &str) -> serde_json::Value {
+        let reply = self.reply().await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        let message = reply["data"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(containing),
+            "{message:?} lacks {containing:?}"
+        );
+        reply
+    }
+
+    /// Waits for the server's close frame and returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            let message = self.next_message().await.expect("a close frame");
+            if message["type"] == "close" {
+                return message["code"].as_u64().expect("a close code") as u16;
+            }
+        }
+    }
+
     /// Sends an action and returns the next message.
     pub async fn request(&mut self, value: serde_json::Value) -> serde_json::Value {
         self.send(value).await;
         self.next().await.expect("a reply")
     }
 
-    /// Subscribes and checks the `subscribed` reply.
+    /// Subscribes to `collection` and checks the `subscribed` reply.
     pub async fn subscribe(&mut self, collection: &str) {
-        let reply = self
-            .request(serde_json::json!({"action": "subscribe", "collection": collection}))
+        self.subscribe_with(serde_json::json!({"action": "subscribe", "collection": collection}))
             .await;
+    }
+
+    /// Sends a `subscribe` action and checks the `subscribed` reply.
+    pub async fn subscribe_with(&mut self, action: serde_json::Value) -> serde_json::Value {
+        let reply = self.request(action).await;
         assert_eq!(reply["type"], "subscribed", "{reply}");
+        reply
     }
 
     pub async fn close(mut self) {
