@@ -207,6 +207,9 @@ pub fn parse_timestamp(text: &str) -> Result<SystemTime, EventError> {
         .map_err(|_| invalid())
 }
 
+/// The collection name that subscribes to every collection.
+pub const WILDCARD: &str = "*";
+
 /// The wire formats whose encodings a [`SharedEvent`] caches. The engine does
 /// not know how each is encoded; it only keeps the bytes an edge produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

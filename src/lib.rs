@@ -18,7 +18,8 @@
 //! - [`event`]: the event model and the per-wire-format encoding cache.
 //! - [`codec`]: the JSON spelling of events, shared by the JSON edges and
 //!   the NATS bus body.
-//! - [`server`]: wires it all onto one listener; [`proto`]: generated code;
+//! - [`server`]: wires it all onto one listener, whose sockets get a
+//!   [`write_deadline`]; [`proto`]: generated code;
 //!   [`client`]: a small Rust client over the generated one.
 
 pub mod auth;
@@ -31,6 +32,7 @@ pub mod engine;
 pub mod event;
 pub mod filter;
 pub mod server;
+pub mod write_deadline;
 
 /// Code generated from `proto/strom/v1/realtime.proto`.
 pub mod proto {

@@ -17,6 +17,7 @@ use crate::edge::grpc::{RealtimeService, generated::realtime_server::RealtimeSer
 use crate::edge::{AppState, http_routes, ws::WsConfig};
 use crate::engine::{Engine, EngineConfig};
 use crate::proto;
+use crate::write_deadline::WriteDeadline;
 use axum::response::IntoResponse;
 use std::time::Duration;
 use thiserror::Error;
@@ -40,6 +41,9 @@ pub struct ServerConfig {
     pub sse_keepalive: Duration,
     /// Origins allowed by CORS (browsers, gRPC-Web); empty means any.
     pub cors_origins: Vec<String>,
+    /// A socket write blocked this long fails, and its connection closes
+    /// (see [`crate::write_deadline`]).
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
             ws: WsConfig::default(),
             sse_keepalive: Duration::from_secs(15),
             cors_origins: Vec::new(),
+            write_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -114,6 +119,7 @@ impl Server {
             .clone()
             .map(|config| tokio::spawn(postgres::run(config, self.engine.clone())));
         let stopping = self.engine.clone();
+        let listener = WriteDeadline::new(listener, self.config.write_timeout);
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;

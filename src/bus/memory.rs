@@ -7,15 +7,15 @@
 //! bounded and non-blocking), so the lock is short. The history keeps the
 //! same retention as the JetStream stream would: by count and by age.
 
+use super::{Audience, Inbox};
 use super::{History, Replay, Retention};
-use crate::engine::router::{Audience, Router, WILDCARD};
-use crate::event::{Event, SharedEvent};
+use crate::event::{Event, SharedEvent, WILDCARD};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub struct MemoryBus {
-    router: Arc<Router>,
+    inbox: Arc<dyn Inbox>,
     retention: Retention,
     log: Mutex<Log>,
 }
@@ -27,9 +27,9 @@ struct Log {
 }
 
 impl MemoryBus {
-    pub fn new(router: Arc<Router>, retention: Retention) -> Self {
+    pub fn new(inbox: Arc<dyn Inbox>, retention: Retention) -> Self {
         MemoryBus {
-            router,
+            inbox,
             retention,
             log: Mutex::new(Log {
                 last_seq: 0,
@@ -48,7 +48,7 @@ impl MemoryBus {
                 event.seq = log.last_seq;
                 let event = Arc::new(SharedEvent::new(event));
                 log.history.push_back((now, Arc::clone(&event)));
-                self.router.dispatch(event, Audience::Everyone);
+                self.inbox.deliver(event, Audience::Everyone);
                 log.last_seq
             })
             .collect();

@@ -7,7 +7,7 @@
 //! collections its local subscribers need.
 //!
 //! Adapters move events and bytes; they know nothing of subscribers beyond
-//! handing each event to the [`Router`](crate::engine::router::Router).
+//! handing each event to an [`Inbox`], which the engine implements.
 
 pub mod memory;
 pub mod nats;
@@ -17,6 +17,24 @@ use crate::event::{Event, SharedEvent};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
+
+/// Which of a node's subscriptions one delivery is for. The memory bus
+/// serves both at once; the NATS bus reads collections and `*` through
+/// separate consumers, each delivering its own part, so no event arrives
+/// twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Everyone,
+    CollectionOnly,
+    WildcardOnly,
+}
+
+/// Where the bus delivers the events it carries: the node's engine. The
+/// bus defines it, so the bus never names the engine.
+pub trait Inbox: Send + Sync + 'static {
+    /// Takes one event; called in seq order per collection (per `*`).
+    fn deliver(&self, event: Arc<SharedEvent>, audience: Audience);
+}
 
 #[derive(Debug, Error)]
 pub enum BusError {

@@ -14,12 +14,10 @@
 //! consumer exists on the server, so an event published after a subscribe
 //! returned is never missed.
 
-use super::presence_sync::{self, PresenceTiming};
-use super::{BusError, History, Replay, Retention};
+use super::presence_sync::{self, PresenceState, PresenceTiming};
+use super::{Audience, BusError, History, Inbox, Replay, Retention};
 use crate::codec::{decode_event, encode_bus_body};
-use crate::engine::presence::Presence;
-use crate::engine::router::{Audience, Router, WILDCARD};
-use crate::event::{Event, SharedEvent};
+use crate::event::{Event, SharedEvent, WILDCARD};
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use std::collections::HashMap;
@@ -58,7 +56,7 @@ struct Inner {
     js: jetstream::Context,
     stream: stream::Stream,
     prefix: String,
-    router: Arc<Router>,
+    inbox: Arc<dyn Inbox>,
     /// Per collection (or `*`): how many local subscriptions want it, and
     /// its consumer.
     watches: Mutex<HashMap<String, (usize, Arc<WatchState>)>>,
@@ -145,8 +143,8 @@ impl NatsBus {
     pub async fn connect(
         config: NatsConfig,
         retention: Retention,
-        router: Arc<Router>,
-        presence: Arc<Presence>,
+        inbox: Arc<dyn Inbox>,
+        presence: Arc<dyn PresenceState>,
     ) -> Result<NatsBus, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("strom")
@@ -180,7 +178,7 @@ impl NatsBus {
                 js,
                 stream,
                 prefix: config.subject_prefix,
-                router,
+                inbox,
                 watches: Mutex::new(HashMap::new()),
             }),
         })
@@ -424,7 +422,7 @@ impl Inner {
         }
         drop(consumer);
         if let Some(event) = self.decode(message) {
-            self.router.dispatch(event, audience);
+            self.inbox.deliver(event, audience);
         }
         Some(info.stream_sequence)
     }

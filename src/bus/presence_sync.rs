@@ -15,7 +15,6 @@
 //! a snapshot, which replaces what it knew. A node not heard from within the
 //! timeout (killed, partitioned) is forgotten: its users leave.
 
-use crate::engine::presence::{Count, Presence};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -42,6 +41,40 @@ impl Default for PresenceTiming {
 }
 
 const PREFIX: &str = "strom.presence";
+
+/// One user's count on one node: connections when `channel` is `None`,
+/// subscriptions on `channel` otherwise. Zero means gone. Absolute, so
+/// applying one twice, or after a snapshot, is harmless.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Count {
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_name: Option<String>,
+    /// Milliseconds since the Unix epoch of the change.
+    pub at: u64,
+}
+
+/// The presence state this module keeps in step across nodes: the engine's
+/// tracker. Defined here, so the bus never names the engine.
+pub trait PresenceState: Send + Sync + 'static {
+    /// This node's name.
+    fn node(&self) -> &str;
+    /// Hands this node's count changes to `outbox` from now on.
+    fn share_with(&self, outbox: mpsc::UnboundedSender<Count>);
+    /// This node's counts, for a peer that asks for a snapshot.
+    fn local_counts(&self) -> Vec<Count>;
+    /// Applies one count from `node`.
+    fn apply(&self, node: &str, count: Count);
+    /// Replaces everything known of `node` by its snapshot.
+    fn replace_node(&self, node: &str, counts: Vec<Count>);
+    /// Forgets a node that stopped answering: its users leave.
+    fn forget_node(&self, node: &str);
+    /// Nodes other than this one that have told us something.
+    fn known_nodes(&self) -> Vec<String>;
+}
 
 #[derive(Serialize, Deserialize)]
 struct CountMessage {
@@ -71,7 +104,7 @@ struct Peer {
 /// Starts sharing `presence` with the other nodes on `client`.
 pub async fn start(
     client: async_nats::Client,
-    presence: Arc<Presence>,
+    presence: Arc<dyn PresenceState>,
     timing: PresenceTiming,
 ) -> Result<(), async_nats::Error> {
     let node = presence.node().to_owned();
@@ -131,8 +164,8 @@ pub async fn start(
                         ask(&h.node).await;
                     }
                 }
-                Some(request) = requests.next() => answer(&client, &presence, &node, seq, request).await,
-                Some(request) = direct.next() => answer(&client, &presence, &node, seq, request).await,
+                Some(request) = requests.next() => answer(&client, &*presence, &node, seq, request).await,
+                Some(request) = direct.next() => answer(&client, &*presence, &node, seq, request).await,
                 Some(message) = snapshots.next() => {
                     let Some(s): Option<Snapshot> = decode(&message.payload) else { continue };
                     if s.node == node { continue }
@@ -174,7 +207,7 @@ fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Option<T> {
 
 async fn answer(
     client: &async_nats::Client,
-    presence: &Presence,
+    presence: &dyn PresenceState,
     node: &str,
     seq: u64,
     request: async_nats::Message,

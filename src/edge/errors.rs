@@ -129,6 +129,7 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownSubscription(_) => ErrorKind::NotFound,
             EngineError::Bus(_) => ErrorKind::Unavailable,
             EngineError::Auth(e) => return ApiError::from(e.clone()),
+            EngineError::Ended(reason) => return ApiError::from(reason.clone()),
         };
         ApiError::new(kind, error.to_string())
     }

@@ -9,9 +9,8 @@
 
 use super::errors::ApiError;
 use super::{AppState, connected_data, event_json};
-use crate::engine::router::WILDCARD;
 use crate::engine::{Connection, Delivery, Received, SubscriptionSpec, Transport};
-use crate::event::Wire;
+use crate::event::{WILDCARD, Wire};
 use crate::filter::Filter;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};

@@ -50,6 +50,11 @@ impl Default for WsConfig {
 /// Deliveries written before one flush; bounds the latency of a batch.
 const MAX_BATCH: usize = 512;
 
+/// How long closing may wait for the socket. A client that stopped reading
+/// would hold it until the write deadline; its connection has already left
+/// the engine, so the goodbye is best effort.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Per-connection read buffer. Clients send small actions, so a small buffer
 /// keeps idle connections cheap (tungstenite's default is 128 KiB).
 const READ_BUFFER: usize = 1024;
@@ -173,7 +178,7 @@ impl Session {
                 break;
             }
         }
-        let _ = session.sink.close().await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, session.sink.close()).await;
     }
 
     async fn send(&mut self, message: Message) -> Result<(), axum::Error> {
@@ -189,33 +194,47 @@ impl Session {
     }
 
     async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
-        let _ = self.sink.feed(error_message(&error)).await;
-        let _ = self.send(close_message(code, &error.message)).await;
+        let goodbye = async {
+            let _ = self.sink.feed(error_message(&error)).await;
+            let _ = self.send(close_message(code, &error.message)).await;
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
         Step::Close
     }
 
-    /// Writes `first` and whatever else is at hand, then flushes once.
+    /// Writes `first` and whatever else is at hand, then flushes once. An
+    /// eviction while the socket is blocked abandons the batch: the client
+    /// resumes from what it did receive.
     async fn write_received(&mut self, first: Received) -> Step {
-        let mut next = Some(first);
-        let mut written = 0;
-        while let Some(received) = next {
-            let frame = match received {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match self.connection.try_recv() {
+                Some(received) => batch.push(received),
+                None => break,
+            }
+        }
+        let frames: Vec<Message> = batch
+            .into_iter()
+            .map(|received| match received {
                 Received::Event(delivery) => Message::Text(event_frame(&delivery)),
                 Received::Reset(notice) => self.reset_message(&notice),
-            };
-            if self.sink.feed(frame).await.is_err() {
-                return Step::Close;
+            })
+            .collect();
+        let sink = &mut self.sink;
+        let write = async move {
+            for frame in frames {
+                sink.feed(frame).await?;
             }
-            written += 1;
-            next = if written < MAX_BATCH {
-                self.connection.try_recv()
-            } else {
-                None
-            };
-        }
-        match self.sink.flush().await {
-            Ok(()) => Step::Continue,
-            Err(_) => Step::Close,
+            sink.flush().await
+        };
+        tokio::select! {
+            written = write => match written {
+                Ok(()) => Step::Continue,
+                Err(_) => Step::Close,
+            },
+            // What is queued is dropped the same way; then `recv` ends
+            // with the reason.
+            _ = self.connection.evicted() => Step::Continue,
         }
     }
 

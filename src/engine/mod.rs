@@ -10,11 +10,12 @@ pub mod presence;
 pub mod router;
 
 use crate::auth::{Auth, AuthError, Principal};
-use crate::bus::{Bus, BusError, History, Interest};
-use crate::event::{Event, EventError, SharedEvent, validate_collection};
+use crate::bus::presence_sync::PresenceState;
+use crate::bus::{Bus, BusError, History, Inbox, Interest};
+use crate::event::{Event, EventError, SharedEvent, WILDCARD, validate_collection};
 use crate::filter::Filter;
 use presence::{PRESENCE_COLLECTION, Presence, PresenceUser};
-use router::{ConnShared, Gate, Router, SubEntry, WILDCARD};
+use router::{ConnShared, Gate, Membership, Router, SubEntry};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,6 +93,8 @@ pub enum EngineError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("{0}")]
+    Ended(EndReason),
 }
 
 /// The transports, for stats.
@@ -151,6 +154,8 @@ pub struct Engine {
     auth: Arc<Auth>,
     presence: Arc<Presence>,
     published: Arc<AtomicU64>,
+    /// Connections evicted by the dispatcher, for the reaper to retire.
+    evictions: mpsc::UnboundedSender<u64>,
 }
 
 /// Counts for `/api/v1/stats`.
@@ -166,20 +171,21 @@ pub struct Stats {
 }
 
 impl Engine {
-    /// Builds an engine on a bus; `open_bus` receives the router the bus
-    /// delivers events into and the presence tracker it shares.
+    /// Builds an engine on a bus; `open_bus` receives the inbox the bus
+    /// delivers events into and the presence state it shares.
     pub async fn start<F, Fut>(
         config: EngineConfig,
         auth: Auth,
         open_bus: F,
     ) -> Result<Engine, BusError>
     where
-        F: FnOnce(Arc<Router>, Arc<Presence>) -> Fut,
+        F: FnOnce(Arc<dyn Inbox>, Arc<dyn PresenceState>) -> Fut,
         Fut: Future<Output = Result<Bus, BusError>>,
     {
         let router = Arc::new(Router::default());
         let presence = Arc::new(Presence::new(router.node().to_owned(), Arc::clone(&router)));
-        let bus = Arc::new(open_bus(Arc::clone(&router), Arc::clone(&presence)).await?);
+        let bus = Arc::new(open_bus(router.clone(), presence.clone()).await?);
+        let evictions = spawn_reaper(Arc::downgrade(&router), Arc::downgrade(&presence));
         Ok(Engine {
             router,
             bus,
@@ -187,6 +193,7 @@ impl Engine {
             auth: Arc::new(auth),
             presence,
             published: Arc::default(),
+            evictions,
         })
     }
 
@@ -260,14 +267,19 @@ impl Engine {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity);
         let id = self.router.next_id();
         let name = self.router.connection_name(id);
-        let shared = Arc::new(ConnShared::new(id, name, transport, tx));
+        let shared = Arc::new(ConnShared::new(
+            id,
+            name,
+            transport,
+            tx,
+            self.evictions.clone(),
+        ));
         *shared.user_id.lock().expect("user lock") = principal.user_id();
         self.router.register(Arc::clone(&shared));
         let mut connection = Connection {
             engine: self.clone(),
             shared,
             expires: deadline(&principal),
-            present_as: None,
             sent: RateLimiter::new(self.config.client_publish_rate),
             principal,
             queue: rx,
@@ -302,11 +314,12 @@ impl Engine {
                 users.insert(user);
             }
             let mut collections: Vec<String> = conn
-                .collections
+                .membership
                 .lock()
-                .expect("collections lock")
+                .expect("membership lock")
+                .subscriptions
                 .values()
-                .cloned()
+                .map(|(collection, _)| collection.clone())
                 .collect();
             collections.sort();
             stats
@@ -371,8 +384,6 @@ pub struct Connection {
     principal: Principal,
     /// When the principal's token expires.
     expires: Option<tokio::time::Instant>,
-    /// The user this connection counts as online, and their display name.
-    present_as: Option<(String, Option<String>)>,
     /// Paces what this client publishes.
     sent: RateLimiter,
     queue: mpsc::Receiver<Delivery>,
@@ -456,28 +467,38 @@ impl Connection {
             gate,
             echo: spec.echo,
         });
-        let removed: Vec<(&str, Option<&str>, u64)> = old
-            .iter()
-            .map(|id| {
-                let spec = &self.subscriptions[id].spec;
-                (spec.collection.as_str(), spec.record_id.as_deref(), *id)
-            })
-            .collect();
-        self.engine.router.add_replacing(
-            &spec.collection,
-            spec.record_id.as_deref(),
-            Arc::clone(&entry),
-            &removed,
-        );
-        self.count_in_channel(&spec.collection, 1);
+        {
+            let mut membership = self.shared.membership.lock().expect("membership lock");
+            if membership.retired {
+                let reason = self.shared.end_reason().cloned();
+                return Err(EngineError::Ended(reason.unwrap_or(EndReason::Shutdown)));
+            }
+            let removed: Vec<(&str, Option<&str>, u64)> = old
+                .iter()
+                .map(|id| {
+                    let spec = &self.subscriptions[id].spec;
+                    (spec.collection.as_str(), spec.record_id.as_deref(), *id)
+                })
+                .collect();
+            self.engine.router.add_replacing(
+                &spec.collection,
+                spec.record_id.as_deref(),
+                Arc::clone(&entry),
+                &removed,
+            );
+            let presence = &self.engine.presence;
+            for id in &old {
+                if let Some((collection, _)) = membership.subscriptions.remove(id) {
+                    count_in_channel(presence, &membership, &collection, -1);
+                }
+            }
+            let key = (spec.collection.clone(), spec.record_id.clone());
+            membership.subscriptions.insert(id, key);
+            count_in_channel(presence, &membership, &spec.collection, 1);
+        }
         for id in &old {
             self.forget(*id);
         }
-        self.shared
-            .collections
-            .lock()
-            .expect("collections lock")
-            .insert(id, spec.collection.clone());
         let since = spec.since;
         let collection = spec.collection.clone();
         self.subscriptions.insert(
@@ -520,28 +541,27 @@ impl Connection {
             .get(&id)
             .map(|open| open.spec.clone())
             .ok_or(EngineError::UnknownSubscription(id))?;
-        self.engine
-            .router
-            .remove(&spec.collection, spec.record_id.as_deref(), id);
+        {
+            let mut membership = self.shared.membership.lock().expect("membership lock");
+            if membership.subscriptions.remove(&id).is_some() {
+                self.engine
+                    .router
+                    .remove(&spec.collection, spec.record_id.as_deref(), id);
+                count_in_channel(&self.engine.presence, &membership, &spec.collection, -1);
+            }
+        }
         self.forget(id);
         Ok(spec)
     }
 
-    /// Drops what the connection holds of subscription `id`.
+    /// Drops what the connection itself holds of subscription `id`.
     fn forget(&mut self, id: u64) {
-        if let Some(open) = self.subscriptions.remove(&id) {
-            self.count_in_channel(&open.spec.collection, -1);
-        }
+        self.subscriptions.remove(&id);
         self.catch_ups.retain(|c| c.subscription != id);
         self.ready.retain(|r| match r {
             Received::Event(d) => d.subscription != id,
             Received::Reset(n) => n.subscription != id,
         });
-        self.shared
-            .collections
-            .lock()
-            .expect("collections lock")
-            .remove(&id);
     }
 
     /// The subscriptions of this connection, by id.
@@ -564,9 +584,7 @@ impl Connection {
         *self.shared.user_id.lock().expect("user lock") = principal.user_id();
         self.expires = deadline(&principal);
         self.principal = principal;
-        if self.present_as.is_none() {
-            self.join_presence(None);
-        }
+        self.join_presence(None);
         Ok(())
     }
 
@@ -574,9 +592,6 @@ impl Connection {
     /// an anonymous connection on an open server, as `claimed` (the SSE and
     /// WebSocket `user_id=` parameter). `user_name` is shown in snapshots.
     pub fn join_presence(&mut self, claimed: Option<(String, Option<String>)>) {
-        if self.present_as.is_some() {
-            return;
-        }
         let identity = match (self.principal.user_id(), claimed) {
             (Some(user_id), claimed) => {
                 let name = match &self.principal {
@@ -592,28 +607,20 @@ impl Connection {
             (None, Some(claimed)) if self.engine.auth.is_open() => claimed,
             (None, _) => return,
         };
-        let presence = &self.engine.presence;
-        presence.change_local(&identity.0, None, identity.1.as_deref(), 1);
-        let channels: Vec<String> = self
-            .subscriptions
-            .values()
-            .map(|open| open.spec.collection.clone())
-            .collect();
-        self.present_as = Some(identity);
-        for channel in channels {
-            self.count_in_channel(&channel, 1);
-        }
-    }
-
-    /// Counts this connection's user in (or out of) a channel.
-    fn count_in_channel(&self, channel: &str, delta: i32) {
-        if channel == WILDCARD || channel == PRESENCE_COLLECTION {
+        let mut membership = self.shared.membership.lock().expect("membership lock");
+        if membership.retired || membership.present_as.is_some() {
             return;
         }
-        if let Some((user_id, user_name)) = &self.present_as {
-            self.engine
-                .presence
-                .change_local(user_id, Some(channel), user_name.as_deref(), delta);
+        let presence = &self.engine.presence;
+        presence.change_local(&identity.0, None, identity.1.as_deref(), 1);
+        membership.present_as = Some(identity);
+        let channels: Vec<String> = membership
+            .subscriptions
+            .values()
+            .map(|(collection, _)| collection.clone())
+            .collect();
+        for channel in channels {
+            count_in_channel(presence, &membership, &channel, 1);
         }
     }
 
@@ -630,7 +637,7 @@ impl Connection {
             .find(|c| c.subscription == delivery.subscription)
         {
             Some(catch_up) if catch_up.held.len() >= capacity => {
-                self.shared.end(EndReason::Overflow { capacity });
+                self.shared.evict(EndReason::Overflow { capacity });
             }
             Some(catch_up) => catch_up.held.push_back(delivery),
             None => self.ready.push_back(Received::Event(delivery)),
@@ -659,7 +666,9 @@ impl Connection {
                     }));
                 }
             }
-            Some(Err(e)) => self.shared.end(EndReason::History(e.to_string())),
+            Some(Err(e)) => {
+                self.shared.end(EndReason::History(e.to_string()));
+            }
             None => {
                 let done = self.catch_ups.pop_front().expect("a catch-up");
                 self.ready.extend(
@@ -723,6 +732,18 @@ impl Connection {
         }
     }
 
+    /// Resolves once the connection has been evicted (it read too slowly):
+    /// an edge blocked writing to it can give up, since what it is writing
+    /// will be resumed anyway.
+    pub fn evicted(&self) -> impl Future<Output = ()> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        async move {
+            while !shared.is_evicted() {
+                shared.end_signal.notified().await;
+            }
+        }
+    }
+
     /// Something already at hand, without waiting; for batching writes.
     pub fn try_recv(&mut self) -> Option<Received> {
         loop {
@@ -737,17 +758,60 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let ids: Vec<u64> = self.subscriptions.keys().copied().collect();
-        for id in ids {
-            let _ = self.unsubscribe(id);
+        retire(&self.engine.router, &self.engine.presence, &self.shared);
+    }
+}
+
+/// Gives back everything `conn` holds: its subscriptions leave the router,
+/// its user leaves presence, and stats forget it. Runs once, when the
+/// connection closes or, earlier, when it is evicted.
+fn retire(router: &Router, presence: &Presence, conn: &ConnShared) {
+    {
+        let mut membership = conn.membership.lock().expect("membership lock");
+        if membership.retired {
+            return;
         }
-        self.engine.router.unregister(self.shared.id);
-        if let Some((user_id, user_name)) = self.present_as.take() {
-            self.engine
-                .presence
-                .change_local(&user_id, None, user_name.as_deref(), -1);
+        membership.retired = true;
+        for (id, (collection, record_id)) in std::mem::take(&mut membership.subscriptions) {
+            router.remove(&collection, record_id.as_deref(), id);
+            count_in_channel(presence, &membership, &collection, -1);
+        }
+        if let Some((user_id, user_name)) = membership.present_as.take() {
+            presence.change_local(&user_id, None, user_name.as_deref(), -1);
         }
     }
+    router.unregister(conn.id);
+}
+
+/// Counts a connection's user (if it has one) in or out of a channel.
+fn count_in_channel(presence: &Presence, membership: &Membership, channel: &str, delta: i32) {
+    if channel == WILDCARD || channel == PRESENCE_COLLECTION {
+        return;
+    }
+    if let Some((user_id, user_name)) = &membership.present_as {
+        presence.change_local(user_id, Some(channel), user_name.as_deref(), delta);
+    }
+}
+
+/// Starts the task that retires evicted connections: a dispatcher that
+/// finds a queue full cannot take router locks itself, so it hands the
+/// connection's id here. The task ends with the engine.
+fn spawn_reaper(
+    router: std::sync::Weak<Router>,
+    presence: std::sync::Weak<Presence>,
+) -> mpsc::UnboundedSender<u64> {
+    let (evictions, mut evicted) = mpsc::unbounded_channel::<u64>();
+    tokio::spawn(async move {
+        while let Some(id) = evicted.recv().await {
+            let (Some(router), Some(presence)) = (router.upgrade(), presence.upgrade()) else {
+                break;
+            };
+            if let Some(conn) = router.connection(id) {
+                retire(&router, &presence, &conn);
+            }
+        }
+    });
+    evictions
 }
 
 /// The moment `principal`'s token expires, on the tokio clock.

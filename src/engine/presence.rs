@@ -10,14 +10,15 @@
 //! event to its local subscribers of the `presence` collection.
 //!
 //! How counts travel between nodes, how a late node learns them and how a
-//! dead node is forgotten is the bus's business (see `bus::nats`); this
-//! module only applies what it is given: [`Presence::apply`] for one count,
-//! [`Presence::replace_node`] for a node's snapshot, [`Presence::forget_node`]
-//! for a node that went silent.
+//! dead node is forgotten is the bus's business (`bus::presence_sync`, which
+//! also owns the wire format [`Count`]); this module implements the bus's
+//! [`PresenceState`] and only applies what it is given: one count, a node's
+//! snapshot, or a node that went silent.
 
-use super::router::{Audience, Router};
+use super::router::Router;
+use crate::bus::Audience;
+use crate::bus::presence_sync::{Count, PresenceState};
 use crate::event::{Event, EventType, SharedEvent, format_timestamp};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,20 +27,6 @@ use tokio::sync::mpsc;
 
 /// The collection presence events are published on.
 pub const PRESENCE_COLLECTION: &str = "presence";
-
-/// One user's count on one node: connections when `channel` is `None`,
-/// subscriptions on `channel` otherwise. Zero means gone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Count {
-    pub user_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub channel: Option<String>,
-    pub count: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_name: Option<String>,
-    /// Milliseconds since the Unix epoch of the change.
-    pub at: u64,
-}
 
 /// One user as a snapshot shows them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,36 +93,6 @@ impl Presence {
         }
     }
 
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
-    /// Hands local counts to the bus from now on.
-    pub fn share_with(&self, outbox: mpsc::UnboundedSender<Count>) {
-        *self.outbox.lock().expect("outbox lock") = Some(outbox);
-    }
-
-    /// This node's counts, for a peer that asks for a snapshot.
-    pub fn local_counts(&self) -> Vec<Count> {
-        let state = self.state.lock().expect("presence lock");
-        state
-            .nodes
-            .get(&self.node)
-            .map(|entries| {
-                entries
-                    .iter()
-                    .map(|((user_id, channel), e)| Count {
-                        user_id: user_id.clone(),
-                        channel: channel.clone(),
-                        count: e.count,
-                        user_name: e.user_name.clone(),
-                        at: e.at,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     /// Adds `delta` to this node's count of `user_id` (on `channel`).
     pub(crate) fn change_local(
         &self,
@@ -165,50 +122,6 @@ impl Presence {
         if let Some(outbox) = &*self.outbox.lock().expect("outbox lock") {
             let _ = outbox.send(count);
         }
-    }
-
-    /// Applies one count from `node`.
-    pub fn apply(&self, node: &str, count: Count) {
-        let mut state = self.state.lock().expect("presence lock");
-        self.apply_locked(&mut state, node, count);
-    }
-
-    /// Replaces everything known of `node` by its snapshot.
-    pub fn replace_node(&self, node: &str, counts: Vec<Count>) {
-        let mut state = self.state.lock().expect("presence lock");
-        let mut gone: HashMap<Key, Entry> = state.nodes.get(node).cloned().unwrap_or_default();
-        for count in counts {
-            gone.remove(&(count.user_id.clone(), count.channel.clone()));
-            self.apply_locked(&mut state, node, count);
-        }
-        let at = now_millis();
-        for ((user_id, channel), entry) in gone {
-            let count = Count {
-                user_id,
-                channel,
-                count: 0,
-                user_name: entry.user_name,
-                at,
-            };
-            self.apply_locked(&mut state, node, count);
-        }
-    }
-
-    /// Forgets a node that stopped answering: its users leave.
-    pub fn forget_node(&self, node: &str) {
-        self.replace_node(node, Vec::new());
-        self.state.lock().expect("presence lock").nodes.remove(node);
-    }
-
-    /// Nodes other than this one that have told us something.
-    pub fn known_nodes(&self) -> Vec<String> {
-        let state = self.state.lock().expect("presence lock");
-        state
-            .nodes
-            .keys()
-            .filter(|n| **n != self.node)
-            .cloned()
-            .collect()
     }
 
     fn apply_locked(&self, state: &mut State, node: &str, count: Count) {
@@ -290,5 +203,81 @@ impl Presence {
             .collect();
         users.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         users
+    }
+}
+
+impl PresenceState for Presence {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Hands local counts to the bus from now on.
+    fn share_with(&self, outbox: mpsc::UnboundedSender<Count>) {
+        *self.outbox.lock().expect("outbox lock") = Some(outbox);
+    }
+
+    /// This node's counts, for a peer that asks for a snapshot.
+    fn local_counts(&self) -> Vec<Count> {
+        let state = self.state.lock().expect("presence lock");
+        state
+            .nodes
+            .get(&self.node)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|((user_id, channel), e)| Count {
+                        user_id: user_id.clone(),
+                        channel: channel.clone(),
+                        count: e.count,
+                        user_name: e.user_name.clone(),
+                        at: e.at,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Applies one count from `node`.
+    fn apply(&self, node: &str, count: Count) {
+        let mut state = self.state.lock().expect("presence lock");
+        self.apply_locked(&mut state, node, count);
+    }
+
+    /// Replaces everything known of `node` by its snapshot.
+    fn replace_node(&self, node: &str, counts: Vec<Count>) {
+        let mut state = self.state.lock().expect("presence lock");
+        let mut gone: HashMap<Key, Entry> = state.nodes.get(node).cloned().unwrap_or_default();
+        for count in counts {
+            gone.remove(&(count.user_id.clone(), count.channel.clone()));
+            self.apply_locked(&mut state, node, count);
+        }
+        let at = now_millis();
+        for ((user_id, channel), entry) in gone {
+            let count = Count {
+                user_id,
+                channel,
+                count: 0,
+                user_name: entry.user_name,
+                at,
+            };
+            self.apply_locked(&mut state, node, count);
+        }
+    }
+
+    /// Forgets a node that stopped answering: its users leave.
+    fn forget_node(&self, node: &str) {
+        self.replace_node(node, Vec::new());
+        self.state.lock().expect("presence lock").nodes.remove(node);
+    }
+
+    /// Nodes other than this one that have told us something.
+    fn known_nodes(&self) -> Vec<String> {
+        let state = self.state.lock().expect("presence lock");
+        state
+            .nodes
+            .keys()
+            .filter(|n| **n != self.node)
+            .cloned()
+            .collect()
     }
 }

@@ -9,7 +9,8 @@
 
 use super::{Delivery, EndReason, Transport};
 use crate::auth::{Auth, Principal};
-use crate::event::SharedEvent;
+use crate::bus::{Audience, Inbox};
+use crate::event::{SharedEvent, WILDCARD};
 use crate::filter::Filter;
 use crate::filter::index::MatchIndex;
 use std::collections::HashMap;
@@ -27,13 +28,34 @@ pub(crate) struct ConnShared {
     queue: mpsc::Sender<Delivery>,
     ended: OnceLock<EndReason>,
     closed: AtomicBool,
+    evicted: AtomicBool,
     pub end_signal: Notify,
-    /// Collections of the open subscriptions, for stats.
-    pub collections: Mutex<HashMap<u64, String>>,
+    /// What the connection holds in the router and in presence.
+    pub membership: Mutex<Membership>,
+    /// Where an evicted connection's id goes, for the engine to retire it.
+    evictions: mpsc::UnboundedSender<u64>,
+}
+
+/// A connection's place in the router and in presence. Retiring it (once,
+/// whoever comes first: the connection closing or an eviction) gives all of
+/// it back; a retired connection can take nothing new.
+#[derive(Default)]
+pub(crate) struct Membership {
+    /// Open subscriptions: id → (collection, record id).
+    pub subscriptions: HashMap<u64, (String, Option<String>)>,
+    /// The user this connection counts as online, and their display name.
+    pub present_as: Option<(String, Option<String>)>,
+    pub retired: bool,
 }
 
 impl ConnShared {
-    pub fn new(id: u64, name: String, transport: Transport, queue: mpsc::Sender<Delivery>) -> Self {
+    pub fn new(
+        id: u64,
+        name: String,
+        transport: Transport,
+        queue: mpsc::Sender<Delivery>,
+        evictions: mpsc::UnboundedSender<u64>,
+    ) -> Self {
         ConnShared {
             id,
             name: name.into(),
@@ -42,25 +64,48 @@ impl ConnShared {
             queue,
             ended: OnceLock::new(),
             closed: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
             end_signal: Notify::new(),
-            collections: Mutex::new(HashMap::new()),
+            membership: Mutex::default(),
+            evictions,
         }
     }
 
     /// Ends the connection's delivery; the first reason wins.
-    pub fn end(&self, reason: EndReason) {
-        if self.ended.set(reason).is_ok() {
+    pub fn end(&self, reason: EndReason) -> bool {
+        let first = self.ended.set(reason).is_ok();
+        if first {
             self.closed.store(true, Ordering::Release);
             self.end_signal.notify_one();
         }
+        first
+    }
+
+    /// Ends the connection and has the engine take it out of the router,
+    /// presence and stats at once, whether or not its edge is still
+    /// reading (a stalled socket may hold the edge for a while).
+    pub fn evict(&self, reason: EndReason) {
+        if self.end(reason) {
+            self.evicted.store(true, Ordering::Release);
+            let _ = self.evictions.send(self.id);
+        }
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
     }
 
     pub fn end_reason(&self) -> Option<&EndReason> {
         self.ended.get()
     }
 
+    /// Whether deliveries have ended; its subscriptions are skipped.
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     fn deliver(&self, subscription: u64, event: &Arc<SharedEvent>, left_filter: bool) {
-        if self.closed.load(Ordering::Acquire) {
+        if self.is_closed() {
             return;
         }
         let delivery = Delivery {
@@ -69,7 +114,7 @@ impl ConnShared {
             left_filter,
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send(delivery) {
-            self.end(EndReason::Overflow {
+            self.evict(EndReason::Overflow {
                 capacity: self.queue.max_capacity(),
             });
         }
@@ -194,13 +239,14 @@ impl Scope {
 fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) {
     let (collection, data) = (&event.event.collection, &event.event.data);
     index.candidates(data, |_, sub| {
-        if sub.matches(collection, data) && !sub.is_own_echo(event) {
+        if !sub.conn.is_closed() && sub.matches(collection, data) && !sub.is_own_echo(event) {
             sub.conn.deliver(sub.id, event, false);
         }
     });
     if let Some(old) = &event.event.old_data {
         index.candidates(old, |_, sub| {
-            if !sub.matches(collection, data)
+            if !sub.conn.is_closed()
+                && !sub.matches(collection, data)
                 && sub.matches(collection, old)
                 && !sub.is_own_echo(event)
             {
@@ -209,18 +255,6 @@ fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) {
         });
     }
 }
-
-/// Which subscriptions one dispatch call serves. The memory bus serves both
-/// at once; the NATS bus reads collections and `*` through separate
-/// consumers, each dispatching its own part.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Audience {
-    Everyone,
-    CollectionOnly,
-    WildcardOnly,
-}
-
-pub const WILDCARD: &str = "*";
 
 #[derive(Default)]
 struct Scopes {
@@ -358,10 +392,21 @@ impl Router {
             .remove(&id);
     }
 
+    pub(crate) fn connection(&self, id: u64) -> Option<Arc<ConnShared>> {
+        let connections = self.connections.lock().expect("connections lock");
+        connections.get(&id).cloned()
+    }
+
     /// Ends every connection, e.g. at shutdown.
     pub(crate) fn end_all(&self, reason: EndReason) {
         for conn in self.connections.lock().expect("connections lock").values() {
             conn.end(reason.clone());
         }
+    }
+}
+
+impl Inbox for Router {
+    fn deliver(&self, event: Arc<SharedEvent>, audience: Audience) {
+        self.dispatch(event, audience);
     }
 }

@@ -674,8 +674,17 @@ impl PostgresServer {
             port,
             _data: data,
         };
+        // Accepting TCP is not enough: until recovery ends, connections are
+        // refused with "the database system is starting up".
         let deadline = std::time::Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            let ready = Command::new(bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .status()
+                .is_ok_and(|status| status.success());
+            if ready {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "postgres did not start"
