@@ -335,6 +335,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_subscriptions: args.max_subscriptions,
             client_publish_rate: args.client_publish_rate,
             client_message_bytes: args.client_message_bytes,
+            ..EngineConfig::default()
         },
         nats,
         retention: Retention {

@@ -33,6 +33,8 @@ pub struct EngineConfig {
     pub client_publish_rate: u32,
     /// Largest `data` a client connection may publish, in bytes of JSON.
     pub client_message_bytes: usize,
+    /// Dispatcher tasks fanning out collections' events (one per core).
+    pub dispatch_shards: usize,
 }
 
 impl Default for EngineConfig {
@@ -42,6 +44,7 @@ impl Default for EngineConfig {
             max_subscriptions: 256,
             client_publish_rate: 20,
             client_message_bytes: 16 * 1024,
+            dispatch_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -182,7 +185,7 @@ impl Engine {
         F: FnOnce(Arc<dyn Inbox>, Arc<dyn PresenceState>) -> Fut,
         Fut: Future<Output = Result<Bus, BusError>>,
     {
-        let router = Arc::new(Router::default());
+        let router = Arc::new(Router::new(config.dispatch_shards));
         let presence = Arc::new(Presence::new(router.node().to_owned(), Arc::clone(&router)));
         let bus = Arc::new(open_bus(router.clone(), presence.clone()).await?);
         let evictions = spawn_reaper(Arc::downgrade(&router), Arc::downgrade(&presence));
@@ -339,6 +342,10 @@ impl Engine {
 struct OpenSubscription {
     spec: SubscriptionSpec,
     entry: Arc<SubEntry>,
+    /// A resumed subscription's history ends here: a live delivery of a
+    /// seq up to this one (still being dispatched when the subscription
+    /// began) came through the replay already.
+    replayed_through: u64,
     /// Keeps the bus delivering this collection to the node.
     _interest: Interest,
 }
@@ -347,11 +354,19 @@ struct OpenSubscription {
 /// from `history`; live deliveries for it wait in `held` meanwhile, and
 /// those after `until` follow the history. Nothing is missed (the live
 /// subscription existed before `until` was read) and nothing is repeated.
+///
+/// On a busy collection more may arrive live than `held` can take (the
+/// queue capacity). Then the held ones are dropped, and so is every live
+/// delivery until the history is done (`overflowed`); the history is then
+/// read on from `until` to the new head, and the switch is tried again. A
+/// resuming client thus catches up at the pace it reads, rather than being
+/// cut off while it replays.
 struct CatchUp {
     subscription: u64,
     history: History,
     until: u64,
     held: VecDeque<Delivery>,
+    overflowed: bool,
 }
 
 /// What a connection receives.
@@ -506,6 +521,7 @@ impl Connection {
             OpenSubscription {
                 spec,
                 entry,
+                replayed_through: 0,
                 _interest: interest,
             },
         );
@@ -518,6 +534,9 @@ impl Connection {
                     return Err(e.into());
                 }
             };
+            if let Some(open) = self.subscriptions.get_mut(&id) {
+                open.replayed_through = replay.head;
+            }
             if since > 0 && since + 1 < replay.first_available {
                 self.ready.push_back(Received::Reset(ResetNotice {
                     subscription: id,
@@ -530,6 +549,7 @@ impl Connection {
                 history: replay.history,
                 until: replay.head,
                 held: VecDeque::new(),
+                overflowed: false,
             });
         }
         Ok(id)
@@ -624,10 +644,14 @@ impl Connection {
         }
     }
 
-    /// Sorts a live delivery: dropped if its subscription is gone, held if
-    /// the subscription is catching up, else ready.
+    /// Sorts a live delivery: dropped if its subscription is gone or the
+    /// replay had it, held if the subscription is catching up, else ready.
     fn take_live(&mut self, delivery: Delivery) {
-        if !self.subscriptions.contains_key(&delivery.subscription) {
+        let Some(open) = self.subscriptions.get(&delivery.subscription) else {
+            return;
+        };
+        let seq = delivery.event.event.seq;
+        if seq != 0 && seq <= open.replayed_through {
             return;
         }
         let capacity = self.engine.config.queue_capacity;
@@ -636,8 +660,10 @@ impl Connection {
             .iter_mut()
             .find(|c| c.subscription == delivery.subscription)
         {
+            Some(catch_up) if catch_up.overflowed => {}
             Some(catch_up) if catch_up.held.len() >= capacity => {
-                self.shared.evict(EndReason::Overflow { capacity });
+                catch_up.held.clear();
+                catch_up.overflowed = true;
             }
             Some(catch_up) => catch_up.held.push_back(delivery),
             None => self.ready.push_back(Received::Event(delivery)),
@@ -671,14 +697,39 @@ impl Connection {
             }
             None => {
                 let done = self.catch_ups.pop_front().expect("a catch-up");
-                self.ready.extend(
-                    done.held
-                        .into_iter()
-                        .filter(|d| d.event.event.seq > done.until)
-                        .map(Received::Event),
-                );
+                self.ready
+                    .extend(done.held.into_iter().map(Received::Event));
             }
         }
+    }
+
+    /// Reads the history on from where an overflowed catch-up's history
+    /// ended, up to the bus's new head.
+    async fn extend_catch_up(&mut self) {
+        let catch_up = &self.catch_ups[0];
+        let (id, since) = (catch_up.subscription, catch_up.until);
+        let collection = self.subscriptions[&id].spec.collection.clone();
+        let replay = match self.engine.bus.replay(&collection, since).await {
+            Ok(replay) => replay,
+            Err(e) => {
+                self.shared.end(EndReason::History(e.to_string()));
+                return;
+            }
+        };
+        if since + 1 < replay.first_available {
+            self.ready.push_back(Received::Reset(ResetNotice {
+                subscription: id,
+                since,
+                first_available: replay.first_available,
+            }));
+        }
+        if let Some(open) = self.subscriptions.get_mut(&id) {
+            open.replayed_through = replay.head;
+        }
+        let catch_up = &mut self.catch_ups[0];
+        catch_up.history = replay.history;
+        catch_up.until = replay.head;
+        catch_up.overflowed = false;
     }
 
     /// The next thing to hand to the client. After the connection has ended
@@ -726,6 +777,9 @@ impl Connection {
             };
             match step {
                 Step::Live(delivery) => self.take_live(delivery),
+                Step::History(None) if self.catch_ups[0].overflowed => {
+                    self.extend_catch_up().await;
+                }
                 Step::History(item) => self.take_history(item),
                 Step::Ended => {}
             }
@@ -745,10 +799,19 @@ impl Connection {
     }
 
     /// Something already at hand, without waiting; for batching writes.
+    /// It reads on in a catch-up's history as far as that is at hand (the
+    /// end of a catch-up is left to [`Connection::recv`]).
     pub fn try_recv(&mut self) -> Option<Received> {
+        use futures_util::FutureExt;
         loop {
             if let Some(item) = self.ready.pop_front() {
                 return Some(item);
+            }
+            if let Some(catch_up) = self.catch_ups.front_mut()
+                && let Some(Some(item)) = catch_up.history.next().now_or_never()
+            {
+                self.take_history(Some(item));
+                continue;
             }
             let delivery = self.queue.try_recv().ok()?;
             self.take_live(delivery);

@@ -16,8 +16,8 @@
 //! snapshot, or a node that went silent.
 
 use super::router::Router;
-use crate::bus::Audience;
 use crate::bus::presence_sync::{Count, PresenceState};
+use crate::bus::{Audience, Inbox};
 use crate::event::{Event, EventType, SharedEvent, format_timestamp};
 use serde_json::json;
 use std::collections::HashMap;
@@ -184,7 +184,7 @@ impl Presence {
         });
         let event = Event::new(event_type, PRESENCE_COLLECTION, user.user_id.clone(), data);
         self.router
-            .dispatch(Arc::new(SharedEvent::new(event)), Audience::Everyone);
+            .deliver(Arc::new(SharedEvent::new(event)), Audience::Everyone);
     }
 
     /// Who is online, on `channel` or (`None`) at all, sorted by user id.

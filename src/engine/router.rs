@@ -1,10 +1,12 @@
 //! The subscription registry and fan-out of one node.
 //!
 //! Subscriptions live in a [`MatchIndex`] per collection (plus one for `*`
-//! and one per pinned record id). Dispatching an event asks the index for
-//! candidates, evaluates their filters, and pushes a [`Delivery`] (an `Arc`
-//! of the shared event, no copy) into each matching connection's bounded
-//! queue. A full queue ends that connection's subscriptions with
+//! and one per pinned record id), and collections are spread over shards,
+//! each with its own lock and dispatcher task. The bus hands events to the
+//! router through [`Inbox`], which only queues them; the shard's dispatcher
+//! asks the index for candidates, evaluates their filters, and pushes a
+//! [`Delivery`] (an `Arc` of the shared event, no copy) into each matching
+//! connection's bounded queue. A full queue evicts that connection with
 //! [`EndReason::Overflow`]; the dispatcher never waits for a subscriber.
 
 use super::{Delivery, EndReason, Transport};
@@ -256,21 +258,24 @@ fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) {
     }
 }
 
+/// The subscriptions of a shard's collections, by name (the wildcard
+/// shard keeps `*` subscriptions under `*`).
 #[derive(Default)]
-struct Scopes {
-    collections: HashMap<String, Scope>,
-    wildcard: Scope,
-}
+struct Scopes(HashMap<String, Scope>);
 
 impl Scopes {
+    fn insert(&mut self, collection: &str, record_id: Option<&str>, sub: Arc<SubEntry>) {
+        let scope = self.0.entry(collection.to_owned()).or_default();
+        let index = match record_id {
+            Some(record) => scope.by_record.entry(record.to_owned()).or_default(),
+            None => &mut scope.index,
+        };
+        index.insert(sub.id, sub.filter.as_ref(), Arc::clone(&sub));
+    }
+
     fn remove(&mut self, collection: &str, record_id: Option<&str>, id: u64) {
-        let scope = if collection == WILDCARD {
-            &mut self.wildcard
-        } else {
-            match self.collections.get_mut(collection) {
-                Some(scope) => scope,
-                None => return,
-            }
+        let Some(scope) = self.0.get_mut(collection) else {
+            return;
         };
         match record_id {
             Some(record) => {
@@ -285,36 +290,86 @@ impl Scopes {
                 scope.index.remove(id);
             }
         }
-        if collection != WILDCARD && scope.is_empty() {
-            self.collections.remove(collection);
+        if scope.is_empty() {
+            self.0.remove(collection);
         }
     }
 }
 
+/// Events a dispatcher fans out under one lock acquisition before it lets
+/// subscribe and unsubscribe in.
+const DISPATCH_BATCH: usize = 64;
+
+/// A part of the router with its own lock and its own dispatcher task,
+/// which fans out the events of its collections in the order it gets them.
+/// Publishers only push onto its queue, so they never wait on fan-out.
+struct Shard {
+    scopes: Arc<RwLock<Scopes>>,
+    queue: mpsc::UnboundedSender<Arc<SharedEvent>>,
+}
+
+impl Shard {
+    /// Starts the shard's dispatcher; it ends when the shard is dropped.
+    /// `fixed_key` is the scope every event goes to (`*` for the wildcard
+    /// shard); otherwise an event goes to its collection's scope.
+    fn start(fixed_key: Option<&'static str>) -> Shard {
+        let scopes: Arc<RwLock<Scopes>> = Arc::default();
+        let (queue, mut events) = mpsc::unbounded_channel::<Arc<SharedEvent>>();
+        let dispatching = Arc::clone(&scopes);
+        tokio::spawn(async move {
+            while let Some(first) = events.recv().await {
+                let scopes = dispatching.read().expect("shard lock");
+                let mut next = Some(first);
+                let mut dispatched = 0;
+                while let Some(event) = next {
+                    let key = fixed_key.unwrap_or(&event.event.collection);
+                    if let Some(scope) = scopes.0.get(key) {
+                        scope.dispatch(&event);
+                    }
+                    dispatched += 1;
+                    next = (dispatched < DISPATCH_BATCH)
+                        .then(|| events.try_recv().ok())
+                        .flatten();
+                }
+            }
+        });
+        Shard { scopes, queue }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Scopes> {
+        self.scopes.write().expect("shard lock")
+    }
+}
+
+/// The subscription registry of one node: collections spread over shards
+/// by name, `*` subscriptions in a shard of their own that sees every
+/// event, so each subscription gets its events in seq order.
 pub struct Router {
     /// A random name for this node, part of every connection name.
     node: String,
-    scopes: RwLock<Scopes>,
+    shards: Box<[Shard]>,
+    wildcard: Shard,
     pub(crate) connections: Mutex<HashMap<u64, Arc<ConnShared>>>,
     head_seq: AtomicU64,
     next_id: AtomicU64,
 }
 
-impl Default for Router {
-    fn default() -> Self {
+impl Router {
+    /// A router with `shards` collection shards (at least one), each with
+    /// its dispatcher task on the current tokio runtime.
+    pub fn new(shards: usize) -> Router {
         use std::hash::{BuildHasher, RandomState};
         let random = RandomState::new().hash_one(std::process::id());
         Router {
             node: format!("{:08x}", random as u32),
-            scopes: RwLock::default(),
+            shards: (0..shards.max(1)).map(|_| Shard::start(None)).collect(),
+            wildcard: Shard::start(Some(WILDCARD)),
             connections: Mutex::default(),
             head_seq: AtomicU64::default(),
             next_id: AtomicU64::default(),
         }
     }
-}
 
-impl Router {
     /// This node's random name.
     pub fn node(&self) -> &str {
         &self.node
@@ -328,13 +383,24 @@ impl Router {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// The newest sequence number dispatched on this node.
+    /// The newest sequence number handed to this node for dispatch.
     pub fn head_seq(&self) -> u64 {
         self.head_seq.load(Ordering::Acquire)
     }
 
+    fn shard(&self, collection: &str) -> &Shard {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        if collection == WILDCARD {
+            return &self.wildcard;
+        }
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(collection);
+        &self.shards[hash as usize % self.shards.len()]
+    }
+
     /// Adds `sub` and removes the subscriptions `removed` (collection,
-    /// record id, id) in one step, so no event sees neither or both.
+    /// record id, id). Those in the same shard as `sub` (a subscription
+    /// replacing one on the same collection) go in the same step, so no
+    /// event sees neither or both.
     pub(crate) fn add_replacing(
         &self,
         collection: &str,
@@ -342,40 +408,28 @@ impl Router {
         sub: Arc<SubEntry>,
         removed: &[(&str, Option<&str>, u64)],
     ) {
-        let mut scopes = self.scopes.write().expect("router lock");
-        let scope = if collection == WILDCARD {
-            &mut scopes.wildcard
-        } else {
-            scopes.collections.entry(collection.to_owned()).or_default()
-        };
-        let index = match record_id {
-            Some(record) => scope.by_record.entry(record.to_owned()).or_default(),
-            None => &mut scope.index,
-        };
-        index.insert(sub.id, sub.filter.as_ref(), Arc::clone(&sub));
-        for (collection, record_id, id) in removed {
-            scopes.remove(collection, *record_id, *id);
+        let shard = self.shard(collection);
+        let mut elsewhere = Vec::new();
+        {
+            let mut scopes = shard.write();
+            scopes.insert(collection, record_id, sub);
+            for removal @ (collection, record_id, id) in removed {
+                if std::ptr::eq(self.shard(collection), shard) {
+                    scopes.remove(collection, *record_id, *id);
+                } else {
+                    elsewhere.push(removal);
+                }
+            }
+        }
+        for (collection, record_id, id) in elsewhere {
+            self.remove(collection, *record_id, *id);
         }
     }
 
     pub(crate) fn remove(&self, collection: &str, record_id: Option<&str>, id: u64) {
-        let mut scopes = self.scopes.write().expect("router lock");
-        scopes.remove(collection, record_id, id);
-    }
-
-    /// Hands one event to every matching local subscription. Callers
-    /// dispatch in sequence order.
-    pub fn dispatch(&self, event: Arc<SharedEvent>, audience: Audience) {
-        self.head_seq.fetch_max(event.event.seq, Ordering::AcqRel);
-        let scopes = self.scopes.read().expect("router lock");
-        if audience != Audience::WildcardOnly
-            && let Some(scope) = scopes.collections.get(&event.event.collection)
-        {
-            scope.dispatch(&event);
-        }
-        if audience != Audience::CollectionOnly {
-            scopes.wildcard.dispatch(&event);
-        }
+        self.shard(collection)
+            .write()
+            .remove(collection, record_id, id);
     }
 
     pub(crate) fn register(&self, conn: Arc<ConnShared>) {
@@ -406,7 +460,15 @@ impl Router {
 }
 
 impl Inbox for Router {
+    /// Queues `event` on its collection's shard and, for `*` subscribers,
+    /// on the wildcard shard; the dispatchers fan it out.
     fn deliver(&self, event: Arc<SharedEvent>, audience: Audience) {
-        self.dispatch(event, audience);
+        self.head_seq.fetch_max(event.event.seq, Ordering::AcqRel);
+        if audience != Audience::CollectionOnly {
+            let _ = self.wildcard.queue.send(Arc::clone(&event));
+        }
+        if audience != Audience::WildcardOnly {
+            let _ = self.shard(&event.event.collection).queue.send(event);
+        }
     }
 }
