@@ -915,3 +915,6 @@ impl RateLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

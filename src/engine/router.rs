@@ -472,3 +472,239 @@ impl Inbox for Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, EventType};
+    use serde_json::{Value, json};
+    use std::time::Duration;
+
+    struct Subscriber {
+        conn: Arc<ConnShared>,
+        queue: mpsc::Receiver<Delivery>,
+        evictions: mpsc::UnboundedReceiver<u64>,
+    }
+
+    impl Subscriber {
+        fn connect(router: &Router, capacity: usize) -> Subscriber {
+            let (tx, queue) = mpsc::channel(capacity);
+            let (evicted, evictions) = mpsc::unbounded_channel();
+            let id = router.next_id();
+            let name = router.connection_name(id);
+            let conn = Arc::new(ConnShared::new(id, name, Transport::WebSocket, tx, evicted));
+            router.register(Arc::clone(&conn));
+            Subscriber {
+                conn,
+                queue,
+                evictions,
+            }
+        }
+
+        fn subscribe(
+            &self,
+            router: &Router,
+            collection: &str,
+            record: Option<&str>,
+            filter: &str,
+        ) -> u64 {
+            self.subscribe_with(router, collection, record, filter, false)
+        }
+
+        fn subscribe_with(
+            &self,
+            router: &Router,
+            collection: &str,
+            record: Option<&str>,
+            filter: &str,
+            echo: bool,
+        ) -> u64 {
+            let id = router.next_id();
+            let entry = Arc::new(SubEntry {
+                id,
+                conn: Arc::clone(&self.conn),
+                filter: (!filter.is_empty()).then(|| Filter::parse(filter).unwrap()),
+                gate: None,
+                echo,
+            });
+            router.add_replacing(collection, record, entry, &[]);
+            id
+        }
+
+        async fn next(&mut self) -> Delivery {
+            tokio::time::timeout(Duration::from_secs(10), self.queue.recv())
+                .await
+                .expect("a delivery")
+                .expect("an open queue")
+        }
+
+        /// The next delivery's (subscription, seq, left_filter).
+        async fn next_seen(&mut self) -> (u64, u64, bool) {
+            let d = self.next().await;
+            (d.subscription, d.event.event.seq, d.left_filter)
+        }
+    }
+
+    fn event(
+        collection: &str,
+        record: &str,
+        seq: u64,
+        data: Value,
+        old: Option<Value>,
+    ) -> Arc<SharedEvent> {
+        let mut event = Event::new(EventType::RecordUpdated, collection, record, data);
+        event.old_data = old;
+        event.seq = seq;
+        Arc::new(SharedEvent::new(event))
+    }
+
+    fn publish(router: &Router, event: Arc<SharedEvent>) {
+        router.deliver(event, Audience::Everyone);
+    }
+
+    #[tokio::test]
+    async fn filters_decide_and_a_later_match_proves_an_earlier_miss() {
+        let router = Router::new(2);
+        let mut s = Subscriber::connect(&router, 16);
+        let cheap = s.subscribe(&router, "products", None, "price < 10");
+        publish(
+            &router,
+            event("products", "p1", 1, json!({"price": 50}), None),
+        );
+        publish(&router, event("orders", "o1", 2, json!({"price": 5}), None));
+        publish(
+            &router,
+            event("products", "p2", 3, json!({"price": 5}), None),
+        );
+        assert_eq!(s.next_seen().await, (cheap, 3, false));
+    }
+
+    #[tokio::test]
+    async fn a_record_subscription_sees_only_its_record() {
+        let router = Router::new(2);
+        let mut s = Subscriber::connect(&router, 16);
+        let pinned = s.subscribe(&router, "posts", Some("p2"), "");
+        publish(&router, event("posts", "p1", 1, json!({}), None));
+        publish(&router, event("posts", "p2", 2, json!({}), None));
+        assert_eq!(s.next_seen().await, (pinned, 2, false));
+    }
+
+    #[tokio::test]
+    async fn an_update_leaving_the_filter_is_marked() {
+        let router = Router::new(1);
+        let mut s = Subscriber::connect(&router, 16);
+        let live = s.subscribe(&router, "orders", None, "status = open");
+        let open = json!({"status": "open"});
+        let closed = json!({"status": "closed"});
+        publish(
+            &router,
+            event("orders", "o1", 1, closed.clone(), Some(open.clone())),
+        );
+        publish(
+            &router,
+            event("orders", "o1", 2, open.clone(), Some(closed.clone())),
+        );
+        publish(
+            &router,
+            event("orders", "o2", 3, closed.clone(), Some(closed)),
+        );
+        publish(&router, event("orders", "o2", 4, open.clone(), Some(open)));
+        assert_eq!(s.next_seen().await, (live, 1, true));
+        assert_eq!(s.next_seen().await, (live, 2, false));
+        // seq 3 matched neither image: nothing.
+        assert_eq!(s.next_seen().await, (live, 4, false));
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_subscription_sees_every_collection_in_seq_order() {
+        let router = Router::new(4);
+        let mut s = Subscriber::connect(&router, 256);
+        let all = s.subscribe(&router, WILDCARD, None, "");
+        for seq in 1..=100 {
+            let collection = format!("c{}", seq % 7);
+            publish(&router, event(&collection, "r", seq, json!({}), None));
+        }
+        for seq in 1..=100 {
+            assert_eq!(s.next_seen().await, (all, seq, false));
+        }
+    }
+
+    #[tokio::test]
+    async fn replacing_swaps_subscriptions_in_one_step() {
+        let router = Router::new(2);
+        let mut s = Subscriber::connect(&router, 16);
+        let old = s.subscribe(&router, "posts", None, "");
+        let new_id = router.next_id();
+        let entry = Arc::new(SubEntry {
+            id: new_id,
+            conn: Arc::clone(&s.conn),
+            filter: None,
+            gate: None,
+            echo: false,
+        });
+        router.add_replacing("posts", None, entry, &[("posts", None, old)]);
+        publish(&router, event("posts", "p1", 1, json!({}), None));
+        publish(&router, event("posts", "p1", 2, json!({}), None));
+        assert_eq!(s.next_seen().await, (new_id, 1, false));
+        assert_eq!(s.next_seen().await, (new_id, 2, false));
+    }
+
+    #[tokio::test]
+    async fn removed_subscriptions_get_nothing() {
+        let router = Router::new(2);
+        let mut s = Subscriber::connect(&router, 16);
+        let gone = s.subscribe(&router, "posts", None, "");
+        let kept = s.subscribe(&router, "posts", None, "n = 2");
+        router.remove("posts", None, gone);
+        publish(&router, event("posts", "p", 1, json!({"n": 1}), None));
+        publish(&router, event("posts", "p", 2, json!({"n": 2}), None));
+        assert_eq!(s.next_seen().await, (kept, 2, false));
+    }
+
+    #[tokio::test]
+    async fn own_messages_come_back_only_with_echo() {
+        let router = Router::new(1);
+        let mut s = Subscriber::connect(&router, 16);
+        let quiet = s.subscribe(&router, "chat", None, "");
+        let echoing = s.subscribe_with(&router, "chat", None, "", true);
+        let mut own = Event::new(EventType::Broadcast, "chat", "", json!({}));
+        own.origin = Some(s.conn.name.to_string());
+        own.seq = 1;
+        publish(&router, Arc::new(SharedEvent::new(own)));
+        publish(&router, event("chat", "", 2, json!({}), None));
+        let mut seen = vec![
+            s.next_seen().await,
+            s.next_seen().await,
+            s.next_seen().await,
+        ];
+        seen.sort();
+        let mut expected = vec![(quiet, 2, false), (echoing, 1, false), (echoing, 2, false)];
+        expected.sort();
+        assert_eq!(seen, expected);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_evicts_the_connection_and_spares_the_others() {
+        let router = Router::new(1);
+        let mut slow = Subscriber::connect(&router, 2);
+        let mut fast = Subscriber::connect(&router, 64);
+        slow.subscribe(&router, "posts", None, "");
+        let sub = fast.subscribe(&router, "posts", None, "");
+        for seq in 1..=10 {
+            publish(&router, event("posts", "p", seq, json!({}), None));
+        }
+        for seq in 1..=10 {
+            assert_eq!(fast.next_seen().await, (sub, seq, false));
+        }
+        let evicted = tokio::time::timeout(Duration::from_secs(10), slow.evictions.recv()).await;
+        assert_eq!(evicted.unwrap(), Some(slow.conn.id));
+        assert_eq!(
+            slow.conn.end_reason(),
+            Some(&EndReason::Overflow { capacity: 2 })
+        );
+        // What was queued before the overflow is still there; nothing after.
+        assert_eq!(slow.next().await.event.event.seq, 1);
+        assert_eq!(slow.next().await.event.event.seq, 2);
+        assert!(slow.queue.try_recv().is_err());
+    }
+}
