@@ -281,3 +281,549 @@ impl PresenceState for Presence {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::router::{ConnShared, SubEntry};
+    use crate::engine::{Delivery, Transport};
+    use std::time::Duration;
+
+    const NODE: &str = "local";
+    /// Marks the end of what a test expects on the `presence` collection.
+    const BARRIER: &str = "__barrier__";
+
+    fn presence() -> (Presence, Arc<Router>) {
+        let router = Arc::new(Router::new(2));
+        (Presence::new(NODE.to_owned(), Arc::clone(&router)), router)
+    }
+
+    fn count(user: &str, channel: Option<&str>, count: u32) -> Count {
+        Count {
+            user_id: user.to_owned(),
+            channel: channel.map(str::to_owned),
+            count,
+            user_name: None,
+            at: now_millis(),
+        }
+    }
+
+    /// (user id, connections) of a snapshot, for short assertions.
+    fn users(presence: &Presence, channel: Option<&str>) -> Vec<(String, u32)> {
+        presence
+            .snapshot(channel)
+            .into_iter()
+            .map(|u| (u.user_id, u.connections))
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, u32)]) -> Vec<(String, u32)> {
+        list.iter().map(|(u, c)| ((*u).to_owned(), *c)).collect()
+    }
+
+    /// One presence event as a test sees it.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Seen {
+        kind: &'static str,
+        user: String,
+        channel: Option<String>,
+        connections: u64,
+    }
+
+    fn seen(kind: &'static str, user: &str, channel: Option<&str>, connections: u64) -> Seen {
+        Seen {
+            kind,
+            user: user.to_owned(),
+            channel: channel.map(str::to_owned),
+            connections,
+        }
+    }
+
+    /// A subscriber of the `presence` collection, wired into the router
+    /// the way `Connection::subscribe` does it.
+    struct Watcher {
+        router: Arc<Router>,
+        deliveries: mpsc::Receiver<Delivery>,
+        _evictions: mpsc::UnboundedReceiver<u64>,
+    }
+
+    impl Watcher {
+        fn new(router: &Arc<Router>) -> Watcher {
+            let (queue, deliveries) = mpsc::channel(1024);
+            let (evictions, evicted) = mpsc::unbounded_channel();
+            let id = router.next_id();
+            let conn = Arc::new(ConnShared::new(
+                id,
+                router.connection_name(id),
+                Transport::WebSocket,
+                queue,
+                evictions,
+            ));
+            let sub = Arc::new(SubEntry {
+                id,
+                conn,
+                filter: None,
+                gate: None,
+                echo: true,
+            });
+            router.add_replacing(PRESENCE_COLLECTION, None, sub, &[]);
+            Watcher {
+                router: Arc::clone(router),
+                deliveries,
+                _evictions: evicted,
+            }
+        }
+
+        /// Every presence event dispatched so far, in order. A marker event
+        /// goes through the same shard queue after them, so once it
+        /// arrives nothing earlier is still on its way.
+        async fn drain(&mut self) -> Vec<Seen> {
+            let marker = Event::new(
+                EventType::Broadcast,
+                PRESENCE_COLLECTION,
+                BARRIER,
+                json!({}),
+            );
+            self.router
+                .deliver(Arc::new(SharedEvent::new(marker)), Audience::Everyone);
+            let mut seen = Vec::new();
+            loop {
+                let delivery = tokio::time::timeout(Duration::from_secs(5), self.deliveries.recv())
+                    .await
+                    .expect("presence events within 5 s")
+                    .expect("delivery queue open");
+                let event = &delivery.event.event;
+                if event.record_id == BARRIER {
+                    return seen;
+                }
+                assert_eq!(event.collection, PRESENCE_COLLECTION);
+                assert_eq!(event.seq, 0, "presence events are not part of the log");
+                let data = &event.data;
+                assert_eq!(data["user_id"], event.record_id.as_str());
+                assert!(data["last_seen"].is_string(), "last_seen in {data}");
+                seen.push(Seen {
+                    kind: event.event_type.as_str(),
+                    user: event.record_id.clone(),
+                    channel: data["channel"].as_str().map(str::to_owned),
+                    connections: data["connections"].as_u64().expect("connections"),
+                });
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn two_connections_of_one_user_are_one_user_until_both_close() {
+        let (presence, _router) = presence();
+        presence.change_local("alice", None, Some("Alice"), 1);
+        presence.change_local("alice", None, Some("Alice"), 1);
+        let snapshot = presence.snapshot(None);
+        assert_eq!(snapshot.len(), 1);
+        assert_eq!(snapshot[0].user_id, "alice");
+        assert_eq!(snapshot[0].user_name.as_deref(), Some("Alice"));
+        assert_eq!(snapshot[0].connections, 2);
+
+        presence.change_local("alice", None, Some("Alice"), -1);
+        assert_eq!(users(&presence, None), pairs(&[("alice", 1)]));
+        presence.change_local("alice", None, Some("Alice"), -1);
+        assert_eq!(users(&presence, None), pairs(&[]));
+    }
+
+    #[tokio::test]
+    async fn snapshot_is_sorted_by_user_id() {
+        let (presence, _router) = presence();
+        for user in ["carol", "alice", "bob"] {
+            presence.change_local(user, None, None, 1);
+        }
+        assert_eq!(
+            users(&presence, None),
+            pairs(&[("alice", 1), ("bob", 1), ("carol", 1)])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_decrement_below_zero_stays_at_zero() {
+        let (presence, _router) = presence();
+        presence.change_local("alice", None, None, -1);
+        assert_eq!(users(&presence, None), pairs(&[]));
+        assert!(presence.local_counts().is_empty());
+        // And it does not bank a negative count against the next join.
+        presence.change_local("alice", None, None, 1);
+        assert_eq!(users(&presence, None), pairs(&[("alice", 1)]));
+    }
+
+    #[tokio::test]
+    async fn channel_counts_are_separate_from_the_global_count() {
+        let (presence, _router) = presence();
+        presence.change_local("alice", None, None, 1);
+        presence.change_local("alice", Some("room"), None, 1);
+        presence.change_local("alice", Some("room"), None, 1);
+        presence.change_local("bob", Some("lobby"), None, 1);
+
+        assert_eq!(users(&presence, None), pairs(&[("alice", 1)]));
+        assert_eq!(users(&presence, Some("room")), pairs(&[("alice", 2)]));
+        assert_eq!(users(&presence, Some("lobby")), pairs(&[("bob", 1)]));
+        assert_eq!(users(&presence, Some("nowhere")), pairs(&[]));
+
+        // Leaving the channel leaves the global count alone, and back.
+        presence.change_local("alice", Some("room"), None, -2);
+        assert_eq!(users(&presence, Some("room")), pairs(&[]));
+        assert_eq!(users(&presence, None), pairs(&[("alice", 1)]));
+        presence.change_local("alice", Some("room"), None, 1);
+        presence.change_local("alice", None, None, -1);
+        assert_eq!(users(&presence, None), pairs(&[]));
+        assert_eq!(users(&presence, Some("room")), pairs(&[("alice", 1)]));
+    }
+
+    #[tokio::test]
+    async fn remote_counts_sum_with_local_ones_and_the_user_stays_while_any_node_counts() {
+        let (presence, _router) = presence();
+        presence.change_local("alice", None, None, 1);
+        presence.apply("n2", count("alice", None, 3));
+        presence.apply("n3", count("alice", None, 2));
+        assert_eq!(users(&presence, None), pairs(&[("alice", 6)]));
+
+        presence.change_local("alice", None, None, -1);
+        assert_eq!(users(&presence, None), pairs(&[("alice", 5)]));
+        presence.apply("n2", count("alice", None, 0));
+        assert_eq!(users(&presence, None), pairs(&[("alice", 2)]));
+        presence.apply("n3", count("alice", None, 1));
+        assert_eq!(users(&presence, None), pairs(&[("alice", 1)]));
+        presence.apply("n3", count("alice", None, 0));
+        assert_eq!(users(&presence, None), pairs(&[]));
+
+        // Remote channel counts are kept per channel too.
+        presence.apply("n2", count("bob", Some("room"), 4));
+        assert_eq!(users(&presence, Some("room")), pairs(&[("bob", 4)]));
+        assert_eq!(users(&presence, None), pairs(&[]));
+    }
+
+    #[tokio::test]
+    async fn remote_counts_are_not_local_counts() {
+        let (presence, _router) = presence();
+        presence.change_local("alice", None, Some("Alice"), 1);
+        presence.change_local("alice", Some("room"), Some("Alice"), 2);
+        presence.apply("n2", count("bob", None, 1));
+        presence.apply("n2", count("alice", None, 5));
+
+        let mut local: Vec<(String, Option<String>, u32, Option<String>)> = presence
+            .local_counts()
+            .into_iter()
+            .map(|c| (c.user_id, c.channel, c.count, c.user_name))
+            .collect();
+        local.sort();
+        let alice = Some("Alice".to_owned());
+        assert_eq!(
+            local,
+            vec![
+                ("alice".to_owned(), None, 1, alice.clone()),
+                ("alice".to_owned(), Some("room".to_owned()), 2, alice),
+            ]
+        );
+        assert_eq!(presence.known_nodes(), vec!["n2".to_owned()]);
+        assert_eq!(presence.node(), NODE);
+    }
+
+    #[tokio::test]
+    async fn applying_the_same_absolute_count_twice_is_idempotent() {
+        let (presence, _router) = presence();
+        presence.change_local("alice", None, None, 1);
+        let remote = count("alice", None, 3);
+        presence.apply("n2", remote.clone());
+        presence.apply("n2", remote.clone());
+        assert_eq!(users(&presence, None), pairs(&[("alice", 4)]));
+
+        // A zero applied twice does not take anything from other nodes.
+        presence.apply("n2", count("alice", None, 0));
+        presence.apply("n2", count("alice", None, 0));
+        assert_eq!(users(&presence, None), pairs(&[("alice", 1)]));
+
+        // And a snapshot repeating a count already applied changes nothing.
+        presence.apply("n2", remote.clone());
+        presence.replace_node("n2", vec![remote]);
+        assert_eq!(users(&presence, None), pairs(&[("alice", 4)]));
+    }
+
+    #[tokio::test]
+    async fn replace_node_replaces_everything_known_of_that_node() {
+        let (presence, _router) = presence();
+        presence.change_local("carol", None, None, 1);
+        presence.apply("n2", count("alice", None, 2));
+        presence.apply("n2", count("bob", None, 1));
+        presence.apply("n2", count("bob", Some("room"), 1));
+        presence.apply("n3", count("bob", None, 1));
+
+        presence.replace_node(
+            "n2",
+            vec![count("alice", None, 1), count("dave", Some("room"), 3)],
+        );
+        // alice: now 1; bob: n2's count gone, n3's remains; the key missing
+        // from the snapshot (bob in room) is 0; dave is new; carol is
+        // local and untouched.
+        assert_eq!(
+            users(&presence, None),
+            pairs(&[("alice", 1), ("bob", 1), ("carol", 1)])
+        );
+        assert_eq!(users(&presence, Some("room")), pairs(&[("dave", 3)]));
+
+        presence.replace_node("n2", Vec::new());
+        assert_eq!(users(&presence, None), pairs(&[("bob", 1), ("carol", 1)]));
+        assert_eq!(users(&presence, Some("room")), pairs(&[]));
+    }
+
+    #[tokio::test]
+    async fn forget_node_makes_its_users_leave() {
+        let (presence, _router) = presence();
+        presence.change_local("alice", None, None, 1);
+        presence.apply("n2", count("alice", None, 1));
+        presence.apply("n2", count("bob", None, 2));
+        presence.apply("n2", count("bob", Some("room"), 1));
+        presence.apply("n3", count("carol", None, 1));
+        let mut known = presence.known_nodes();
+        known.sort();
+        assert_eq!(known, vec!["n2".to_owned(), "n3".to_owned()]);
+
+        presence.forget_node("n2");
+        assert_eq!(users(&presence, None), pairs(&[("alice", 1), ("carol", 1)]));
+        assert_eq!(users(&presence, Some("room")), pairs(&[]));
+        assert_eq!(presence.known_nodes(), vec!["n3".to_owned()]);
+
+        // A forgotten node that speaks again is counted from scratch.
+        presence.apply("n2", count("bob", None, 1));
+        assert_eq!(
+            users(&presence, None),
+            pairs(&[("alice", 1), ("bob", 1), ("carol", 1)])
+        );
+    }
+
+    #[tokio::test]
+    async fn share_with_receives_each_local_change_as_an_absolute_count() {
+        let (presence, _router) = presence();
+        // Changes before anyone listens are not queued anywhere.
+        presence.change_local("zoe", None, None, 1);
+        let (outbox, mut shared) = mpsc::unbounded_channel();
+        presence.share_with(outbox);
+
+        presence.change_local("alice", None, Some("Alice"), 1);
+        presence.change_local("alice", None, Some("Alice"), 1);
+        presence.change_local("alice", Some("room"), Some("Alice"), 1);
+        presence.change_local("alice", None, Some("Alice"), -1);
+        presence.change_local("alice", None, Some("Alice"), -1);
+        // Counts from other nodes are not ours to share.
+        presence.apply("n2", count("bob", None, 1));
+
+        let mut got = Vec::new();
+        while let Ok(count) = shared.try_recv() {
+            assert_eq!(count.user_id, "alice");
+            assert_eq!(count.user_name.as_deref(), Some("Alice"));
+            assert!(count.at > 0);
+            got.push((count.channel, count.count));
+        }
+        let room = Some("room".to_owned());
+        assert_eq!(
+            got,
+            vec![(None, 1), (None, 2), (room, 1), (None, 1), (None, 0)]
+        );
+    }
+
+    #[tokio::test]
+    async fn joined_once_per_user_and_left_when_the_last_connection_closes() {
+        let (presence, router) = presence();
+        let mut watcher = Watcher::new(&router);
+
+        presence.change_local("alice", None, Some("Alice"), 1);
+        presence.change_local("alice", None, Some("Alice"), 1);
+        presence.change_local("bob", None, None, 1);
+        assert_eq!(
+            watcher.drain().await,
+            vec![
+                seen("user.joined", "alice", None, 1),
+                seen("user.joined", "bob", None, 1),
+            ]
+        );
+
+        presence.change_local("alice", None, Some("Alice"), -1);
+        assert_eq!(watcher.drain().await, vec![], "one tab of two closed");
+        presence.change_local("alice", None, Some("Alice"), -1);
+        assert_eq!(
+            watcher.drain().await,
+            vec![seen("user.left", "alice", None, 0)]
+        );
+
+        // Back again: joined again.
+        presence.change_local("alice", None, Some("Alice"), 1);
+        assert_eq!(
+            watcher.drain().await,
+            vec![seen("user.joined", "alice", None, 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn presence_events_carry_the_user_name() {
+        let (presence, router) = presence();
+        let mut watcher = Watcher::new(&router);
+        presence.change_local("alice", None, Some("Alice"), 1);
+        presence.change_local("bob", None, None, 1);
+        presence.change_local("alice", None, Some("Alice"), -1);
+        let mut names = Vec::new();
+        let marker = Event::new(
+            EventType::Broadcast,
+            PRESENCE_COLLECTION,
+            BARRIER,
+            json!({}),
+        );
+        router.deliver(Arc::new(SharedEvent::new(marker)), Audience::Everyone);
+        loop {
+            let delivery = tokio::time::timeout(Duration::from_secs(5), watcher.deliveries.recv())
+                .await
+                .expect("events within 5 s")
+                .expect("queue open");
+            if delivery.event.event.record_id == BARRIER {
+                break;
+            }
+            names.push(delivery.event.event.data["user_name"].clone());
+        }
+        assert_eq!(names, vec![json!("Alice"), json!(null), json!("Alice")]);
+    }
+
+    #[tokio::test]
+    async fn channel_joins_and_leaves_carry_the_channel() {
+        let (presence, router) = presence();
+        let mut watcher = Watcher::new(&router);
+
+        presence.change_local("alice", None, None, 1);
+        presence.change_local("alice", Some("room"), None, 1);
+        presence.change_local("alice", Some("room"), None, 1);
+        presence.change_local("alice", Some("lobby"), None, 1);
+        presence.change_local("alice", Some("room"), None, -1);
+        presence.change_local("alice", Some("room"), None, -1);
+        presence.change_local("alice", None, None, -1);
+        assert_eq!(
+            watcher.drain().await,
+            vec![
+                seen("user.joined", "alice", None, 1),
+                seen("user.joined", "alice", Some("room"), 1),
+                seen("user.joined", "alice", Some("lobby"), 1),
+                seen("user.left", "alice", Some("room"), 0),
+                seen("user.left", "alice", None, 0),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn remote_nodes_join_and_leave_users_once_cluster_wide() {
+        let (presence, router) = presence();
+        let mut watcher = Watcher::new(&router);
+
+        presence.apply("n2", count("alice", None, 2));
+        presence.change_local("alice", None, None, 1);
+        presence.apply("n3", count("alice", None, 1));
+        presence.apply("n3", count("alice", None, 1));
+        assert_eq!(
+            watcher.drain().await,
+            vec![seen("user.joined", "alice", None, 2)],
+            "joined once, when the first node counted alice"
+        );
+
+        presence.apply("n2", count("alice", None, 0));
+        presence.change_local("alice", None, None, -1);
+        assert_eq!(watcher.drain().await, vec![], "n3 still counts alice");
+        presence.apply("n3", count("alice", None, 0));
+        assert_eq!(
+            watcher.drain().await,
+            vec![seen("user.left", "alice", None, 0)]
+        );
+        presence.apply("n3", count("alice", None, 0));
+        assert_eq!(watcher.drain().await, vec![], "a repeated zero");
+    }
+
+    #[tokio::test]
+    async fn replace_and_forget_node_announce_who_left() {
+        let (presence, router) = presence();
+        presence.apply("n2", count("alice", None, 1));
+        presence.apply("n2", count("bob", None, 1));
+        presence.apply("n2", count("bob", Some("room"), 1));
+        presence.apply("n3", count("carol", None, 1));
+        // Dispatch is asynchronous: events queued before the watcher
+        // registered may still reach it, so it drains them first.
+        let mut watcher = Watcher::new(&router);
+        assert_eq!(watcher.drain().await.len(), 4, "the four joins so far");
+
+        presence.replace_node("n2", vec![count("alice", None, 4), count("dave", None, 1)]);
+        let mut events = watcher.drain().await;
+        events.sort_by(|a, b| (a.kind, &a.user, &a.channel).cmp(&(b.kind, &b.user, &b.channel)));
+        assert_eq!(
+            events,
+            vec![
+                seen("user.joined", "dave", None, 1),
+                seen("user.left", "bob", None, 0),
+                seen("user.left", "bob", Some("room"), 0),
+            ]
+        );
+
+        presence.change_local("dave", None, None, 1);
+        presence.forget_node("n2");
+        let mut events = watcher.drain().await;
+        events.sort_by(|a, b| a.user.cmp(&b.user));
+        assert_eq!(events, vec![seen("user.left", "alice", None, 0)]);
+        assert_eq!(users(&presence, None), pairs(&[("carol", 1), ("dave", 1)]));
+    }
+
+    /// BUG (reproduced by this test, hence `#[ignore]`): `change_local`
+    /// computes the new absolute count under the state lock but sends it
+    /// to the outbox after releasing it. Two connections of one user
+    /// changing at the same time can therefore hand their counts to
+    /// `presence_sync` in the opposite order from the one they were
+    /// applied in (state 1 → 2 → 1, outbox gets 1, then 2). presence_sync
+    /// numbers counts in outbox order, so peers apply the stale count last,
+    /// see no gap, and keep it (e.g. a user who closed every tab stays
+    /// online elsewhere until the node restarts or is forgotten). Sending
+    /// while still holding the state lock (an unbounded send never blocks)
+    /// would fix it. The test checks that the shared counts, replayed in
+    /// order, move by exactly one per ±1 change and end at the local count.
+    #[test]
+    #[ignore = "BUG: change_local shares counts outside the state lock, so they can be reordered"]
+    fn shared_counts_keep_the_order_of_concurrent_local_changes() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let _guard = runtime.enter();
+        let router = Arc::new(Router::new(1));
+        let presence = Arc::new(Presence::new(NODE.to_owned(), router));
+        let (outbox, mut shared) = mpsc::unbounded_channel();
+        presence.share_with(outbox);
+
+        const THREADS: usize = 4;
+        const ROUNDS: usize = 20_000;
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let presence = Arc::clone(&presence);
+                std::thread::spawn(move || {
+                    for _ in 0..ROUNDS {
+                        presence.change_local("alice", None, None, 1);
+                        presence.change_local("alice", None, None, -1);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("thread");
+        }
+
+        let mut previous = 0u32;
+        let mut sent = 0usize;
+        let mut out_of_order = 0usize;
+        while let Ok(count) = shared.try_recv() {
+            if count.count.abs_diff(previous) != 1 {
+                out_of_order += 1;
+            }
+            previous = count.count;
+            sent += 1;
+        }
+        assert_eq!(sent, THREADS * ROUNDS * 2);
+        assert_eq!(
+            (out_of_order, previous),
+            (0, 0),
+            "(counts shared out of order, last count shared) while the local count is 0"
+        );
+    }
+}
