@@ -101,24 +101,23 @@ impl Presence {
         user_name: Option<&str>,
         delta: i32,
     ) {
-        let count = {
-            let mut state = self.state.lock().expect("presence lock");
-            let key = (user_id.to_owned(), channel.map(str::to_owned));
-            let current = state
-                .nodes
-                .get(&self.node)
-                .and_then(|entries| entries.get(&key))
-                .map_or(0, |e| e.count);
-            let count = Count {
-                user_id: user_id.to_owned(),
-                channel: channel.map(str::to_owned),
-                count: current.saturating_add_signed(delta),
-                user_name: user_name.map(str::to_owned),
-                at: now_millis(),
-            };
-            self.apply_locked(&mut state, &self.node, count.clone());
-            count
+        // Shared under the state lock, so concurrent changes of one key reach
+        // the other nodes in the order they were applied here.
+        let mut state = self.state.lock().expect("presence lock");
+        let key = (user_id.to_owned(), channel.map(str::to_owned));
+        let current = state
+            .nodes
+            .get(&self.node)
+            .and_then(|entries| entries.get(&key))
+            .map_or(0, |e| e.count);
+        let count = Count {
+            user_id: user_id.to_owned(),
+            channel: channel.map(str::to_owned),
+            count: current.saturating_add_signed(delta),
+            user_name: user_name.map(str::to_owned),
+            at: now_millis(),
         };
+        self.apply_locked(&mut state, &self.node, count.clone());
         if let Some(outbox) = &*self.outbox.lock().expect("outbox lock") {
             let _ = outbox.send(count);
         }
@@ -768,20 +767,15 @@ mod tests {
         assert_eq!(users(&presence, None), pairs(&[("carol", 1), ("dave", 1)]));
     }
 
-    /// BUG (reproduced by this test, hence `#[ignore]`): `change_local`
-    /// computes the new absolute count under the state lock but sends it
-    /// to the outbox after releasing it. Two connections of one user
-    /// changing at the same time can therefore hand their counts to
+    /// A regression test: `change_local` once sent the new absolute count
+    /// to the outbox after releasing the state lock, so two connections of
+    /// one user changing at the same time could hand their counts to
     /// `presence_sync` in the opposite order from the one they were
-    /// applied in (state 1 → 2 → 1, outbox gets 1, then 2). presence_sync
-    /// numbers counts in outbox order, so peers apply the stale count last,
-    /// see no gap, and keep it (e.g. a user who closed every tab stays
-    /// online elsewhere until the node restarts or is forgotten). Sending
-    /// while still holding the state lock (an unbounded send never blocks)
-    /// would fix it. The test checks that the shared counts, replayed in
+    /// applied in (state 1 → 2 → 1, outbox gets 1, then 2). Peers then
+    /// applied the stale count last, saw no gap, and kept it (a user who
+    /// closed every tab stayed online elsewhere). The test checks that the shared counts, replayed in
     /// order, move by exactly one per ±1 change and end at the local count.
     #[test]
-    #[ignore = "BUG: change_local shares counts outside the state lock, so they can be reordered"]
     fn shared_counts_keep_the_order_of_concurrent_local_changes() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
