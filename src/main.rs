@@ -79,6 +79,10 @@ struct ServeArgs {
     /// Deliveries queued per connection before a slow reader is cut off.
     #[arg(long, env = "STROM_QUEUE_CAPACITY", default_value_t = EngineConfig::default().queue_capacity)]
     queue_capacity: usize,
+    /// Fan out at most this often: under load, events arriving meanwhile
+    /// share one write per connection (adds at most this much latency).
+    #[arg(long, env = "STROM_DISPATCH_WINDOW", default_value_t = Span(EngineConfig::default().dispatch_window))]
+    dispatch_window: Span,
     /// A socket write blocked this long closes its connection (a client
     /// that stopped reading).
     #[arg(long, env = "STROM_WRITE_TIMEOUT", default_value_t = Span(ServerConfig::default().write_timeout))]
@@ -335,6 +339,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_subscriptions: args.max_subscriptions,
             client_publish_rate: args.client_publish_rate,
             client_message_bytes: args.client_message_bytes,
+            dispatch_window: args.dispatch_window.0,
             ..EngineConfig::default()
         },
         nats,

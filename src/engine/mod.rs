@@ -6,6 +6,7 @@
 //! its bounded delivery queue. The engine knows nothing of HTTP, gRPC, JSON
 //! framing or NATS: the bus moves events between nodes, the edges translate.
 
+mod mailbox;
 pub mod presence;
 pub mod router;
 
@@ -35,6 +36,9 @@ pub struct EngineConfig {
     pub client_message_bytes: usize,
     /// Dispatcher tasks fanning out collections' events (one per core).
     pub dispatch_shards: usize,
+    /// A dispatcher fans out at most this often, all that arrived meanwhile
+    /// at once: under load, several events share one write per connection.
+    pub dispatch_window: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +49,7 @@ impl Default for EngineConfig {
             client_publish_rate: 20,
             client_message_bytes: 16 * 1024,
             dispatch_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            dispatch_window: std::time::Duration::from_millis(1),
         }
     }
 }
@@ -185,7 +190,7 @@ impl Engine {
         F: FnOnce(Arc<dyn Inbox>, Arc<dyn PresenceState>) -> Fut,
         Fut: Future<Output = Result<Bus, BusError>>,
     {
-        let router = Arc::new(Router::new(config.dispatch_shards));
+        let router = Arc::new(Router::new(config.dispatch_shards, config.dispatch_window));
         let presence = Arc::new(Presence::new(router.node().to_owned(), Arc::clone(&router)));
         let bus = Arc::new(open_bus(router.clone(), presence.clone()).await?);
         let evictions = spawn_reaper(Arc::downgrade(&router), Arc::downgrade(&presence));
@@ -267,14 +272,13 @@ impl Engine {
     /// Opens a connection for `principal`: a delivery queue that
     /// subscriptions feed.
     pub fn connect(&self, transport: Transport, principal: Principal) -> Connection {
-        let (tx, rx) = mpsc::channel(self.config.queue_capacity);
         let id = self.router.next_id();
         let name = self.router.connection_name(id);
         let shared = Arc::new(ConnShared::new(
             id,
             name,
             transport,
-            tx,
+            self.config.queue_capacity,
             self.evictions.clone(),
         ));
         *shared.user_id.lock().expect("user lock") = principal.user_id();
@@ -285,7 +289,7 @@ impl Engine {
             expires: deadline(&principal),
             sent: RateLimiter::new(self.config.client_publish_rate),
             principal,
-            queue: rx,
+            incoming: VecDeque::new(),
             subscriptions: HashMap::new(),
             catch_ups: VecDeque::new(),
             ready: VecDeque::new(),
@@ -387,7 +391,7 @@ pub struct ResetNotice {
 }
 
 enum Step {
-    Live(Delivery),
+    Live,
     History(Option<Result<Arc<SharedEvent>, BusError>>),
     Ended,
 }
@@ -401,7 +405,8 @@ pub struct Connection {
     expires: Option<tokio::time::Instant>,
     /// Paces what this client publishes.
     sent: RateLimiter,
-    queue: mpsc::Receiver<Delivery>,
+    /// Deliveries just taken from the mailbox, being sorted.
+    incoming: VecDeque<Delivery>,
     subscriptions: HashMap<u64, OpenSubscription>,
     catch_ups: VecDeque<CatchUp>,
     ready: VecDeque<Received>,
@@ -740,16 +745,13 @@ impl Connection {
             if let Some(item) = self.ready.pop_front() {
                 return Ok(item);
             }
-            if let Some(reason) = self.shared.end_reason().cloned() {
-                match self.queue.try_recv() {
-                    Ok(delivery) => {
-                        self.take_live(delivery);
-                        continue;
-                    }
-                    Err(_) => return Err(reason),
-                }
+            if self.take_incoming() {
+                continue;
             }
-            let queue = &mut self.queue;
+            if let Some(reason) = self.shared.end_reason().cloned() {
+                return Err(reason);
+            }
+            let incoming = &mut self.incoming;
             let ended = &self.shared.end_signal;
             let shared = &self.shared;
             let expiry = async {
@@ -760,8 +762,10 @@ impl Connection {
                 shared.end(EndReason::TokenExpired);
                 Step::Ended
             };
-            let live =
-                async { Step::Live(queue.recv().await.expect("the connection holds a sender")) };
+            let live = async {
+                std::future::poll_fn(|cx| shared.mailbox.poll_take_all(cx, incoming)).await;
+                Step::Live
+            };
             let step = match self.catch_ups.front_mut() {
                 Some(catch_up) => tokio::select! {
                     step = live => step,
@@ -776,7 +780,7 @@ impl Connection {
                 },
             };
             match step {
-                Step::Live(delivery) => self.take_live(delivery),
+                Step::Live => self.sort_incoming(),
                 Step::History(None) if self.catch_ups[0].overflowed => {
                     self.extend_catch_up().await;
                 }
@@ -813,7 +817,21 @@ impl Connection {
                 self.take_history(Some(item));
                 continue;
             }
-            let delivery = self.queue.try_recv().ok()?;
+            if !self.take_incoming() {
+                return None;
+            }
+        }
+    }
+
+    /// Takes what the mailbox holds and sorts it; `false` if it was empty.
+    fn take_incoming(&mut self) -> bool {
+        let taken = self.shared.mailbox.take_all(&mut self.incoming);
+        self.sort_incoming();
+        taken
+    }
+
+    fn sort_incoming(&mut self) {
+        while let Some(delivery) = self.incoming.pop_front() {
             self.take_live(delivery);
         }
     }

@@ -293,7 +293,7 @@ mod tests {
     const BARRIER: &str = "__barrier__";
 
     fn presence() -> (Presence, Arc<Router>) {
-        let router = Arc::new(Router::new(2));
+        let router = Arc::new(Router::new(2, Duration::ZERO));
         (Presence::new(NODE.to_owned(), Arc::clone(&router)), router)
     }
 
@@ -342,25 +342,36 @@ mod tests {
     /// the way `Connection::subscribe` does it.
     struct Watcher {
         router: Arc<Router>,
-        deliveries: mpsc::Receiver<Delivery>,
+        conn: Arc<ConnShared>,
+        taken: std::collections::VecDeque<Delivery>,
         _evictions: mpsc::UnboundedReceiver<u64>,
     }
 
     impl Watcher {
+        async fn next_delivery(&mut self) -> Delivery {
+            if self.taken.is_empty() {
+                let mailbox = &self.conn.mailbox;
+                let take = std::future::poll_fn(|cx| mailbox.poll_take_all(cx, &mut self.taken));
+                tokio::time::timeout(Duration::from_secs(5), take)
+                    .await
+                    .expect("presence events within 5 s");
+            }
+            self.taken.pop_front().expect("taken")
+        }
+
         fn new(router: &Arc<Router>) -> Watcher {
-            let (queue, deliveries) = mpsc::channel(1024);
             let (evictions, evicted) = mpsc::unbounded_channel();
             let id = router.next_id();
             let conn = Arc::new(ConnShared::new(
                 id,
                 router.connection_name(id),
                 Transport::WebSocket,
-                queue,
+                1024,
                 evictions,
             ));
             let sub = Arc::new(SubEntry {
                 id,
-                conn,
+                conn: Arc::clone(&conn),
                 filter: None,
                 gate: None,
                 echo: true,
@@ -368,7 +379,8 @@ mod tests {
             router.add_replacing(PRESENCE_COLLECTION, None, sub, &[]);
             Watcher {
                 router: Arc::clone(router),
-                deliveries,
+                conn,
+                taken: Default::default(),
                 _evictions: evicted,
             }
         }
@@ -387,10 +399,7 @@ mod tests {
                 .deliver(Arc::new(SharedEvent::new(marker)), Audience::Everyone);
             let mut seen = Vec::new();
             loop {
-                let delivery = tokio::time::timeout(Duration::from_secs(5), self.deliveries.recv())
-                    .await
-                    .expect("presence events within 5 s")
-                    .expect("delivery queue open");
+                let delivery = self.next_delivery().await;
                 let event = &delivery.event.event;
                 if event.record_id == BARRIER {
                     return seen;
@@ -672,10 +681,7 @@ mod tests {
         );
         router.deliver(Arc::new(SharedEvent::new(marker)), Audience::Everyone);
         loop {
-            let delivery = tokio::time::timeout(Duration::from_secs(5), watcher.deliveries.recv())
-                .await
-                .expect("events within 5 s")
-                .expect("queue open");
+            let delivery = watcher.next_delivery().await;
             if delivery.event.event.record_id == BARRIER {
                 break;
             }
@@ -781,7 +787,7 @@ mod tests {
             .build()
             .expect("runtime");
         let _guard = runtime.enter();
-        let router = Arc::new(Router::new(1));
+        let router = Arc::new(Router::new(1, Duration::ZERO));
         let presence = Arc::new(Presence::new(NODE.to_owned(), router));
         let (outbox, mut shared) = mpsc::unbounded_channel();
         presence.share_with(outbox);

@@ -9,6 +9,7 @@
 //! connection's bounded queue. A full queue evicts that connection with
 //! [`EndReason::Overflow`]; the dispatcher never waits for a subscriber.
 
+use super::mailbox::Mailbox;
 use super::{Delivery, EndReason, Transport};
 use crate::auth::{Auth, Principal};
 use crate::bus::{Audience, Inbox};
@@ -18,6 +19,7 @@ use crate::filter::index::MatchIndex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
 /// What the registry knows of one open connection.
@@ -27,7 +29,7 @@ pub(crate) struct ConnShared {
     pub name: Arc<str>,
     pub transport: Transport,
     pub user_id: Mutex<Option<String>>,
-    queue: mpsc::Sender<Delivery>,
+    pub mailbox: Mailbox,
     ended: OnceLock<EndReason>,
     closed: AtomicBool,
     evicted: AtomicBool,
@@ -55,7 +57,7 @@ impl ConnShared {
         id: u64,
         name: String,
         transport: Transport,
-        queue: mpsc::Sender<Delivery>,
+        queue_capacity: usize,
         evictions: mpsc::UnboundedSender<u64>,
     ) -> Self {
         ConnShared {
@@ -63,7 +65,7 @@ impl ConnShared {
             name: name.into(),
             transport,
             user_id: Mutex::new(None),
-            queue,
+            mailbox: Mailbox::new(queue_capacity),
             ended: OnceLock::new(),
             closed: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
@@ -115,9 +117,9 @@ impl ConnShared {
             event: Arc::clone(event),
             left_filter,
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send(delivery) {
+        if self.mailbox.push(delivery).is_err() {
             self.evict(EndReason::Overflow {
-                capacity: self.queue.max_capacity(),
+                capacity: self.mailbox.capacity(),
             });
         }
     }
@@ -298,11 +300,17 @@ impl Scopes {
 
 /// Events a dispatcher fans out under one lock acquisition before it lets
 /// subscribe and unsubscribe in.
-const DISPATCH_BATCH: usize = 64;
+const DISPATCH_BATCH: usize = 1024;
 
 /// A part of the router with its own lock and its own dispatcher task,
 /// which fans out the events of its collections in the order it gets them.
 /// Publishers only push onto its queue, so they never wait on fan-out.
+///
+/// The dispatcher paces itself: it fans out at most once per `window`,
+/// everything that arrived meanwhile at once. An event after a quiet
+/// spell goes out at once; under load, each connection then gets several
+/// events per wake-up and writes them with one system call, which is what
+/// a delivery costs most. Latency grows by at most `window`.
 struct Shard {
     scopes: Arc<RwLock<Scopes>>,
     queue: mpsc::UnboundedSender<Arc<SharedEvent>>,
@@ -312,12 +320,18 @@ impl Shard {
     /// Starts the shard's dispatcher; it ends when the shard is dropped.
     /// `fixed_key` is the scope every event goes to (`*` for the wildcard
     /// shard); otherwise an event goes to its collection's scope.
-    fn start(fixed_key: Option<&'static str>) -> Shard {
+    fn start(fixed_key: Option<&'static str>, window: Duration) -> Shard {
         let scopes: Arc<RwLock<Scopes>> = Arc::default();
         let (queue, mut events) = mpsc::unbounded_channel::<Arc<SharedEvent>>();
         let dispatching = Arc::clone(&scopes);
         tokio::spawn(async move {
+            let mut last = tokio::time::Instant::now();
             while let Some(first) = events.recv().await {
+                let next_round = last + window;
+                if tokio::time::Instant::now() < next_round {
+                    tokio::time::sleep_until(next_round).await;
+                }
+                last = tokio::time::Instant::now();
                 let scopes = dispatching.read().expect("shard lock");
                 let mut next = Some(first);
                 let mut dispatched = 0;
@@ -356,14 +370,17 @@ pub struct Router {
 
 impl Router {
     /// A router with `shards` collection shards (at least one), each with
-    /// its dispatcher task on the current tokio runtime.
-    pub fn new(shards: usize) -> Router {
+    /// its dispatcher task on the current tokio runtime, fanning out at
+    /// most once per `window` (see [`Shard`]).
+    pub fn new(shards: usize, window: Duration) -> Router {
         use std::hash::{BuildHasher, RandomState};
         let random = RandomState::new().hash_one(std::process::id());
         Router {
             node: format!("{:08x}", random as u32),
-            shards: (0..shards.max(1)).map(|_| Shard::start(None)).collect(),
-            wildcard: Shard::start(Some(WILDCARD)),
+            shards: (0..shards.max(1))
+                .map(|_| Shard::start(None, window))
+                .collect(),
+            wildcard: Shard::start(Some(WILDCARD), window),
             connections: Mutex::default(),
             head_seq: AtomicU64::default(),
             next_id: AtomicU64::default(),
@@ -478,25 +495,29 @@ mod tests {
     use super::*;
     use crate::event::{Event, EventType};
     use serde_json::{Value, json};
-    use std::time::Duration;
 
     struct Subscriber {
         conn: Arc<ConnShared>,
-        queue: mpsc::Receiver<Delivery>,
+        taken: std::collections::VecDeque<Delivery>,
         evictions: mpsc::UnboundedReceiver<u64>,
     }
 
     impl Subscriber {
         fn connect(router: &Router, capacity: usize) -> Subscriber {
-            let (tx, queue) = mpsc::channel(capacity);
             let (evicted, evictions) = mpsc::unbounded_channel();
             let id = router.next_id();
             let name = router.connection_name(id);
-            let conn = Arc::new(ConnShared::new(id, name, Transport::WebSocket, tx, evicted));
+            let conn = Arc::new(ConnShared::new(
+                id,
+                name,
+                Transport::WebSocket,
+                capacity,
+                evicted,
+            ));
             router.register(Arc::clone(&conn));
             Subscriber {
                 conn,
-                queue,
+                taken: Default::default(),
                 evictions,
             }
         }
@@ -532,10 +553,14 @@ mod tests {
         }
 
         async fn next(&mut self) -> Delivery {
-            tokio::time::timeout(Duration::from_secs(10), self.queue.recv())
-                .await
-                .expect("a delivery")
-                .expect("an open queue")
+            if self.taken.is_empty() {
+                let mailbox = &self.conn.mailbox;
+                let take = std::future::poll_fn(|cx| mailbox.poll_take_all(cx, &mut self.taken));
+                tokio::time::timeout(Duration::from_secs(10), take)
+                    .await
+                    .expect("a delivery");
+            }
+            self.taken.pop_front().expect("taken")
         }
 
         /// The next delivery's (subscription, seq, left_filter).
@@ -564,7 +589,7 @@ mod tests {
 
     #[tokio::test]
     async fn filters_decide_and_a_later_match_proves_an_earlier_miss() {
-        let router = Router::new(2);
+        let router = Router::new(2, Duration::ZERO);
         let mut s = Subscriber::connect(&router, 16);
         let cheap = s.subscribe(&router, "products", None, "price < 10");
         publish(
@@ -581,7 +606,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_record_subscription_sees_only_its_record() {
-        let router = Router::new(2);
+        let router = Router::new(2, Duration::ZERO);
         let mut s = Subscriber::connect(&router, 16);
         let pinned = s.subscribe(&router, "posts", Some("p2"), "");
         publish(&router, event("posts", "p1", 1, json!({}), None));
@@ -591,7 +616,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_update_leaving_the_filter_is_marked() {
-        let router = Router::new(1);
+        let router = Router::new(1, Duration::ZERO);
         let mut s = Subscriber::connect(&router, 16);
         let live = s.subscribe(&router, "orders", None, "status = open");
         let open = json!({"status": "open"});
@@ -617,7 +642,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wildcard_subscription_sees_every_collection_in_seq_order() {
-        let router = Router::new(4);
+        let router = Router::new(4, Duration::ZERO);
         let mut s = Subscriber::connect(&router, 256);
         let all = s.subscribe(&router, WILDCARD, None, "");
         for seq in 1..=100 {
@@ -631,7 +656,7 @@ mod tests {
 
     #[tokio::test]
     async fn replacing_swaps_subscriptions_in_one_step() {
-        let router = Router::new(2);
+        let router = Router::new(2, Duration::ZERO);
         let mut s = Subscriber::connect(&router, 16);
         let old = s.subscribe(&router, "posts", None, "");
         let new_id = router.next_id();
@@ -651,7 +676,7 @@ mod tests {
 
     #[tokio::test]
     async fn removed_subscriptions_get_nothing() {
-        let router = Router::new(2);
+        let router = Router::new(2, Duration::ZERO);
         let mut s = Subscriber::connect(&router, 16);
         let gone = s.subscribe(&router, "posts", None, "");
         let kept = s.subscribe(&router, "posts", None, "n = 2");
@@ -663,7 +688,7 @@ mod tests {
 
     #[tokio::test]
     async fn own_messages_come_back_only_with_echo() {
-        let router = Router::new(1);
+        let router = Router::new(1, Duration::ZERO);
         let mut s = Subscriber::connect(&router, 16);
         let quiet = s.subscribe(&router, "chat", None, "");
         let echoing = s.subscribe_with(&router, "chat", None, "", true);
@@ -685,7 +710,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_evicts_the_connection_and_spares_the_others() {
-        let router = Router::new(1);
+        let router = Router::new(1, Duration::ZERO);
         let mut slow = Subscriber::connect(&router, 2);
         let mut fast = Subscriber::connect(&router, 64);
         slow.subscribe(&router, "posts", None, "");
@@ -705,6 +730,6 @@ mod tests {
         // What was queued before the overflow is still there; nothing after.
         assert_eq!(slow.next().await.event.event.seq, 1);
         assert_eq!(slow.next().await.event.event.seq, 2);
-        assert!(slow.queue.try_recv().is_err());
+        assert!(slow.taken.is_empty() && !slow.conn.mailbox.take_all(&mut slow.taken));
     }
 }

@@ -10,6 +10,9 @@ use std::time::Duration;
 async fn engine(queue_capacity: usize) -> Engine {
     let config = EngineConfig {
         queue_capacity,
+        // Fan out event by event, so a small queue overflows only by the
+        // reader's pace.
+        dispatch_window: Duration::ZERO,
         ..EngineConfig::default()
     };
     Engine::start(config, Auth::open(), |inbox, _| async move {
