@@ -79,8 +79,9 @@ struct ServeArgs {
     /// Deliveries queued per connection before a slow reader is cut off.
     #[arg(long, env = "STROM_QUEUE_CAPACITY", default_value_t = EngineConfig::default().queue_capacity)]
     queue_capacity: usize,
-    /// Fan out at most this often: under load, events arriving meanwhile
-    /// share one write per connection (adds at most this much latency).
+    /// Longest pause between fan-out rounds (about 1 µs per delivery of the
+    /// last round): under load, events arriving meanwhile share one write
+    /// per connection. Adds at most this much latency.
     #[arg(long, env = "STROM_DISPATCH_WINDOW", default_value_t = Span(EngineConfig::default().dispatch_window))]
     dispatch_window: Span,
     /// A socket write blocked this long closes its connection (a client

@@ -169,7 +169,9 @@ impl Session {
                     None => Step::Close,
                 },
                 delivery = session.connection.recv() => match delivery {
-                    Ok(received) => session.write_received(received).await,
+                    // Boxed too: its state would otherwise size every idle
+                    // connection's task; one allocation per written batch.
+                    Ok(received) => Box::pin(session.write_received(received)).await,
                     Err(reason) => Box::pin(session.end(reason)).await,
                 },
                 _ = ping.tick() => Box::pin(session.heartbeat()).await,

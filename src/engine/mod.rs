@@ -36,8 +36,9 @@ pub struct EngineConfig {
     pub client_message_bytes: usize,
     /// Dispatcher tasks fanning out collections' events (one per core).
     pub dispatch_shards: usize,
-    /// A dispatcher fans out at most this often, all that arrived meanwhile
-    /// at once: under load, several events share one write per connection.
+    /// The longest a dispatcher waits after a round, letting edges write it
+    /// out, before the next round takes all that arrived meanwhile: under
+    /// load, several events share one write per connection.
     pub dispatch_window: std::time::Duration,
 }
 
@@ -49,7 +50,7 @@ impl Default for EngineConfig {
             client_publish_rate: 20,
             client_message_bytes: 16 * 1024,
             dispatch_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            dispatch_window: std::time::Duration::from_millis(1),
+            dispatch_window: std::time::Duration::from_millis(10),
         }
     }
 }
@@ -290,7 +291,7 @@ impl Engine {
             sent: RateLimiter::new(self.config.client_publish_rate),
             principal,
             incoming: VecDeque::new(),
-            subscriptions: HashMap::new(),
+            subscriptions: IdMap::default(),
             catch_ups: VecDeque::new(),
             ready: VecDeque::new(),
         };
@@ -407,7 +408,7 @@ pub struct Connection {
     sent: RateLimiter,
     /// Deliveries just taken from the mailbox, being sorted.
     incoming: VecDeque<Delivery>,
-    subscriptions: HashMap<u64, OpenSubscription>,
+    subscriptions: IdMap<OpenSubscription>,
     catch_ups: VecDeque<CatchUp>,
     ready: VecDeque<Received>,
 }
@@ -782,7 +783,9 @@ impl Connection {
             match step {
                 Step::Live => self.sort_incoming(),
                 Step::History(None) if self.catch_ups[0].overflowed => {
-                    self.extend_catch_up().await;
+                    // Boxed: a bus replay's future is large and rare, and
+                    // inline it would size every connection's task.
+                    Box::pin(self.extend_catch_up()).await;
                 }
                 Step::History(item) => self.take_history(item),
                 Step::Ended => {}
@@ -893,6 +896,30 @@ fn spawn_reaper(
         }
     });
     evictions
+}
+
+/// A map keyed by subscription id. Every delivery looks its subscription up,
+/// and ids are counters that no client chooses, so a multiplicative hash is
+/// enough (SipHash's resistance to chosen keys would cost for nothing).
+type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = (self.0 ^ id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// The moment `principal`'s token expires, on the tokio clock.

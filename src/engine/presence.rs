@@ -284,8 +284,8 @@ impl PresenceState for Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::router::{ConnShared, SubEntry};
-    use crate::engine::{Delivery, Transport};
+    use crate::engine::Delivery;
+    use crate::engine::router::test_support::Subscriber;
     use std::time::Duration;
 
     const NODE: &str = "local";
@@ -342,46 +342,20 @@ mod tests {
     /// the way `Connection::subscribe` does it.
     struct Watcher {
         router: Arc<Router>,
-        conn: Arc<ConnShared>,
-        taken: std::collections::VecDeque<Delivery>,
-        _evictions: mpsc::UnboundedReceiver<u64>,
+        subscriber: Subscriber,
     }
 
     impl Watcher {
         async fn next_delivery(&mut self) -> Delivery {
-            if self.taken.is_empty() {
-                let mailbox = &self.conn.mailbox;
-                let take = std::future::poll_fn(|cx| mailbox.poll_take_all(cx, &mut self.taken));
-                tokio::time::timeout(Duration::from_secs(5), take)
-                    .await
-                    .expect("presence events within 5 s");
-            }
-            self.taken.pop_front().expect("taken")
+            self.subscriber.next().await
         }
 
         fn new(router: &Arc<Router>) -> Watcher {
-            let (evictions, evicted) = mpsc::unbounded_channel();
-            let id = router.next_id();
-            let conn = Arc::new(ConnShared::new(
-                id,
-                router.connection_name(id),
-                Transport::WebSocket,
-                1024,
-                evictions,
-            ));
-            let sub = Arc::new(SubEntry {
-                id,
-                conn: Arc::clone(&conn),
-                filter: None,
-                gate: None,
-                echo: true,
-            });
-            router.add_replacing(PRESENCE_COLLECTION, None, sub, &[]);
+            let subscriber = Subscriber::connect(router, 1024);
+            subscriber.subscribe_with(router, PRESENCE_COLLECTION, None, "", true);
             Watcher {
                 router: Arc::clone(router),
-                conn,
-                taken: Default::default(),
-                _evictions: evicted,
+                subscriber,
             }
         }
 

@@ -226,13 +226,15 @@ impl Scope {
         self.index.is_empty() && self.by_record.is_empty()
     }
 
-    fn dispatch(&self, event: &Arc<SharedEvent>) {
-        deliver_from(&self.index, event);
+    /// Delivers `event` to its subscribers; returns how many got it.
+    fn dispatch(&self, event: &Arc<SharedEvent>) -> usize {
+        let mut delivered = deliver_from(&self.index, event);
         if !event.event.record_id.is_empty()
             && let Some(index) = self.by_record.get(&event.event.record_id)
         {
-            deliver_from(index, event);
+            delivered += deliver_from(index, event);
         }
+        delivered
     }
 }
 
@@ -240,11 +242,13 @@ impl Scope {
 /// matches `data`; when it matches only `old_data`, it gets the event marked
 /// `left_filter`. The two passes cannot deliver twice: the second delivers
 /// only where the first did not match.
-fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) {
+fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) -> usize {
     let (collection, data) = (&event.event.collection, &event.event.data);
+    let mut delivered = 0;
     index.candidates(data, |_, sub| {
         if !sub.conn.is_closed() && sub.matches(collection, data) && !sub.is_own_echo(event) {
             sub.conn.deliver(sub.id, event, false);
+            delivered += 1;
         }
     });
     if let Some(old) = &event.event.old_data {
@@ -255,9 +259,11 @@ fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) {
                 && !sub.is_own_echo(event)
             {
                 sub.conn.deliver(sub.id, event, true);
+                delivered += 1;
             }
         });
     }
+    delivered
 }
 
 /// The subscriptions of a shard's collections, by name (the wildcard
@@ -298,6 +304,10 @@ impl Scopes {
     }
 }
 
+/// About what an edge spends writing one delivery out (measured: about
+/// 0.5 µs on the 2-core development machine, see docs/performance.md).
+const EDGE_COST: Duration = Duration::from_micros(1);
+
 /// Events a dispatcher fans out under one lock acquisition before it lets
 /// subscribe and unsubscribe in.
 const DISPATCH_BATCH: usize = 1024;
@@ -306,11 +316,14 @@ const DISPATCH_BATCH: usize = 1024;
 /// which fans out the events of its collections in the order it gets them.
 /// Publishers only push onto its queue, so they never wait on fan-out.
 ///
-/// The dispatcher paces itself: it fans out at most once per `window`,
-/// everything that arrived meanwhile at once. An event after a quiet
-/// spell goes out at once; under load, each connection then gets several
-/// events per wake-up and writes them with one system call, which is what
-/// a delivery costs most. Latency grows by at most `window`.
+/// The dispatcher paces itself: after a round that handed out `n`
+/// deliveries it lets the edges write them (about [`EDGE_COST`] each, at
+/// most `window`) before the next round, which takes everything that
+/// arrived meanwhile at once. An event after a quiet spell goes out at
+/// once, and a round reaching one subscriber barely waits; under load each
+/// connection gets several events per wake-up and writes them with one
+/// system call, which is what a delivery costs most. Latency grows by at
+/// most `window`.
 struct Shard {
     scopes: Arc<RwLock<Scopes>>,
     queue: mpsc::UnboundedSender<Arc<SharedEvent>>,
@@ -325,26 +338,27 @@ impl Shard {
         let (queue, mut events) = mpsc::unbounded_channel::<Arc<SharedEvent>>();
         let dispatching = Arc::clone(&scopes);
         tokio::spawn(async move {
-            let mut last = tokio::time::Instant::now();
+            let mut next_round = tokio::time::Instant::now();
             while let Some(first) = events.recv().await {
-                let next_round = last + window;
                 if tokio::time::Instant::now() < next_round {
                     tokio::time::sleep_until(next_round).await;
                 }
-                last = tokio::time::Instant::now();
+                let mut delivered = 0;
                 let scopes = dispatching.read().expect("shard lock");
                 let mut next = Some(first);
                 let mut dispatched = 0;
                 while let Some(event) = next {
                     let key = fixed_key.unwrap_or(&event.event.collection);
                     if let Some(scope) = scopes.0.get(key) {
-                        scope.dispatch(&event);
+                        delivered += scope.dispatch(&event);
                     }
                     dispatched += 1;
                     next = (dispatched < DISPATCH_BATCH)
                         .then(|| events.try_recv().ok())
                         .flatten();
                 }
+                let pause = EDGE_COST.saturating_mul(delivered as u32).min(window);
+                next_round = tokio::time::Instant::now() + pause;
             }
         });
         Shard { scopes, queue }
@@ -491,19 +505,20 @@ impl Inbox for Router {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
-    use crate::event::{Event, EventType};
-    use serde_json::{Value, json};
+    use std::time::Duration;
 
-    struct Subscriber {
-        conn: Arc<ConnShared>,
-        taken: std::collections::VecDeque<Delivery>,
-        evictions: mpsc::UnboundedReceiver<u64>,
+    /// A connection with a mailbox, registered the way `Engine::connect`
+    /// does it, for driving the router in-process.
+    pub(crate) struct Subscriber {
+        pub conn: Arc<ConnShared>,
+        pub taken: std::collections::VecDeque<Delivery>,
+        pub evictions: mpsc::UnboundedReceiver<u64>,
     }
 
     impl Subscriber {
-        fn connect(router: &Router, capacity: usize) -> Subscriber {
+        pub(crate) fn connect(router: &Router, capacity: usize) -> Subscriber {
             let (evicted, evictions) = mpsc::unbounded_channel();
             let id = router.next_id();
             let name = router.connection_name(id);
@@ -522,7 +537,7 @@ mod tests {
             }
         }
 
-        fn subscribe(
+        pub(crate) fn subscribe(
             &self,
             router: &Router,
             collection: &str,
@@ -532,7 +547,7 @@ mod tests {
             self.subscribe_with(router, collection, record, filter, false)
         }
 
-        fn subscribe_with(
+        pub(crate) fn subscribe_with(
             &self,
             router: &Router,
             collection: &str,
@@ -552,7 +567,7 @@ mod tests {
             id
         }
 
-        async fn next(&mut self) -> Delivery {
+        pub(crate) async fn next(&mut self) -> Delivery {
             if self.taken.is_empty() {
                 let mailbox = &self.conn.mailbox;
                 let take = std::future::poll_fn(|cx| mailbox.poll_take_all(cx, &mut self.taken));
@@ -564,11 +579,19 @@ mod tests {
         }
 
         /// The next delivery's (subscription, seq, left_filter).
-        async fn next_seen(&mut self) -> (u64, u64, bool) {
+        pub(crate) async fn next_seen(&mut self) -> (u64, u64, bool) {
             let d = self.next().await;
             (d.subscription, d.event.event.seq, d.left_filter)
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::Subscriber;
+    use super::*;
+    use crate::event::{Event, EventType};
+    use serde_json::{Value, json};
 
     fn event(
         collection: &str,
