@@ -150,6 +150,53 @@ async fn every_error_is_reported_and_the_connection_goes_on() {
     assert_eq!(client.reply().await["data"]["record_id"], "ok");
 }
 
+/// Overlapping subscriptions on one socket get one frame per event, which
+/// names the subscriptions it matched; with a single subscription the
+/// frame is the plain seed one.
+#[tokio::test]
+async fn overlapping_subscriptions_share_one_frame_that_names_them() {
+    let server = TestServer::memory().await;
+    let mut client = WsClient::connect(server.addr, "").await.unwrap();
+    let id_of = |reply: Value| reply["data"]["subscription_id"].as_u64().unwrap();
+    let pricey = id_of(
+        client
+            .subscribe_with(
+                json!({"action": "subscribe", "collection": "posts", "filter": "price > 10"}),
+            )
+            .await,
+    );
+    let pinned = id_of(
+        client
+            .subscribe_with(
+                json!({"action": "subscribe", "collection": "posts", "record_id": "p1"}),
+            )
+            .await,
+    );
+    server
+        .publish_json(event("posts", "p1", json!({"price": 50})))
+        .await;
+    server
+        .publish_json(event("posts", "p2", json!({"price": 20})))
+        .await;
+    let both = client.reply().await;
+    assert_eq!(both["data"]["record_id"], "p1", "one frame for p1: {both}");
+    assert_eq!(both["subscription_ids"], json!([pricey, pinned]));
+    let one = client.reply().await;
+    assert_eq!(one["data"]["record_id"], "p2", "{one}");
+    assert_eq!(one["subscription_ids"], json!([pricey]));
+
+    let reply = client
+        .request(json!({"action": "unsubscribe", "collection": "posts", "record_id": "p1"}))
+        .await;
+    assert_eq!(reply["type"], "unsubscribed");
+    server
+        .publish_json(event("posts", "p1", json!({"price": 60})))
+        .await;
+    let plain = client.reply().await;
+    assert_eq!(plain["data"]["record_id"], "p1");
+    assert!(plain.get("subscription_ids").is_none(), "{plain}");
+}
+
 #[tokio::test]
 async fn resubscribing_replaces_the_subscription() {
     let server = TestServer::memory().await;

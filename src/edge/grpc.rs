@@ -517,11 +517,11 @@ mod tests {
         );
         let shared = Arc::new(SharedEvent::new(event));
         let deliver = |subscription| {
-            response(Received::Event(Delivery {
+            response(Received::Event(Delivery::new(
                 subscription,
-                event: Arc::clone(&shared),
-                left_filter: false,
-            }))
+                Arc::clone(&shared),
+                false,
+            )))
         };
         let (first, second) = (deliver(1), deliver(2));
         assert_eq!(

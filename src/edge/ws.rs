@@ -105,8 +105,10 @@ fn close_message(code: u16, reason: &str) -> Message {
     }))
 }
 
-/// `{"type":"event","data":<event JSON>}`, built once per event.
-fn event_frame(delivery: &Delivery) -> Utf8Bytes {
+/// `{"type":"event","data":<event JSON>}`, built once per event and shared
+/// by every connection; on a connection holding several subscriptions,
+/// followed by `"subscription_ids":[...]`, the ones the event matched.
+fn event_frame(delivery: &Delivery, name_subscriptions: bool) -> Utf8Bytes {
     let bytes = delivery
         .event
         .encoded(Wire::WebSocket, delivery.left_filter, || {
@@ -117,6 +119,18 @@ fn event_frame(delivery: &Delivery) -> Utf8Bytes {
             frame.put_u8(b'}');
             frame.freeze()
         });
+    let bytes = if name_subscriptions {
+        let ids: Vec<u64> = delivery.subscriptions().collect();
+        let ids = serde_json::to_string(&ids).expect("JSON of ids");
+        let mut named = BytesMut::with_capacity(bytes.len() + ids.len() + 24);
+        named.put_slice(&bytes[..bytes.len() - 1]);
+        named.put_slice(br#","subscription_ids":"#);
+        named.put_slice(ids.as_bytes());
+        named.put_u8(b'}');
+        named.freeze()
+    } else {
+        bytes
+    };
     Utf8Bytes::try_from(bytes).expect("event JSON is UTF-8")
 }
 
@@ -215,10 +229,13 @@ impl Session {
                 None => break,
             }
         }
+        let name_subscriptions = self.connection.subscriptions().nth(1).is_some();
         let frames: Vec<Message> = batch
             .into_iter()
             .map(|received| match received {
-                Received::Event(delivery) => Message::Text(event_frame(&delivery)),
+                Received::Event(delivery) => {
+                    Message::Text(event_frame(&delivery, name_subscriptions))
+                }
                 Received::Reset(notice) => self.reset_message(&notice),
             })
             .collect();

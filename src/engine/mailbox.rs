@@ -103,11 +103,7 @@ mod tests {
 
     fn delivery(subscription: u64) -> Delivery {
         let event = Event::new(EventType::RecordCreated, "c", "r", serde_json::json!({}));
-        Delivery {
-            subscription,
-            event: Arc::new(SharedEvent::new(event)),
-            left_filter: false,
-        }
+        Delivery::new(subscription, Arc::new(SharedEvent::new(event)), false)
     }
 
     fn ids(deliveries: &VecDeque<Delivery>) -> Vec<u64> {

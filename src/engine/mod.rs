@@ -146,13 +146,44 @@ impl SubscriptionSpec {
     }
 }
 
-/// One event for one subscription of a connection.
+/// One event for a connection: one delivery however many of its
+/// subscriptions it matches (the same way: all with or all without
+/// `left_filter`).
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub subscription: u64,
+    /// The other matching subscriptions of the connection, if any.
+    pub more: Option<Box<[u64]>>,
     pub event: Arc<SharedEvent>,
     /// The record matched the filter before this update and no longer does.
     pub left_filter: bool,
+}
+
+impl Delivery {
+    pub fn new(subscription: u64, event: Arc<SharedEvent>, left_filter: bool) -> Self {
+        Delivery {
+            subscription,
+            more: None,
+            event,
+            left_filter,
+        }
+    }
+
+    /// Takes `id` out; whether the delivery is still for some subscription.
+    fn forget_subscription(&mut self, id: u64) -> bool {
+        if self.more.is_none() {
+            return self.subscription != id;
+        }
+        let mut ids: Vec<u64> = self.subscriptions().filter(|s| *s != id).collect();
+        self.subscription = ids.remove(0);
+        self.more = (!ids.is_empty()).then(|| ids.into());
+        true
+    }
+
+    /// Every subscription this delivery is for, ascending when several.
+    pub fn subscriptions(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.subscription).chain(self.more.iter().flatten().copied())
+    }
 }
 
 #[derive(Clone)]
@@ -516,6 +547,8 @@ impl Connection {
             let key = (spec.collection.clone(), spec.record_id.clone());
             membership.subscriptions.insert(id, key);
             count_in_channel(presence, &membership, &spec.collection, 1);
+            self.shared
+                .set_subscription_count(membership.subscriptions.len());
         }
         for id in &old {
             self.forget(*id);
@@ -574,6 +607,8 @@ impl Connection {
                     .router
                     .remove(&spec.collection, spec.record_id.as_deref(), id);
                 count_in_channel(&self.engine.presence, &membership, &spec.collection, -1);
+                self.shared
+                    .set_subscription_count(membership.subscriptions.len());
             }
         }
         self.forget(id);
@@ -584,8 +619,8 @@ impl Connection {
     fn forget(&mut self, id: u64) {
         self.subscriptions.remove(&id);
         self.catch_ups.retain(|c| c.subscription != id);
-        self.ready.retain(|r| match r {
-            Received::Event(d) => d.subscription != id,
+        self.ready.retain_mut(|r| match r {
+            Received::Event(d) => d.forget_subscription(id),
             Received::Reset(n) => n.subscription != id,
         });
     }
@@ -650,9 +685,39 @@ impl Connection {
         }
     }
 
+    /// Sorts a live delivery for several subscriptions: each is sorted on
+    /// its own, and those ready go out together again.
+    fn take_live_for_many(&mut self, delivery: Delivery) {
+        let before = self.ready.len();
+        for id in delivery.subscriptions() {
+            self.take_live(Delivery::new(
+                id,
+                Arc::clone(&delivery.event),
+                delivery.left_filter,
+            ));
+        }
+        let ready: Vec<u64> = self
+            .ready
+            .drain(before..)
+            .filter_map(|r| match r {
+                Received::Event(d) => Some(d.subscription),
+                Received::Reset(_) => None,
+            })
+            .collect();
+        if let Some((first, rest)) = ready.split_first() {
+            self.ready.push_back(Received::Event(Delivery {
+                more: (!rest.is_empty()).then(|| rest.into()),
+                ..Delivery::new(*first, delivery.event, delivery.left_filter)
+            }));
+        }
+    }
+
     /// Sorts a live delivery: dropped if its subscription is gone or the
     /// replay had it, held if the subscription is catching up, else ready.
     fn take_live(&mut self, delivery: Delivery) {
+        if delivery.more.is_some() {
+            return self.take_live_for_many(delivery);
+        }
         let Some(open) = self.subscriptions.get(&delivery.subscription) else {
             return;
         };
@@ -691,11 +756,11 @@ impl Connection {
                     && wanted
                     && let Some(left_filter) = open.entry.classify(&event)
                 {
-                    self.ready.push_back(Received::Event(Delivery {
-                        subscription: catch_up.subscription,
+                    self.ready.push_back(Received::Event(Delivery::new(
+                        catch_up.subscription,
                         event,
                         left_filter,
-                    }));
+                    )));
                 }
             }
             Some(Err(e)) => {

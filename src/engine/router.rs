@@ -17,7 +17,7 @@ use crate::event::{SharedEvent, WILDCARD};
 use crate::filter::Filter;
 use crate::filter::index::MatchIndex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -36,6 +36,8 @@ pub(crate) struct ConnShared {
     pub end_signal: Notify,
     /// What the connection holds in the router and in presence.
     pub membership: Mutex<Membership>,
+    /// How many subscriptions `membership` holds, read by dispatch.
+    subscription_count: AtomicUsize,
     /// Where an evicted connection's id goes, for the engine to retire it.
     evictions: mpsc::UnboundedSender<u64>,
 }
@@ -71,6 +73,7 @@ impl ConnShared {
             evicted: AtomicBool::new(false),
             end_signal: Notify::new(),
             membership: Mutex::default(),
+            subscription_count: AtomicUsize::new(0),
             evictions,
         }
     }
@@ -103,17 +106,34 @@ impl ConnShared {
         self.ended.get()
     }
 
+    /// Whether matches must be grouped into one delivery per event.
+    fn has_several_subscriptions(&self) -> bool {
+        self.subscription_count.load(Ordering::Relaxed) > 1
+    }
+
+    /// Records how many subscriptions the connection holds.
+    pub fn set_subscription_count(&self, count: usize) {
+        self.subscription_count.store(count, Ordering::Relaxed);
+    }
+
     /// Whether deliveries have ended; its subscriptions are skipped.
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
-    fn deliver(&self, subscription: u64, event: &Arc<SharedEvent>, left_filter: bool) {
+    fn deliver(
+        &self,
+        subscription: u64,
+        more: Option<Box<[u64]>>,
+        event: &Arc<SharedEvent>,
+        left_filter: bool,
+    ) {
         if self.is_closed() {
             return;
         }
         let delivery = Delivery {
             subscription,
+            more,
             event: Arc::clone(event),
             left_filter,
         };
@@ -226,29 +246,44 @@ impl Scope {
         self.index.is_empty() && self.by_record.is_empty()
     }
 
-    /// Delivers `event` to its subscribers; returns how many got it.
+    /// Delivers `event` to its subscribers; returns how many deliveries
+    /// that made. A connection with several matching subscriptions gets one
+    /// delivery naming them all.
     fn dispatch(&self, event: &Arc<SharedEvent>) -> usize {
-        let mut delivered = deliver_from(&self.index, event);
+        let mut overlapping = Vec::new();
+        let mut delivered = deliver_from(&self.index, event, &mut overlapping);
         if !event.event.record_id.is_empty()
             && let Some(index) = self.by_record.get(&event.event.record_id)
         {
-            delivered += deliver_from(index, event);
+            delivered += deliver_from(index, event, &mut overlapping);
         }
-        delivered
+        delivered + deliver_grouped(overlapping, event)
     }
 }
 
 /// Live-query semantics: a subscription gets the event when its filter
 /// matches `data`; when it matches only `old_data`, it gets the event marked
 /// `left_filter`. The two passes cannot deliver twice: the second delivers
-/// only where the first did not match.
-fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) -> usize {
+/// only where the first did not match. Matches of connections holding more
+/// than one subscription go to `overlapping`, to be grouped.
+fn deliver_from(
+    index: &MatchIndex<Arc<SubEntry>>,
+    event: &Arc<SharedEvent>,
+    overlapping: &mut Vec<(Arc<SubEntry>, bool)>,
+) -> usize {
     let (collection, data) = (&event.event.collection, &event.event.data);
     let mut delivered = 0;
+    let mut deliver = |sub: &Arc<SubEntry>, left_filter: bool| {
+        if sub.conn.has_several_subscriptions() {
+            overlapping.push((Arc::clone(sub), left_filter));
+        } else {
+            sub.conn.deliver(sub.id, None, event, left_filter);
+            delivered += 1;
+        }
+    };
     index.candidates(data, |_, sub| {
         if !sub.conn.is_closed() && sub.matches(collection, data) && !sub.is_own_echo(event) {
-            sub.conn.deliver(sub.id, event, false);
-            delivered += 1;
+            deliver(sub, false);
         }
     });
     if let Some(old) = &event.event.old_data {
@@ -258,10 +293,24 @@ fn deliver_from(index: &MatchIndex<Arc<SubEntry>>, event: &Arc<SharedEvent>) -> 
                 && sub.matches(collection, old)
                 && !sub.is_own_echo(event)
             {
-                sub.conn.deliver(sub.id, event, true);
-                delivered += 1;
+                deliver(sub, true);
             }
         });
+    }
+    delivered
+}
+
+/// One delivery per connection (and `left_filter`) for the matches of
+/// connections with several subscriptions, naming them in id order.
+fn deliver_grouped(mut matches: Vec<(Arc<SubEntry>, bool)>, event: &Arc<SharedEvent>) -> usize {
+    matches.sort_unstable_by_key(|(sub, left)| (sub.conn.id, *left, sub.id));
+    let mut delivered = 0;
+    for group in matches.chunk_by(|a, b| a.0.conn.id == b.0.conn.id && a.1 == b.1) {
+        let (first, left_filter) = &group[0];
+        let more: Option<Box<[u64]>> =
+            (group.len() > 1).then(|| group[1..].iter().map(|(sub, _)| sub.id).collect());
+        first.conn.deliver(first.id, more, event, *left_filter);
+        delivered += 1;
     }
     delivered
 }
@@ -625,6 +674,27 @@ mod tests {
             event("products", "p2", 3, json!({"price": 5}), None),
         );
         assert_eq!(s.next_seen().await, (cheap, 3, false));
+    }
+
+    #[tokio::test]
+    async fn overlapping_subscriptions_of_a_connection_share_one_delivery() {
+        let router = Router::new(1, Duration::ZERO);
+        let mut s = Subscriber::connect(&router, 16);
+        let all = s.subscribe(&router, "posts", None, "");
+        let pricey = s.subscribe(&router, "posts", None, "price > 10");
+        let pinned = s.subscribe(&router, "posts", Some("p1"), "");
+        s.conn.set_subscription_count(3);
+        publish(&router, event("posts", "p1", 1, json!({"price": 50}), None));
+        publish(&router, event("posts", "p2", 2, json!({"price": 5}), None));
+        let first = s.next().await;
+        assert_eq!(first.event.event.seq, 1);
+        assert_eq!(
+            first.subscriptions().collect::<Vec<_>>(),
+            [all, pricey, pinned]
+        );
+        let second = s.next().await;
+        assert_eq!(second.event.event.seq, 2);
+        assert_eq!(second.subscriptions().collect::<Vec<_>>(), [all]);
     }
 
     #[tokio::test]
