@@ -50,7 +50,7 @@ impl Default for EngineConfig {
             client_publish_rate: 20,
             client_message_bytes: 16 * 1024,
             dispatch_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            dispatch_window: std::time::Duration::from_millis(10),
+            dispatch_window: std::time::Duration::from_millis(3),
         }
     }
 }
