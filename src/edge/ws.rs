@@ -222,23 +222,22 @@ impl Session {
     /// eviction while the socket is blocked abandons the batch: the client
     /// resumes from what it did receive.
     async fn write_received(&mut self, first: Received) -> Step {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match self.connection.try_recv() {
-                Some(received) => batch.push(received),
-                None => break,
-            }
-        }
         let name_subscriptions = self.connection.subscriptions().nth(1).is_some();
-        let frames: Vec<Message> = batch
-            .into_iter()
-            .map(|received| match received {
+        let mut frames = Vec::new();
+        let mut next = Some(first);
+        while let Some(received) = next {
+            frames.push(match received {
                 Received::Event(delivery) => {
                     Message::Text(event_frame(&delivery, name_subscriptions))
                 }
                 Received::Reset(notice) => self.reset_message(&notice),
-            })
-            .collect();
+            });
+            next = if frames.len() < MAX_BATCH {
+                self.connection.try_recv()
+            } else {
+                None
+            };
+        }
         let sink = &mut self.sink;
         let write = async move {
             for frame in frames {

@@ -64,34 +64,36 @@ impl Mailbox {
     /// when `out` is empty); `false` if nothing was queued.
     pub fn take_all(&self, out: &mut VecDeque<Delivery>) -> bool {
         let mut inner = self.inner.lock().expect("mailbox lock");
-        if inner.queued.is_empty() {
-            return false;
-        }
-        if out.is_empty() {
-            std::mem::swap(&mut inner.queued, out);
-        } else {
-            out.append(&mut inner.queued);
-        }
-        true
+        inner.move_into(out)
     }
 
     /// Like [`Mailbox::take_all`], or, when nothing is queued, wakes the
     /// task of `cx` at the next push.
     pub fn poll_take_all(&self, cx: &mut Context<'_>, out: &mut VecDeque<Delivery>) -> Poll<()> {
         let mut inner = self.inner.lock().expect("mailbox lock");
-        if inner.queued.is_empty() {
-            match &mut inner.waiting {
-                Some(waker) => waker.clone_from(cx.waker()),
-                none => *none = Some(cx.waker().clone()),
-            }
-            return Poll::Pending;
+        if inner.move_into(out) {
+            return Poll::Ready(());
+        }
+        match &mut inner.waiting {
+            Some(waker) => waker.clone_from(cx.waker()),
+            none => *none = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl Inner {
+    /// Moves everything queued to the end of `out`; `false` if nothing was.
+    fn move_into(&mut self, out: &mut VecDeque<Delivery>) -> bool {
+        if self.queued.is_empty() {
+            return false;
         }
         if out.is_empty() {
-            std::mem::swap(&mut inner.queued, out);
+            std::mem::swap(&mut self.queued, out);
         } else {
-            out.append(&mut inner.queued);
+            out.append(&mut self.queued);
         }
-        Poll::Ready(())
+        true
     }
 }
 

@@ -386,21 +386,22 @@ struct OpenSubscription {
     _interest: Interest,
 }
 
-/// A resuming subscription's catch-up: retained events up to `until` come
-/// from `history`; live deliveries for it wait in `held` meanwhile, and
-/// those after `until` follow the history. Nothing is missed (the live
-/// subscription existed before `until` was read) and nothing is repeated.
+/// A resuming subscription's catch-up: retained events up to the
+/// subscription's `replayed_through` come from `history`; live deliveries
+/// for it wait in `held` meanwhile, and follow the history. Nothing is
+/// missed (the live subscription existed before that head was read) and
+/// nothing is repeated.
 ///
 /// On a busy collection more may arrive live than `held` can take (the
 /// queue capacity). Then the held ones are dropped, and so is every live
 /// delivery until the history is done (`overflowed`); the history is then
-/// read on from `until` to the new head, and the switch is tried again. A
+/// read on from `replayed_through` to the new head, and the switch is
+/// tried again. A
 /// resuming client thus catches up at the pace it reads, rather than being
 /// cut off while it replays.
 struct CatchUp {
     subscription: u64,
     history: History,
-    until: u64,
     held: VecDeque<Delivery>,
     overflowed: bool,
 }
@@ -586,7 +587,6 @@ impl Connection {
             self.catch_ups.push_back(CatchUp {
                 subscription: id,
                 history: replay.history,
-                until: replay.head,
                 held: VecDeque::new(),
                 overflowed: false,
             });
@@ -752,7 +752,7 @@ impl Connection {
                     .record_id
                     .as_ref()
                     .is_none_or(|r| *r == event.event.record_id);
-                if event.event.seq <= catch_up.until
+                if event.event.seq <= open.replayed_through
                     && wanted
                     && let Some(left_filter) = open.entry.classify(&event)
                 {
@@ -777,9 +777,9 @@ impl Connection {
     /// Reads the history on from where an overflowed catch-up's history
     /// ended, up to the bus's new head.
     async fn extend_catch_up(&mut self) {
-        let catch_up = &self.catch_ups[0];
-        let (id, since) = (catch_up.subscription, catch_up.until);
-        let collection = self.subscriptions[&id].spec.collection.clone();
+        let id = self.catch_ups[0].subscription;
+        let open = &self.subscriptions[&id];
+        let (collection, since) = (open.spec.collection.clone(), open.replayed_through);
         let replay = match self.engine.bus.replay(&collection, since).await {
             Ok(replay) => replay,
             Err(e) => {
@@ -799,7 +799,6 @@ impl Connection {
         }
         let catch_up = &mut self.catch_ups[0];
         catch_up.history = replay.history;
-        catch_up.until = replay.head;
         catch_up.overflowed = false;
     }
 

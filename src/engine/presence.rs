@@ -284,7 +284,6 @@ impl PresenceState for Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Delivery;
     use crate::engine::router::test_support::Subscriber;
     use std::time::Duration;
 
@@ -346,10 +345,6 @@ mod tests {
     }
 
     impl Watcher {
-        async fn next_delivery(&mut self) -> Delivery {
-            self.subscriber.next().await
-        }
-
         fn new(router: &Arc<Router>) -> Watcher {
             let subscriber = Subscriber::connect(router, 1024);
             subscriber.subscribe_with(router, PRESENCE_COLLECTION, None, "", true);
@@ -373,7 +368,7 @@ mod tests {
                 .deliver(Arc::new(SharedEvent::new(marker)), Audience::Everyone);
             let mut seen = Vec::new();
             loop {
-                let delivery = self.next_delivery().await;
+                let delivery = self.subscriber.next().await;
                 let event = &delivery.event.event;
                 if event.record_id == BARRIER {
                     return seen;
@@ -655,7 +650,7 @@ mod tests {
         );
         router.deliver(Arc::new(SharedEvent::new(marker)), Audience::Everyone);
         loop {
-            let delivery = watcher.next_delivery().await;
+            let delivery = watcher.subscriber.next().await;
             if delivery.event.event.record_id == BARRIER {
                 break;
             }

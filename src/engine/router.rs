@@ -17,7 +17,7 @@ use crate::event::{SharedEvent, WILDCARD};
 use crate::filter::Filter;
 use crate::filter::index::MatchIndex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -31,8 +31,6 @@ pub(crate) struct ConnShared {
     pub user_id: Mutex<Option<String>>,
     pub mailbox: Mailbox,
     ended: OnceLock<EndReason>,
-    closed: AtomicBool,
-    evicted: AtomicBool,
     pub end_signal: Notify,
     /// What the connection holds in the router and in presence.
     pub membership: Mutex<Membership>,
@@ -69,8 +67,6 @@ impl ConnShared {
             user_id: Mutex::new(None),
             mailbox: Mailbox::new(queue_capacity),
             ended: OnceLock::new(),
-            closed: AtomicBool::new(false),
-            evicted: AtomicBool::new(false),
             end_signal: Notify::new(),
             membership: Mutex::default(),
             subscription_count: AtomicUsize::new(0),
@@ -82,7 +78,6 @@ impl ConnShared {
     pub fn end(&self, reason: EndReason) -> bool {
         let first = self.ended.set(reason).is_ok();
         if first {
-            self.closed.store(true, Ordering::Release);
             self.end_signal.notify_one();
         }
         first
@@ -93,13 +88,13 @@ impl ConnShared {
     /// reading (a stalled socket may hold the edge for a while).
     pub fn evict(&self, reason: EndReason) {
         if self.end(reason) {
-            self.evicted.store(true, Ordering::Release);
             let _ = self.evictions.send(self.id);
         }
     }
 
+    /// Whether the connection was evicted: only a full queue evicts.
     pub fn is_evicted(&self) -> bool {
-        self.evicted.load(Ordering::Acquire)
+        matches!(self.ended.get(), Some(EndReason::Overflow { .. }))
     }
 
     pub fn end_reason(&self) -> Option<&EndReason> {
@@ -118,7 +113,7 @@ impl ConnShared {
 
     /// Whether deliveries have ended; its subscriptions are skipped.
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.ended.get().is_some()
     }
 
     fn deliver(
@@ -128,9 +123,6 @@ impl ConnShared {
         event: &Arc<SharedEvent>,
         left_filter: bool,
     ) {
-        if self.is_closed() {
-            return;
-        }
         let delivery = Delivery {
             subscription,
             more,
