@@ -19,15 +19,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(false)
         .compile_fds(descriptors.clone())?;
-    // The server, with one change: Subscribe streams pre-encoded responses,
-    // so an event is encoded once and its bytes shared by every gRPC
-    // subscriber (see `edge::grpc::EncodedResponse`).
+    // The server, with two changes: Subscribe streams pre-encoded
+    // responses, so an event is encoded once and its bytes shared by every
+    // gRPC subscriber (see `edge::grpc::EncodedResponse`), and a request
+    // that is not valid protobuf is INVALID_ARGUMENT (`edge::grpc::Codec`).
     let server_dir = out_dir.join("server");
     std::fs::create_dir_all(&server_dir)?;
     tonic_prost_build::configure()
         .build_client(false)
         .build_server(true)
         .out_dir(&server_dir)
+        .codec_path("crate::edge::grpc::Codec")
         .extern_path(
             ".strom.v1.SubscribeResponse",
             "crate::edge::grpc::EncodedResponse",

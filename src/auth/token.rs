@@ -154,10 +154,14 @@ impl TokenVerifier {
                 ));
             }
         };
-        let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        // A NumericDate may have a fraction (RFC 7519 §2); the validation
+        // above has checked that `exp` is a number in the future.
+        // Beyond the year 9999 is forever, as far as a connection goes.
+        const LAST_SECOND: f64 = 253_402_300_799.0;
+        let exp = claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0);
         Ok(Claims {
             subject,
-            expires_at: UNIX_EPOCH + Duration::from_secs(exp),
+            expires_at: UNIX_EPOCH + Duration::from_secs_f64(exp.clamp(0.0, LAST_SECOND)),
             claims,
         })
     }

@@ -236,7 +236,7 @@ impl NatsBus {
         } else {
             info.state.first_sequence
         };
-        let start = (since + 1).max(first_available);
+        let start = since.saturating_add(1).max(first_available);
         let mut reader = HistoryReader {
             inner: Arc::clone(&self.inner),
             reader: None,

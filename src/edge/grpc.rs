@@ -258,6 +258,49 @@ impl Message for EncodedResponse {
     }
 }
 
+/// The server's codec: prost's, except that a request that is not valid
+/// protobuf is the caller's mistake, `INVALID_ARGUMENT`, where prost
+/// answers `INTERNAL` (build.rs sets it as the generated server's codec).
+#[derive(Debug, Clone, Default)]
+pub struct Codec<T, U>(tonic_prost::ProstCodec<T, U>);
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = RequestDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(self.0.decoder())
+    }
+}
+
+/// Decodes requests for [`Codec`].
+pub struct RequestDecoder<U>(tonic_prost::ProstDecoder<U>);
+
+impl<U: Message + Default> tonic::codec::Decoder for RequestDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|status| {
+            Status::invalid_argument(format!("malformed request: {}", status.message()))
+        })
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
 fn response(received: Received) -> EncodedResponse {
     use proto::subscribe_response::Kind;
     match received {

@@ -13,7 +13,7 @@ pub mod router;
 use crate::auth::{Auth, AuthError, Principal};
 use crate::bus::presence_sync::PresenceState;
 use crate::bus::{Bus, BusError, History, Inbox, Interest};
-use crate::event::{Event, EventError, SharedEvent, WILDCARD, validate_collection};
+use crate::event::{Event, EventError, MAX_RECORD_ID, SharedEvent, WILDCARD, validate_collection};
 use crate::filter::Filter;
 use presence::{PRESENCE_COLLECTION, Presence, PresenceUser};
 use router::{ConnShared, Gate, Membership, Router, SubEntry};
@@ -141,6 +141,13 @@ impl SubscriptionSpec {
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.collection != WILDCARD {
             validate_collection(&self.collection)?;
+        }
+        if self
+            .record_id
+            .as_ref()
+            .is_some_and(|r| r.len() > MAX_RECORD_ID)
+        {
+            return Err(EventError::RecordIdTooLong.into());
         }
         Ok(())
     }
@@ -577,7 +584,7 @@ impl Connection {
             if let Some(open) = self.subscriptions.get_mut(&id) {
                 open.replayed_through = replay.head;
             }
-            if since > 0 && since + 1 < replay.first_available {
+            if since > 0 && since.saturating_add(1) < replay.first_available {
                 self.ready.push_back(Received::Reset(ResetNotice {
                     subscription: id,
                     since,
@@ -787,7 +794,7 @@ impl Connection {
                 return;
             }
         };
-        if since + 1 < replay.first_available {
+        if since.saturating_add(1) < replay.first_available {
             self.ready.push_back(Received::Reset(ResetNotice {
                 subscription: id,
                 since,
