@@ -16,9 +16,10 @@
 //! The NATS body also carries `sender` and `origin` (the publishing
 //! connection, for echo control); over HTTP the server sets both itself.
 
-use crate::event::{Event, EventError, EventType, format_timestamp, parse_timestamp};
+use crate::event::{Event, EventError, EventType, View, format_timestamp, parse_timestamp};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
+use std::sync::LazyLock;
 use std::time::SystemTime;
 use thiserror::Error;
 
@@ -124,17 +125,21 @@ struct EventOut<'a> {
     id: Option<&'a str>,
 }
 
-fn event_out(event: &Event, seq: Option<u64>, left_filter: bool) -> EventOut<'_> {
+/// What a withheld `data` is sent as.
+static NO_IMAGE: LazyLock<Value> = LazyLock::new(|| Value::Object(Map::new()));
+
+fn event_out(event: &Event, seq: Option<u64>, view: View) -> EventOut<'_> {
     let broadcast = event.event_type == EventType::Broadcast;
+    let (data, old_data) = view.images(event);
     EventOut {
         event_type: event.event_type.as_str(),
         collection: &event.collection,
         record_id: (!event.record_id.is_empty()).then_some(event.record_id.as_str()),
-        data: &event.data,
-        old_data: event.old_data.as_ref(),
+        data: data.unwrap_or(&NO_IMAGE),
+        old_data,
         timestamp: format_timestamp(event.timestamp),
         seq,
-        left_filter,
+        left_filter: view.left_filter,
         channel: broadcast.then_some(event.collection.as_str()),
         sender: event.sender.as_deref(),
         origin: None,
@@ -143,8 +148,8 @@ fn event_out(event: &Event, seq: Option<u64>, left_filter: bool) -> EventOut<'_>
 }
 
 /// The event as delivered to subscribers, with its `seq`.
-pub fn encode_event(event: &Event, left_filter: bool) -> Vec<u8> {
-    serde_json::to_vec(&event_out(event, Some(event.seq), left_filter)).expect("JSON of an event")
+pub fn encode_event(event: &Event, view: View) -> Vec<u8> {
+    serde_json::to_vec(&event_out(event, Some(event.seq), view)).expect("JSON of an event")
 }
 
 /// The event as a NATS message body: no `seq`, which the stream assigns,
@@ -152,7 +157,7 @@ pub fn encode_event(event: &Event, left_filter: bool) -> Vec<u8> {
 pub fn encode_bus_body(event: &Event) -> Vec<u8> {
     let out = EventOut {
         origin: event.origin.as_deref(),
-        ..event_out(event, None, false)
+        ..event_out(event, None, View::default())
     };
     serde_json::to_vec(&out).expect("JSON of an event")
 }
@@ -170,7 +175,14 @@ mod tests {
         let mut event = decode_event(body, None, now).unwrap();
         assert_eq!(event.record_id, "7");
         event.seq = 3;
-        let out: Value = serde_json::from_slice(&encode_event(&event, true)).unwrap();
+        let out: Value = serde_json::from_slice(&encode_event(
+            &event,
+            View {
+                left_filter: true,
+                withheld: false,
+            },
+        ))
+        .unwrap();
         assert_eq!(
             out,
             json!({"type":"record.updated","collection":"posts","record_id":"7",
@@ -179,6 +191,31 @@ mod tests {
         );
         let again = decode_event(&encode_bus_body(&event), None, now).unwrap();
         assert_eq!(again, Event { seq: 0, ..event });
+    }
+
+    #[test]
+    fn a_withheld_image_is_not_encoded() {
+        let body = br#"{"type":"record.updated","collection":"orders","record_id":"1",
+            "data":{"owner":"b"},"old_data":{"owner":"a"}}"#;
+        let event = decode_event(body, None, SystemTime::UNIX_EPOCH).unwrap();
+        let images = |view| {
+            let out: Value = serde_json::from_slice(&encode_event(&event, view)).unwrap();
+            (out["data"].clone(), out["old_data"].clone())
+        };
+        let left = View {
+            left_filter: true,
+            withheld: true,
+        };
+        assert_eq!(images(left), (json!({}), json!({"owner": "a"})));
+        let entered = View {
+            left_filter: false,
+            withheld: true,
+        };
+        assert_eq!(images(entered), (json!({"owner": "b"}), Value::Null));
+        assert_eq!(
+            images(View::default()),
+            (json!({"owner": "b"}), json!({"owner": "a"}))
+        );
     }
 
     #[test]

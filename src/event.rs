@@ -221,12 +221,43 @@ pub enum Wire {
 
 const WIRE_SLOTS: usize = 3;
 
+/// How one delivery shows a row change to its subscriber. A subscriber
+/// never receives a row image that its row filter (the policy's
+/// `row_filter`) rejects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct View {
+    /// The row matched the subscriber's filter before the change and no
+    /// longer does.
+    pub left_filter: bool,
+    /// The image the subscriber's row filter rejects is withheld:
+    /// `old_data` when the row came into its rows, `data` (sent as `{}`)
+    /// when it left them.
+    pub withheld: bool,
+}
+
+impl View {
+    const SLOTS: usize = 4;
+
+    fn slot(self) -> usize {
+        usize::from(self.left_filter) + 2 * usize::from(self.withheld)
+    }
+
+    /// The row's images as this view shows them: `(data, old_data)`.
+    pub fn images(self, event: &Event) -> (Option<&Value>, Option<&Value>) {
+        match (self.left_filter, self.withheld) {
+            (_, false) => (Some(&event.data), event.old_data.as_ref()),
+            (false, true) => (Some(&event.data), None),
+            (true, true) => (None, event.old_data.as_ref()),
+        }
+    }
+}
+
 /// A published event on its way to subscribers, shared by all of them.
 #[derive(Debug)]
 pub struct SharedEvent {
     pub event: Event,
-    /// Encodings per wire format; the second half for `left_filter` deliveries.
-    encodings: [OnceLock<Bytes>; WIRE_SLOTS * 2],
+    /// Encodings per wire format and [`View`].
+    encodings: [OnceLock<Bytes>; WIRE_SLOTS * View::SLOTS],
 }
 
 impl SharedEvent {
@@ -239,8 +270,8 @@ impl SharedEvent {
 
     /// The bytes of this event in `wire`, encoded by `encode` the first time
     /// any subscriber asks and shared afterwards.
-    pub fn encoded(&self, wire: Wire, left_filter: bool, encode: impl FnOnce() -> Bytes) -> Bytes {
-        let slot = wire as usize + if left_filter { WIRE_SLOTS } else { 0 };
+    pub fn encoded(&self, wire: Wire, view: View, encode: impl FnOnce() -> Bytes) -> Bytes {
+        let slot = wire as usize + WIRE_SLOTS * view.slot();
         self.encodings[slot].get_or_init(encode).clone()
     }
 }

@@ -16,7 +16,7 @@ use strom::capture::postgres::PostgresConfig;
 use strom::client::{Client, Update};
 use strom::edge::ws::WsConfig;
 use strom::engine::EngineConfig;
-use strom::event::{Event, EventType};
+use strom::event::{Event, EventType, View};
 use strom::server::{Server, ServerConfig};
 
 #[derive(Parser)]
@@ -440,8 +440,14 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
     let mut stdout = std::io::stdout();
     while let Some(update) = subscription.next().await.context("stream ended")? {
         let line = match update {
-            Update::Event(event) => strom::codec::encode_event(&event, false),
-            Update::LeftFilter(event) => strom::codec::encode_event(&event, true),
+            Update::Event(event) => strom::codec::encode_event(&event, View::default()),
+            Update::LeftFilter(event) => {
+                let view = View {
+                    left_filter: true,
+                    withheld: false,
+                };
+                strom::codec::encode_event(&event, view)
+            }
             Update::Reset {
                 since,
                 first_available,

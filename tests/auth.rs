@@ -804,3 +804,82 @@ async fn a_jwks_file_supplies_the_public_key() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 }
+
+/// An order moves from Alice to Bob. Each sees only the image its row rule
+/// allows: Alice's delivery leaves her rows without Bob's new data, Bob's
+/// enters his without Alice's old data; live on every transport, in a `*`
+/// subscription and in a replay.
+#[tokio::test]
+async fn row_images_never_cross_the_row_boundary() {
+    let s = secured().await;
+    let (alice, bob) = (token("alice", json!({})), token("bob", json!({})));
+    let mut alice_ws = ws_connect(&s.server, &format!("?token={alice}"))
+        .await
+        .unwrap();
+    alice_ws.subscribe("orders").await;
+    let mut bob_ws = ws_connect(&s.server, &format!("?token={bob}"))
+        .await
+        .unwrap();
+    bob_ws.subscribe("orders").await;
+    let mut alice_sse = SseReader::open(
+        s.server.addr,
+        &format!("/api/v1/realtime/orders?token={alice}"),
+        "",
+    )
+    .await;
+    assert_eq!(alice_sse.next().await.unwrap().event, "connected");
+    let mut alice_grpc = subscribe_as(&s.server, Some(&alice), text_subscription("*", None))
+        .await
+        .unwrap();
+    let mut bob_grpc = subscribe_as(&s.server, Some(&bob), text_subscription("orders", None))
+        .await
+        .unwrap();
+
+    let moved = proto::Event {
+        r#type: proto::EventType::RecordUpdated as i32,
+        old_data: Some(strom::edge::grpc::struct_from_json(
+            &json!({"owner_id": "alice", "note": "alice-only"}),
+        )),
+        ..created(
+            "orders",
+            "o1",
+            json!({"owner_id": "bob", "note": "bob-only"}),
+        )
+    };
+    publish_as(&s.server, Some(API_KEY), vec![moved])
+        .await
+        .unwrap();
+
+    // Alice: left her rows; her old image, not Bob's new one.
+    let event = alice_ws.reply().await;
+    assert_eq!(event["data"]["left_filter"], true, "{event}");
+    assert_eq!(event["data"]["data"], json!({}), "{event}");
+    assert_eq!(event["data"]["old_data"]["note"], "alice-only", "{event}");
+    let event = alice_sse.next_of("record.updated").await;
+    assert!(!event.data.contains("bob-only"), "{}", event.data);
+    assert!(event.data.contains("alice-only"), "{}", event.data);
+    let event = next_event(&mut alice_grpc).await;
+    assert!(event.left_filter);
+    assert_eq!(
+        strom::edge::grpc::json_from_struct(&event.data.unwrap()),
+        json!({})
+    );
+    // Bob: entered his rows; his new image, not Alice's old one.
+    let event = bob_ws.reply().await;
+    assert_eq!(event["data"]["left_filter"], Value::Null, "{event}");
+    assert_eq!(event["data"]["data"]["note"], "bob-only", "{event}");
+    assert_eq!(event["data"]["old_data"], Value::Null, "{event}");
+    let event = next_event(&mut bob_grpc).await;
+    assert!(!event.left_filter && event.old_data.is_none(), "{event:?}");
+    // A replay shows the same.
+    let request = proto::SubscribeRequest {
+        since_seq: Some(0),
+        ..text_subscription("orders", None)
+    };
+    let mut replay = subscribe_as(&s.server, Some(&alice), request)
+        .await
+        .unwrap();
+    let event = next_event(&mut replay).await;
+    assert!(event.left_filter);
+    assert!(!format!("{event:?}").contains("bob-only"), "{event:?}");
+}

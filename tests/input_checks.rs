@@ -147,8 +147,7 @@ async fn subscribing_by_an_over_long_record_id_is_refused() {
             ..text_subscription("posts", None)
         })
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
     assert!(refused.message().contains("record_id"), "{refused}");
 }
@@ -199,8 +198,7 @@ async fn a_request_that_is_not_protobuf_is_an_invalid_argument() {
                 tonic_prost::ProstCodec::default(),
             )
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument, "{method}: {status}");
         assert!(status.message().contains("malformed request"), "{status}");
     }

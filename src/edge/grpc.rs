@@ -305,16 +305,17 @@ fn response(received: Received) -> EncodedResponse {
     use proto::subscribe_response::Kind;
     match received {
         Received::Event(delivery) => {
-            let bytes = delivery
-                .event
-                .encoded(Wire::Grpc, delivery.left_filter, || {
-                    let mut event = event_to_proto(&delivery.event.event);
-                    event.left_filter = delivery.left_filter;
-                    let response = proto::SubscribeResponse {
-                        kind: Some(Kind::Event(event)),
-                    };
-                    response.encode_to_vec().into()
-                });
+            let bytes = delivery.event.encoded(Wire::Grpc, delivery.view, || {
+                let mut event = event_to_proto(&delivery.event.event);
+                let (data, old_data) = delivery.view.images(&delivery.event.event);
+                event.data = Some(data.map(struct_from_json).unwrap_or_default());
+                event.old_data = old_data.map(struct_from_json);
+                event.left_filter = delivery.view.left_filter;
+                let response = proto::SubscribeResponse {
+                    kind: Some(Kind::Event(event)),
+                };
+                response.encode_to_vec().into()
+            });
             EncodedResponse(bytes)
         }
         Received::Reset(notice) => EncodedResponse::of(&proto::SubscribeResponse {
@@ -547,7 +548,7 @@ impl From<ApiError> for Status {
 mod tests {
     use super::*;
     use crate::engine::Delivery;
-    use crate::event::SharedEvent;
+    use crate::event::{SharedEvent, View};
     use std::sync::Arc;
 
     #[test]
@@ -563,7 +564,7 @@ mod tests {
             response(Received::Event(Delivery::new(
                 subscription,
                 Arc::clone(&shared),
-                false,
+                View::default(),
             )))
         };
         let (first, second) = (deliver(1), deliver(2));

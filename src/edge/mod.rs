@@ -74,7 +74,7 @@ const API_KEY: &str = "x-api-key";
 
 /// The event JSON of one delivery (see [`crate::codec`]).
 fn event_json(delivery: &Delivery) -> Vec<u8> {
-    encode_event(&delivery.event.event, delivery.left_filter)
+    encode_event(&delivery.event.event, delivery.view)
 }
 
 /// The `data` of the `connected` greeting.

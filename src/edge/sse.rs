@@ -78,7 +78,7 @@ fn frame(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
 }
 
 fn event_frame(delivery: &Delivery) -> Bytes {
-    delivery.event.encoded(Wire::Sse, delivery.left_filter, || {
+    delivery.event.encoded(Wire::Sse, delivery.view, || {
         let event = &delivery.event.event;
         // Presence events (seq 0) are not in the log: no `id:`, so they do
         // not move the browser's resume position.

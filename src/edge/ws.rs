@@ -109,16 +109,14 @@ fn close_message(code: u16, reason: &str) -> Message {
 /// by every connection; on a connection holding several subscriptions,
 /// followed by `"subscription_ids":[...]`, the ones the event matched.
 fn event_frame(delivery: &Delivery, name_subscriptions: bool) -> Utf8Bytes {
-    let bytes = delivery
-        .event
-        .encoded(Wire::WebSocket, delivery.left_filter, || {
-            let event = event_json(delivery);
-            let mut frame = BytesMut::with_capacity(event.len() + 32);
-            frame.put_slice(br#"{"type":"event","data":"#);
-            frame.put_slice(&event);
-            frame.put_u8(b'}');
-            frame.freeze()
-        });
+    let bytes = delivery.event.encoded(Wire::WebSocket, delivery.view, || {
+        let event = event_json(delivery);
+        let mut frame = BytesMut::with_capacity(event.len() + 32);
+        frame.put_slice(br#"{"type":"event","data":"#);
+        frame.put_slice(&event);
+        frame.put_u8(b'}');
+        frame.freeze()
+    });
     let bytes = if name_subscriptions {
         let ids: Vec<u64> = delivery.subscriptions().collect();
         let ids = serde_json::to_string(&ids).expect("JSON of ids");

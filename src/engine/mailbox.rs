@@ -100,12 +100,16 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Event, EventType, SharedEvent};
+    use crate::event::{Event, EventType, SharedEvent, View};
     use std::sync::Arc;
 
     fn delivery(subscription: u64) -> Delivery {
         let event = Event::new(EventType::RecordCreated, "c", "r", serde_json::json!({}));
-        Delivery::new(subscription, Arc::new(SharedEvent::new(event)), false)
+        Delivery::new(
+            subscription,
+            Arc::new(SharedEvent::new(event)),
+            View::default(),
+        )
     }
 
     fn ids(deliveries: &VecDeque<Delivery>) -> Vec<u64> {

@@ -13,7 +13,9 @@ pub mod router;
 use crate::auth::{Auth, AuthError, Principal};
 use crate::bus::presence_sync::PresenceState;
 use crate::bus::{Bus, BusError, History, Inbox, Interest};
-use crate::event::{Event, EventError, MAX_RECORD_ID, SharedEvent, WILDCARD, validate_collection};
+use crate::event::{
+    Event, EventError, MAX_RECORD_ID, SharedEvent, View, WILDCARD, validate_collection,
+};
 use crate::filter::Filter;
 use presence::{PRESENCE_COLLECTION, Presence, PresenceUser};
 use router::{ConnShared, Gate, Membership, Router, SubEntry};
@@ -154,25 +156,25 @@ impl SubscriptionSpec {
 }
 
 /// One event for a connection: one delivery however many of its
-/// subscriptions it matches (the same way: all with or all without
-/// `left_filter`).
+/// subscriptions it matches (all in the same [`View`]).
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub subscription: u64,
     /// The other matching subscriptions of the connection, if any.
     pub more: Option<Box<[u64]>>,
     pub event: Arc<SharedEvent>,
-    /// The record matched the filter before this update and no longer does.
-    pub left_filter: bool,
+    /// How it shows the row: whether it left the filter, and whether an
+    /// image the row rule rejects is withheld.
+    pub view: View,
 }
 
 impl Delivery {
-    pub fn new(subscription: u64, event: Arc<SharedEvent>, left_filter: bool) -> Self {
+    pub fn new(subscription: u64, event: Arc<SharedEvent>, view: View) -> Self {
         Delivery {
             subscription,
             more: None,
             event,
-            left_filter,
+            view,
         }
     }
 
@@ -504,19 +506,19 @@ impl Connection {
             ));
         }
         let auth = &self.engine.auth;
-        let (filter, gate) = if spec.collection == WILDCARD && !auth.is_open() {
+        let (filter, row, gate) = if spec.collection == WILDCARD && !auth.is_open() {
             // Decided per collection as events come (see `Gate`).
             let gate = Gate::new(Arc::clone(auth), self.principal.clone());
-            (spec.filter.clone(), Some(gate))
+            (spec.filter.clone(), None, Some(gate))
         } else {
             let row = auth
                 .policy
                 .check_subscribe(&self.principal, &spec.collection)?;
-            let filter = match (row, spec.filter.clone()) {
+            let filter = match (row.clone(), spec.filter.clone()) {
                 (Some(row), Some(own)) => Some(Filter::All(vec![row, own])),
                 (row, own) => row.or(own),
             };
-            (filter, None)
+            (filter, row, None)
         };
         let interest = self.engine.bus.interest(&spec.collection).await?;
         let id = self.engine.router.next_id();
@@ -524,6 +526,7 @@ impl Connection {
             id,
             conn: Arc::clone(&self.shared),
             filter,
+            row,
             gate,
             echo: spec.echo,
         });
@@ -700,7 +703,7 @@ impl Connection {
             self.take_live(Delivery::new(
                 id,
                 Arc::clone(&delivery.event),
-                delivery.left_filter,
+                delivery.view,
             ));
         }
         let ready: Vec<u64> = self
@@ -714,7 +717,7 @@ impl Connection {
         if let Some((first, rest)) = ready.split_first() {
             self.ready.push_back(Received::Event(Delivery {
                 more: (!rest.is_empty()).then(|| rest.into()),
-                ..Delivery::new(*first, delivery.event, delivery.left_filter)
+                ..Delivery::new(*first, delivery.event, delivery.view)
             }));
         }
     }
@@ -761,12 +764,12 @@ impl Connection {
                     .is_none_or(|r| *r == event.event.record_id);
                 if event.event.seq <= open.replayed_through
                     && wanted
-                    && let Some(left_filter) = open.entry.classify(&event)
+                    && let Some(view) = open.entry.classify(&event)
                 {
                     self.ready.push_back(Received::Event(Delivery::new(
                         catch_up.subscription,
                         event,
-                        left_filter,
+                        view,
                     )));
                 }
             }

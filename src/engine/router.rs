@@ -13,7 +13,7 @@ use super::mailbox::Mailbox;
 use super::{Delivery, EndReason, Transport};
 use crate::auth::{Auth, Principal};
 use crate::bus::{Audience, Inbox};
-use crate::event::{SharedEvent, WILDCARD};
+use crate::event::{SharedEvent, View, WILDCARD};
 use crate::filter::Filter;
 use crate::filter::index::MatchIndex;
 use std::collections::HashMap;
@@ -121,13 +121,13 @@ impl ConnShared {
         subscription: u64,
         more: Option<Box<[u64]>>,
         event: &Arc<SharedEvent>,
-        left_filter: bool,
+        view: View,
     ) {
         let delivery = Delivery {
             subscription,
             more,
             event: Arc::clone(event),
-            left_filter,
+            view,
         };
         if self.mailbox.push(delivery).is_err() {
             self.evict(EndReason::Overflow {
@@ -142,6 +142,9 @@ pub(crate) struct SubEntry {
     pub conn: Arc<ConnShared>,
     /// The subscriber's filter, already combined with its row rule.
     pub filter: Option<Filter>,
+    /// The row rule alone (for a collection subscription under a policy),
+    /// to withhold the images it rejects.
+    pub row: Option<Filter>,
     /// For `*` subscriptions under a policy: what each collection allows.
     pub gate: Option<Gate>,
     /// Also deliver what its own connection publishes.
@@ -171,23 +174,52 @@ impl SubEntry {
         self.filter.as_ref().is_none_or(|f| f.matches(record))
     }
 
+    /// Whether the subscriber's row rule lets it see `image`, a row of
+    /// `collection`.
+    fn may_see(&self, collection: &str, image: &serde_json::Value) -> bool {
+        match &self.gate {
+            Some(gate) => {
+                !matches!(gate.decision(collection), Some(Some(row)) if !row.matches(image))
+            }
+            None => self.row.as_ref().is_none_or(|row| row.matches(image)),
+        }
+    }
+
+    /// How a delivery of `event` shows the row, once the subscription
+    /// matched it (`left_filter`: by its `old_data` only).
+    fn view(&self, event: &SharedEvent, left_filter: bool) -> View {
+        let (collection, data) = (&event.event.collection, &event.event.data);
+        let withheld = if left_filter {
+            !self.may_see(collection, data)
+        } else {
+            event
+                .event
+                .old_data
+                .as_ref()
+                .is_some_and(|old| !self.may_see(collection, old))
+        };
+        View {
+            left_filter,
+            withheld,
+        }
+    }
+
     /// Whether this subscription wants `event`, by the live-query rule of
-    /// [`deliver_from`]: `Some(false)` when `data` matches, `Some(true)`
-    /// (left the filter) when only `old_data` does, `None` otherwise. For
-    /// replays, where no index narrows the candidates.
-    pub(crate) fn classify(&self, event: &SharedEvent) -> Option<bool> {
+    /// [`deliver_from`], and how it shows the row. For replays, where no
+    /// index narrows the candidates.
+    pub(crate) fn classify(&self, event: &SharedEvent) -> Option<View> {
         let collection = &event.event.collection;
         if self.is_own_echo(event) {
             None
         } else if self.matches(collection, &event.event.data) {
-            Some(false)
+            Some(self.view(event, false))
         } else if event
             .event
             .old_data
             .as_ref()
             .is_some_and(|old| self.matches(collection, old))
         {
-            Some(true)
+            Some(self.view(event, true))
         } else {
             None
         }
@@ -261,15 +293,16 @@ impl Scope {
 fn deliver_from(
     index: &MatchIndex<Arc<SubEntry>>,
     event: &Arc<SharedEvent>,
-    overlapping: &mut Vec<(Arc<SubEntry>, bool)>,
+    overlapping: &mut Vec<(Arc<SubEntry>, View)>,
 ) -> usize {
     let (collection, data) = (&event.event.collection, &event.event.data);
     let mut delivered = 0;
     let mut deliver = |sub: &Arc<SubEntry>, left_filter: bool| {
+        let view = sub.view(event, left_filter);
         if sub.conn.has_several_subscriptions() {
-            overlapping.push((Arc::clone(sub), left_filter));
+            overlapping.push((Arc::clone(sub), view));
         } else {
-            sub.conn.deliver(sub.id, None, event, left_filter);
+            sub.conn.deliver(sub.id, None, event, view);
             delivered += 1;
         }
     };
@@ -292,16 +325,16 @@ fn deliver_from(
     delivered
 }
 
-/// One delivery per connection (and `left_filter`) for the matches of
+/// One delivery per connection (and [`View`]) for the matches of
 /// connections with several subscriptions, naming them in id order.
-fn deliver_grouped(mut matches: Vec<(Arc<SubEntry>, bool)>, event: &Arc<SharedEvent>) -> usize {
-    matches.sort_unstable_by_key(|(sub, left)| (sub.conn.id, *left, sub.id));
+fn deliver_grouped(mut matches: Vec<(Arc<SubEntry>, View)>, event: &Arc<SharedEvent>) -> usize {
+    matches.sort_unstable_by_key(|(sub, view)| (sub.conn.id, *view, sub.id));
     let mut delivered = 0;
     for group in matches.chunk_by(|a, b| a.0.conn.id == b.0.conn.id && a.1 == b.1) {
-        let (first, left_filter) = &group[0];
+        let (first, view) = &group[0];
         let more: Option<Box<[u64]>> =
             (group.len() > 1).then(|| group[1..].iter().map(|(sub, _)| sub.id).collect());
-        first.conn.deliver(first.id, more, event, *left_filter);
+        first.conn.deliver(first.id, more, event, *view);
         delivered += 1;
     }
     delivered
@@ -601,6 +634,7 @@ pub(crate) mod test_support {
                 id,
                 conn: Arc::clone(&self.conn),
                 filter: (!filter.is_empty()).then(|| Filter::parse(filter).unwrap()),
+                row: None,
                 gate: None,
                 echo,
             });
@@ -622,7 +656,7 @@ pub(crate) mod test_support {
         /// The next delivery's (subscription, seq, left_filter).
         pub(crate) async fn next_seen(&mut self) -> (u64, u64, bool) {
             let d = self.next().await;
-            (d.subscription, d.event.event.seq, d.left_filter)
+            (d.subscription, d.event.event.seq, d.view.left_filter)
         }
     }
 }
@@ -749,6 +783,7 @@ mod tests {
             id: new_id,
             conn: Arc::clone(&s.conn),
             filter: None,
+            row: None,
             gate: None,
             echo: false,
         });
@@ -757,6 +792,61 @@ mod tests {
         publish(&router, event("posts", "p1", 2, json!({}), None));
         assert_eq!(s.next_seen().await, (new_id, 1, false));
         assert_eq!(s.next_seen().await, (new_id, 2, false));
+    }
+
+    #[tokio::test]
+    async fn a_row_rule_withholds_the_image_it_rejects() {
+        let router = Router::new(2, Duration::ZERO);
+        let subscribe = |owner: &str| {
+            let s = Subscriber::connect(&router, 16);
+            let row = Filter::parse(&format!("owner = \"{owner}\"")).unwrap();
+            let entry = Arc::new(SubEntry {
+                id: router.next_id(),
+                conn: Arc::clone(&s.conn),
+                filter: Some(row.clone()),
+                row: Some(row),
+                gate: None,
+                echo: false,
+            });
+            router.add_replacing("orders", None, entry, &[]);
+            s
+        };
+        let (mut a, mut b) = (subscribe("a"), subscribe("b"));
+        let moved = event(
+            "orders",
+            "o1",
+            1,
+            json!({"owner": "b"}),
+            Some(json!({"owner": "a"})),
+        );
+        publish(&router, moved);
+        let view = |left_filter, withheld| View {
+            left_filter,
+            withheld,
+        };
+        assert_eq!(
+            a.next().await.view,
+            view(true, true),
+            "left, new image withheld"
+        );
+        assert_eq!(
+            b.next().await.view,
+            view(false, true),
+            "entered, old image withheld"
+        );
+        let stays = event(
+            "orders",
+            "o1",
+            2,
+            json!({"owner": "b", "n": 2}),
+            Some(json!({"owner": "b"})),
+        );
+        publish(&router, stays);
+        assert_eq!(
+            b.next().await.view,
+            view(false, false),
+            "both images are Bob's"
+        );
     }
 
     #[tokio::test]
