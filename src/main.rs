@@ -109,13 +109,18 @@ struct ServeArgs {
     /// SSE keep-alive comment interval.
     #[arg(long, env = "STROM_SSE_KEEPALIVE", default_value_t = Span(ServerConfig::default().sse_keepalive))]
     sse_keepalive: Span,
-    /// Origins allowed by CORS (repeat or comma-separate); none means any.
+    /// Origins allowed by CORS and for WebSocket handshakes (repeat or
+    /// comma-separate); none means any.
     #[arg(
         long = "cors-origin",
         env = "STROM_CORS_ORIGINS",
         value_delimiter = ','
     )]
     cors_origins: Vec<String>,
+    /// The bearer credential `/api/v1/stats` and `/metrics` require.
+    /// Without it they are open in open mode and need an API key otherwise.
+    #[arg(long, env = "STROM_OPS_TOKEN", hide_env_values = true)]
+    ops_token: Option<String>,
     #[command(flatten)]
     auth: AuthArgs,
     /// Capture changes of this PostgreSQL database (tables enabled with
@@ -356,6 +361,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         sse_keepalive: args.sse_keepalive.0,
         write_timeout: args.write_timeout.0,
         cors_origins: args.cors_origins,
+        ops_token: args.ops_token,
         auth: args.auth.settings(),
         postgres: args.postgres_url.map(|url| PostgresConfig {
             slot: args.postgres_slot,

@@ -18,7 +18,9 @@ use crate::edge::{AppState, http_routes, ws::WsConfig};
 use crate::engine::{Engine, EngineConfig};
 use crate::proto;
 use crate::write_deadline::WriteDeadline;
+use axum::http::HeaderValue;
 use axum::response::IntoResponse;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -39,8 +41,12 @@ pub struct ServerConfig {
     pub postgres: Option<PostgresConfig>,
     pub ws: WsConfig,
     pub sse_keepalive: Duration,
-    /// Origins allowed by CORS (browsers, gRPC-Web); empty means any.
+    /// Origins allowed by CORS (browsers, gRPC-Web) and for WebSocket
+    /// handshakes; empty means any.
     pub cors_origins: Vec<String>,
+    /// The bearer credential `/api/v1/stats` and `/metrics` require. Without
+    /// it they are open in open mode and need an API key otherwise.
+    pub ops_token: Option<String>,
     /// A socket write blocked this long fails, and its connection closes
     /// (see [`crate::write_deadline`]).
     pub write_timeout: Duration,
@@ -57,6 +63,7 @@ impl Default for ServerConfig {
             ws: WsConfig::default(),
             sse_keepalive: Duration::from_secs(15),
             cors_origins: Vec::new(),
+            ops_token: None,
             write_timeout: Duration::from_secs(5),
         }
     }
@@ -187,30 +194,49 @@ fn app(
             }
         }
     };
+    let origins: Vec<HeaderValue> = config
+        .cors_origins
+        .iter()
+        .map(|o| o.parse().map_err(|_| ServerError::Cors(o.clone())))
+        .collect::<Result<_, _>>()?;
+    let cors = cors(&origins);
     let state = AppState {
         engine,
         ws: config.ws.clone(),
         sse_keepalive: config.sse_keepalive,
         tasks,
+        origins: origins.into(),
+        ops_token: config.ops_token.as_deref().map(Arc::from),
     };
-    Ok(http_routes(state)
-        .fallback(fallback)
-        .layer(cors(&config.cors_origins)?))
+    Ok(http_routes(state).fallback(fallback).layer(cors))
 }
 
-fn cors(origins: &[String]) -> Result<CorsLayer, ServerError> {
+/// CORS for browsers: the allowed origins (any when none are configured),
+/// and the methods and headers strom uses listed by name, because a `*`
+/// does not cover `Authorization` (Fetch standard).
+fn cors(origins: &[HeaderValue]) -> CorsLayer {
+    use http::header::{AUTHORIZATION, CONTENT_TYPE};
     let allow = if origins.is_empty() {
         AllowOrigin::any()
     } else {
-        let parsed = origins
-            .iter()
-            .map(|o| o.parse().map_err(|_| ServerError::Cors(o.clone())))
-            .collect::<Result<Vec<_>, _>>()?;
-        AllowOrigin::list(parsed)
+        AllowOrigin::list(origins.iter().cloned())
     };
-    Ok(CorsLayer::new()
+    let name = http::HeaderName::from_static;
+    CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods(tower_http::cors::Any)
-        .allow_headers(tower_http::cors::Any)
-        .expose_headers(tower_http::cors::Any))
+        .allow_methods([http::Method::GET, http::Method::POST, http::Method::OPTIONS])
+        .allow_headers([
+            AUTHORIZATION,
+            CONTENT_TYPE,
+            name("last-event-id"),
+            name("x-api-key"),
+            name("x-grpc-web"),
+            name("x-user-agent"),
+            name("grpc-timeout"),
+        ])
+        .expose_headers([
+            name("grpc-status"),
+            name("grpc-message"),
+            name("grpc-status-details-bin"),
+        ])
 }

@@ -468,7 +468,10 @@ async fn websocket_tokens_auth_action_and_stats() {
     let _bob = ws_connect(&s.server, &format!("?token={bob}"))
         .await
         .unwrap();
-    let (_, stats) = s.server.get("/api/v1/stats").await;
+    let api_key = format!("X-Api-Key: {API_KEY}\r\n");
+    let (_, _, stats) = http_with(s.server.addr, "GET", "/api/v1/stats", &api_key, "")
+        .await
+        .unwrap();
     let stats: Value = serde_json::from_str(&stats).unwrap();
     assert_eq!(stats["total_connections"], 3);
     assert_eq!(stats["authenticated_connections"], 3);

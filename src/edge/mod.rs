@@ -17,6 +17,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_util::task::TaskTracker;
 
@@ -28,6 +29,11 @@ pub struct AppState {
     pub sse_keepalive: Duration,
     /// WebSocket sessions, so shutdown can wait for their goodbyes.
     pub tasks: TaskTracker,
+    /// `--cors-origin`: the origins a browser may connect from; empty
+    /// means any.
+    pub origins: Arc<[HeaderValue]>,
+    /// `--ops-token`: the credential of stats and metrics.
+    pub ops_token: Option<Arc<str>>,
 }
 
 /// The HTTP routes of the bridge (WebSocket, SSE, REST).
@@ -56,17 +62,17 @@ fn principal(
     headers: &HeaderMap,
     token_param: Option<&str>,
 ) -> Result<Principal, errors::ApiError> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-    };
-    let bearer = header(AUTHORIZATION.as_str()).and_then(|v| {
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-    });
-    let credential = bearer.or_else(|| header(API_KEY)).or(token_param);
+    let api_key = headers.get(API_KEY).and_then(|v| v.to_str().ok());
+    let credential = bearer(headers).or(api_key).or(token_param);
     Ok(engine.auth().authenticate(credential)?)
+}
+
+/// The credential of an `Authorization: Bearer` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
 }
 
 /// The header services may put an API key in.

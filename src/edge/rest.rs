@@ -1,7 +1,8 @@
 //! The REST edge: publish over HTTP, stats, health and metrics.
 
 use super::AppState;
-use super::errors::ApiError;
+use super::errors::{ApiError, ErrorKind};
+use crate::auth::Principal;
 use crate::codec::{decode_event, event_from_value};
 use crate::event::{Event, EventType, format_timestamp};
 use axum::Json;
@@ -73,10 +74,52 @@ pub async fn broadcast(
     Ok(Json(json!({ "seq": seqs[0] })))
 }
 
+/// Stats and metrics name every connection and the collections it reads,
+/// so they need `--ops-token` as the bearer credential when it is set;
+/// without it they are open in open mode and need an API key otherwise.
+fn check_ops_access(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let refused = |kind, message: &str| Err(ApiError::new(kind, message));
+    match &app.ops_token {
+        Some(token) => match super::bearer(headers) {
+            Some(given) if same_secret(given, token) => Ok(()),
+            _ => refused(
+                ErrorKind::Unauthenticated,
+                "stats and metrics need the ops token (--ops-token) as the bearer credential",
+            ),
+        },
+        None if app.engine.auth().is_open() => Ok(()),
+        None => match super::principal(&app.engine, headers, None)? {
+            Principal::Service(_) => Ok(()),
+            Principal::Anonymous => refused(
+                ErrorKind::Unauthenticated,
+                "stats and metrics need an API key (or set --ops-token)",
+            ),
+            _ => refused(
+                ErrorKind::PermissionDenied,
+                "stats and metrics need an API key (or set --ops-token)",
+            ),
+        },
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(given: &str, expected: &str) -> bool {
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0, |diff, (a, b)| diff | (a ^ b))
+            == 0
+}
+
 /// `GET /api/v1/stats`: seed 000's fields plus counts per transport.
-pub async fn stats(State(app): State<AppState>) -> Json<Value> {
+pub async fn stats(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    check_ops_access(&app, &headers)?;
     let stats = app.engine.stats();
-    Json(json!({
+    Ok(Json(json!({
         "total_connections": stats.total_connections,
         "authenticated_connections": stats.authenticated_connections,
         "unique_users": stats.unique_users,
@@ -85,7 +128,7 @@ pub async fn stats(State(app): State<AppState>) -> Json<Value> {
         "subscriptions": stats.subscriptions,
         "connections_by_transport": stats.per_transport,
         "head_seq": stats.head_seq,
-    }))
+    })))
 }
 
 #[derive(Deserialize)]
@@ -125,7 +168,10 @@ pub async fn healthz() -> Json<Value> {
 }
 
 /// `GET /metrics` in the Prometheus text format.
-pub async fn metrics(State(app): State<AppState>) -> Response {
+pub async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = check_ops_access(&app, &headers) {
+        return refused.into_response();
+    }
     let stats = app.engine.stats();
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE strom_connections gauge");

@@ -8,7 +8,7 @@
 //! A bad action gets an `error` message and the connection goes on; only an
 //! oversized frame, an idle client, an overflow or shutdown close it.
 
-use super::errors::{ApiError, close_code};
+use super::errors::{ApiError, ErrorKind, close_code};
 use super::{AppState, connected_data, event_json};
 use crate::auth::Principal;
 use crate::engine::{
@@ -75,6 +75,19 @@ pub async fn upgrade(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    // A browser always sends its page's origin; other clients need not.
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN)
+        && !app.origins.is_empty()
+        && !app.origins.contains(origin)
+    {
+        return Err(ApiError::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "origin {:?} is not allowed (see --cors-origin)",
+                String::from_utf8_lossy(origin.as_bytes())
+            ),
+        ));
+    }
     let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
     // tungstenite refuses frames past twice the limit outright; frames
     // between the limit and that get the friendlier error of `Session`.

@@ -1,0 +1,142 @@
+//! What browsers and operators meet at the edge: stats and metrics behind
+//! a credential unless the server is open, CORS that names the headers it
+//! allows, and WebSocket handshakes checked against the allowed origins.
+
+mod common;
+
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::Map;
+use std::time::Duration;
+use strom::auth::AuthSettings;
+use strom::auth::token::mint;
+use strom::server::ServerConfig;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
+const POLICY: &str = r#"
+[[api_keys]]
+name = "backend"
+key = "backend-key-0123456789"
+publish = ["*"]
+subscribe = ["*"]
+"#;
+
+async fn get(server: &TestServer, path: &str, headers: &str) -> (u16, String) {
+    let (status, _, body) = http_with(server.addr, "GET", path, headers, "")
+        .await
+        .unwrap();
+    (status, body)
+}
+
+#[tokio::test]
+async fn stats_and_metrics_need_an_api_key_when_auth_is_enforced() {
+    let dir = TempDir::new("policy");
+    let path = dir.0.join("strom.toml");
+    std::fs::write(&path, POLICY).unwrap();
+    let server = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            config_file: Some(path),
+            jwt_secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let user = mint(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        "alice",
+        Map::new(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    for path in ["/api/v1/stats", "/metrics"] {
+        let (status, body) = get(&server, path, "").await;
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(body.contains("API key"), "{body}");
+        let (status, _) = get(&server, path, &format!("Authorization: Bearer {user}\r\n")).await;
+        assert_eq!(status, 403, "{path}: a user token is not enough");
+        let (status, body) = get(&server, path, "X-Api-Key: backend-key-0123456789\r\n").await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, _) = get(&server, "/healthz", "").await;
+    assert_eq!(status, 200, "health stays open");
+}
+
+#[tokio::test]
+async fn with_an_ops_token_stats_and_metrics_need_it_even_when_open() {
+    let server = TestServer::start(ServerConfig {
+        ops_token: Some("ops-secret".into()),
+        ..ServerConfig::default()
+    })
+    .await;
+    for path in ["/api/v1/stats", "/metrics"] {
+        let (status, body) = get(&server, path, "").await;
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(body.contains("--ops-token"), "{body}");
+        let (status, _) = get(&server, path, "Authorization: Bearer ops-secrex\r\n").await;
+        assert_eq!(status, 401, "{path}: a wrong token");
+        let (status, body) = get(&server, path, "Authorization: Bearer ops-secret\r\n").await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn cors_names_the_headers_a_bearer_request_needs() {
+    let server = TestServer::memory().await;
+    let preflight = "Origin: http://app.test\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization,content-type\r\n";
+    let (status, head, _) = http_with(server.addr, "OPTIONS", "/api/v1/publish", preflight, "")
+        .await
+        .unwrap();
+    assert!((200..300).contains(&status), "{head}");
+    let allowed = head
+        .lines()
+        .find_map(|l| l.strip_prefix("access-control-allow-headers: "))
+        .expect("allowed headers");
+    assert!(allowed.contains("authorization"), "{allowed}");
+    assert!(!allowed.contains('*'), "{allowed}");
+    let methods = head
+        .lines()
+        .find_map(|l| l.strip_prefix("access-control-allow-methods: "))
+        .expect("allowed methods");
+    assert!(
+        methods.contains("POST") || methods.contains("post"),
+        "{methods}"
+    );
+}
+
+async fn handshake(server: &TestServer, origin: Option<&str>) -> Result<(), u16> {
+    let url = format!("ws://{}/api/v1/ws/realtime", server.addr);
+    let mut request = url.into_client_request().unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => Ok(()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[tokio::test]
+async fn websocket_handshakes_from_other_origins_are_refused_when_origins_are_set() {
+    let server = TestServer::start(ServerConfig {
+        cors_origins: vec!["http://app.test".into()],
+        ..ServerConfig::default()
+    })
+    .await;
+    assert_eq!(handshake(&server, Some("http://evil.test")).await, Err(403));
+    assert_eq!(handshake(&server, Some("http://app.test")).await, Ok(()));
+    assert_eq!(
+        handshake(&server, None).await,
+        Ok(()),
+        "clients that are not browsers send no origin"
+    );
+    let open = TestServer::memory().await;
+    assert_eq!(handshake(&open, Some("http://evil.test")).await, Ok(()));
+}
