@@ -177,9 +177,32 @@ impl Event {
         Ok(())
     }
 
+    /// The bytes of JSON of `data` and `old_data`: what limits and history
+    /// retention count.
+    pub fn payload_bytes(&self) -> usize {
+        json_len(&self.data) + self.old_data.as_ref().map_or(0, json_len)
+    }
+
     pub fn empty_data() -> Value {
         Value::Object(Map::new())
     }
+}
+
+/// The length of `value` as compact JSON, without building the text.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("a JSON value serializes");
+    count.0
 }
 
 /// Formats a time as RFC 3339 in UTC with microseconds.

@@ -70,6 +70,10 @@ struct ServeArgs {
     /// History kept for resuming subscribers, by count.
     #[arg(long, env = "STROM_HISTORY_MAX_EVENTS", default_value_t = Retention::default().max_events)]
     history_max_events: usize,
+    /// History kept for resuming subscribers, by bytes of events' `data`
+    /// and `old_data` (JetStream: of its messages).
+    #[arg(long, env = "STROM_HISTORY_MAX_BYTES", default_value_t = Retention::default().max_bytes)]
+    history_max_bytes: u64,
     /// With NATS: how often a node tells the others it is alive.
     #[arg(long, env = "STROM_PRESENCE_HEARTBEAT", default_value_t = Span(PresenceTiming::default().heartbeat))]
     presence_heartbeat: Span,
@@ -97,6 +101,15 @@ struct ServeArgs {
     /// Largest channel message a client connection may send (bytes of JSON).
     #[arg(long, env = "STROM_CLIENT_MESSAGE_BYTES", default_value_t = EngineConfig::default().client_message_bytes)]
     client_message_bytes: usize,
+    /// Largest event anyone may publish, on any path (bytes of JSON of
+    /// `data` and `old_data`).
+    #[arg(long, env = "STROM_MAX_EVENT_BYTES", default_value_t = EngineConfig::default().max_event_bytes)]
+    max_event_bytes: usize,
+    /// Events per second one user may publish over all its connections
+    /// (anonymous publishers share one budget when auth is enforced; API
+    /// keys are not limited).
+    #[arg(long, env = "STROM_USER_PUBLISH_RATE", default_value_t = EngineConfig::default().user_publish_rate)]
+    user_publish_rate: u32,
     /// WebSocket heartbeat: the server sends `ping` this often.
     #[arg(long, env = "STROM_WS_PING_INTERVAL", default_value_t = Span(WsConfig::default().ping_interval))]
     ws_ping_interval: Span,
@@ -345,6 +358,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_subscriptions: args.max_subscriptions,
             client_publish_rate: args.client_publish_rate,
             client_message_bytes: args.client_message_bytes,
+            max_event_bytes: args.max_event_bytes,
+            user_publish_rate: args.user_publish_rate,
             dispatch_window: args.dispatch_window.0,
             ..EngineConfig::default()
         },
@@ -352,6 +367,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         retention: Retention {
             max_age: args.history_max_age.0,
             max_events: args.history_max_events,
+            max_bytes: args.history_max_bytes,
         },
         ws: WsConfig {
             ping_interval: args.ws_ping_interval.0,

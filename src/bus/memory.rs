@@ -5,7 +5,8 @@
 //! and a resume position taken under the same lock splits history and live
 //! delivery exactly. Dispatch never waits on a subscriber (queues are
 //! bounded and non-blocking), so the lock is short. The history keeps the
-//! same retention as the JetStream stream would: by count and by age.
+//! same retention as the JetStream stream would: by count, by bytes (of
+//! events' `data` and `old_data`) and by age.
 
 use super::{Audience, Inbox};
 use super::{History, Replay, Retention};
@@ -24,6 +25,8 @@ struct Log {
     last_seq: u64,
     /// Retained events, oldest first, with the time they were published.
     history: VecDeque<(Instant, Arc<SharedEvent>)>,
+    /// The payload bytes of `history`.
+    bytes: u64,
 }
 
 impl MemoryBus {
@@ -34,6 +37,7 @@ impl MemoryBus {
             log: Mutex::new(Log {
                 last_seq: 0,
                 history: VecDeque::new(),
+                bytes: 0,
             }),
         }
     }
@@ -47,6 +51,7 @@ impl MemoryBus {
                 log.last_seq += 1;
                 event.seq = log.last_seq;
                 let event = Arc::new(SharedEvent::new(event));
+                log.bytes += event.event.payload_bytes() as u64;
                 log.history.push_back((now, Arc::clone(&event)));
                 self.inbox.deliver(event, Audience::Everyone);
                 log.last_seq
@@ -56,16 +61,19 @@ impl MemoryBus {
         seqs
     }
 
-    /// Applies the retention: by count, and by age as of `now`.
+    /// Applies the retention: by count, by bytes, and by age as of `now`.
     fn trim(&self, log: &mut Log, now: Instant) {
         let max_events = self.retention.max_events.max(1);
         while log.history.len() > max_events
+            || (log.bytes > self.retention.max_bytes && log.history.len() > 1)
             || log
                 .history
                 .front()
                 .is_some_and(|(at, _)| now.duration_since(*at) > self.retention.max_age)
         {
-            log.history.pop_front();
+            if let Some((_, event)) = log.history.pop_front() {
+                log.bytes -= event.event.payload_bytes() as u64;
+            }
         }
     }
 
@@ -311,6 +319,31 @@ mod tests {
     }
 
     #[test]
+    fn retention_by_bytes_drops_the_oldest_events_but_keeps_the_newest() {
+        // `{"id":"pN"}` is 11 bytes: room for three.
+        let (bus, _inbox) = bus(Retention {
+            max_bytes: 33,
+            ..Retention::default()
+        });
+        publish_each(&bus, &["posts", "posts", "posts", "posts", "posts"]);
+        let (events, head, first) = replayed(&bus, "posts", 0);
+        assert_eq!((events.len(), head, first), (3, 5, 3));
+        let big = Event::new(
+            EventType::RecordCreated,
+            "posts",
+            "big",
+            json!({ "text": "x".repeat(100) }),
+        );
+        bus.publish(vec![big]);
+        let (events, head, first) = replayed(&bus, "posts", 0);
+        assert_eq!(
+            (events.len(), head, first),
+            (1, 6, 6),
+            "an event over the limit alone is still retained"
+        );
+    }
+
+    #[test]
     fn retention_by_count_applies_to_a_batch_larger_than_the_limit() {
         let (bus, inbox) = bus(by_count(2));
         let batch = (0..5).map(|i| event("posts", &format!("p{i}"))).collect();
@@ -334,6 +367,7 @@ mod tests {
         let (bus, _inbox) = bus(Retention {
             max_age: Duration::from_secs(3600),
             max_events: 100,
+            ..Retention::default()
         });
         publish_each(&bus, &["posts", "users", "posts"]);
         let_the_clock_tick();
@@ -350,6 +384,7 @@ mod tests {
         let (bus, _inbox) = bus(Retention {
             max_age: Duration::ZERO,
             max_events: 100,
+            ..Retention::default()
         });
         bus.publish(vec![event("posts", "p1")]);
         let_the_clock_tick();

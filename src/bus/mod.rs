@@ -57,6 +57,8 @@ pub enum BusError {
 pub struct Retention {
     pub max_age: Duration,
     pub max_events: usize,
+    /// Bytes of events' `data` and `old_data` (JetStream: of its messages).
+    pub max_bytes: u64,
 }
 
 impl Default for Retention {
@@ -64,6 +66,7 @@ impl Default for Retention {
         Retention {
             max_age: Duration::from_secs(24 * 3600),
             max_events: 100_000,
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -166,6 +166,7 @@ impl NatsBus {
                 subjects: vec![format!("{}.>", config.subject_prefix)],
                 max_age: retention.max_age,
                 max_messages: retention.max_events as i64,
+                max_bytes: i64::try_from(retention.max_bytes).unwrap_or(i64::MAX),
                 storage: stream::StorageType::File,
                 ..Default::default()
             }),

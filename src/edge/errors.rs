@@ -124,7 +124,9 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidEvent(_)
             | EngineError::NoEvents
             | EngineError::MessageTooLarge(..) => ErrorKind::InvalidArgument,
-            EngineError::RateLimited(_) => ErrorKind::ResourceExhausted,
+            EngineError::RateLimited(_) | EngineError::PublisherRateLimited(..) => {
+                ErrorKind::ResourceExhausted
+            }
             EngineError::TooManySubscriptions(_) => ErrorKind::ResourceExhausted,
             EngineError::UnknownSubscription(_) => ErrorKind::NotFound,
             EngineError::Bus(_) => ErrorKind::Unavailable,

@@ -20,8 +20,8 @@ use crate::filter::Filter;
 use presence::{PRESENCE_COLLECTION, Presence, PresenceUser};
 use router::{ConnShared, Gate, Membership, Router, SubEntry};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -36,6 +36,14 @@ pub struct EngineConfig {
     pub client_publish_rate: u32,
     /// Largest `data` a client connection may publish, in bytes of JSON.
     pub client_message_bytes: usize,
+    /// Largest event anyone may publish on any path: bytes of JSON of its
+    /// `data` and `old_data`.
+    pub max_event_bytes: usize,
+    /// Events per second one user (token `sub`) may publish over all its
+    /// connections and transports together (burst: as many at once);
+    /// anonymous publishers share one budget when authentication is
+    /// enforced. API keys and change capture are not limited.
+    pub user_publish_rate: u32,
     /// Dispatcher tasks fanning out collections' events (one per core).
     pub dispatch_shards: usize,
     /// The longest a dispatcher waits after a round, letting edges write it
@@ -51,6 +59,8 @@ impl Default for EngineConfig {
             max_subscriptions: 256,
             client_publish_rate: 20,
             client_message_bytes: 16 * 1024,
+            max_event_bytes: 64 * 1024,
+            user_publish_rate: 50,
             dispatch_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             dispatch_window: std::time::Duration::from_millis(3),
         }
@@ -100,6 +110,10 @@ pub enum EngineError {
     RateLimited(u32),
     #[error("message of {0} bytes is larger than the limit of {1} bytes")]
     MessageTooLarge(usize, usize),
+    #[error(
+        "publish rate limit: {0} events at once, more than the {1} per second this publisher may send; retry later"
+    )]
+    PublisherRateLimited(usize, u32),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error(transparent)]
@@ -203,6 +217,8 @@ pub struct Engine {
     auth: Arc<Auth>,
     presence: Arc<Presence>,
     published: Arc<AtomicU64>,
+    /// Publish budgets of users, by user id (see `user_publish_rate`).
+    budgets: Arc<Mutex<HashMap<String, RateLimiter>>>,
     /// Connections evicted by the dispatcher, for the reaper to retire.
     evictions: mpsc::UnboundedSender<u64>,
 }
@@ -242,6 +258,7 @@ impl Engine {
             auth: Arc::new(auth),
             presence,
             published: Arc::default(),
+            budgets: Arc::default(),
             evictions,
         })
     }
@@ -292,6 +309,13 @@ impl Engine {
         }
         for event in &mut events {
             event.validate()?;
+            let size = event.payload_bytes();
+            if size > self.config.max_event_bytes {
+                return Err(EngineError::MessageTooLarge(
+                    size,
+                    self.config.max_event_bytes,
+                ));
+            }
             self.auth
                 .policy
                 .check_publish(principal, &event.collection)?;
@@ -299,10 +323,34 @@ impl Engine {
             event.sender = principal.user_id();
             event.origin = origin.clone();
         }
+        self.spend_budget(principal, events.len())?;
         let seqs = self.bus.publish(events).await?;
         self.published
             .fetch_add(seqs.len() as u64, Ordering::Relaxed);
         Ok(seqs)
+    }
+
+    /// Takes `count` events from the publisher's budget, if it has one.
+    fn spend_budget(&self, principal: &Principal, count: usize) -> Result<(), EngineError> {
+        let user = match principal {
+            Principal::User(claims) => claims.subject.as_str(),
+            Principal::Anonymous if !self.auth.is_open() => "",
+            _ => return Ok(()),
+        };
+        let rate = self.config.user_publish_rate;
+        let mut budgets = self.budgets.lock().expect("budgets lock");
+        if budgets.len() >= MAX_BUDGETS {
+            // Users idle long enough to be back at a full budget need none.
+            budgets.retain(|_, budget| !budget.is_full());
+        }
+        let budget = budgets
+            .entry(user.to_owned())
+            .or_insert_with(|| RateLimiter::new(rate));
+        if budget.take_many(count) {
+            Ok(())
+        } else {
+            Err(EngineError::PublisherRateLimited(count, rate))
+        }
     }
 
     /// Events published through this node since it started.
@@ -1005,6 +1053,9 @@ fn deadline(principal: &Principal) -> Option<tokio::time::Instant> {
     Some(tokio::time::Instant::now() + left)
 }
 
+/// Publish budgets kept before idle ones are dropped.
+const MAX_BUDGETS: usize = 10_000;
+
 /// A token bucket: `rate` tokens a second, holding at most `rate`.
 struct RateLimiter {
     rate: f64,
@@ -1022,16 +1073,31 @@ impl RateLimiter {
     }
 
     fn take(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + earned).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        self.take_many(1)
+    }
+
+    /// Takes `count` tokens at once, or none.
+    fn take_many(&mut self, count: usize) -> bool {
+        self.refill();
+        let count = count as f64;
+        if self.tokens >= count {
+            self.tokens -= count;
             true
         } else {
             false
         }
+    }
+
+    fn is_full(&mut self) -> bool {
+        self.refill();
+        self.tokens >= self.rate
+    }
+
+    fn refill(&mut self) {
+        let now = std::time::Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.last = now;
     }
 }
 

@@ -1,0 +1,148 @@
+//! Publishing limits on every path: the size of an event and a user's
+//! publish rate, shared by REST, gRPC and WebSocket.
+
+mod common;
+
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, json};
+use std::time::Duration;
+use strom::auth::AuthSettings;
+use strom::auth::token::mint;
+use strom::engine::EngineConfig;
+use strom::proto;
+use strom::server::ServerConfig;
+use tonic::Code;
+
+const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
+const API_KEY: &str = "backend-key-0123456789";
+const POLICY: &str = r#"
+[[api_keys]]
+name = "backend"
+key = "backend-key-0123456789"
+publish = ["*"]
+subscribe = ["*"]
+
+[[collections]]
+match = "public"
+subscribe = "anyone"
+publish = "authenticated"
+"#;
+
+fn events(n: usize) -> String {
+    let events: Vec<_> = (0..n)
+        .map(|i| {
+            json!({"type": "record.created", "collection": "public",
+            "record_id": i.to_string(), "data": {}})
+        })
+        .collect();
+    serde_json::Value::Array(events).to_string()
+}
+
+async fn publish(server: &TestServer, header: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = http_with(server.addr, "POST", "/api/v1/publish", header, body)
+        .await
+        .unwrap();
+    (status, body)
+}
+
+#[tokio::test]
+async fn an_event_larger_than_the_cap_is_refused_on_every_path() {
+    let server = TestServer::start(ServerConfig {
+        engine: EngineConfig {
+            max_event_bytes: 1024,
+            ..EngineConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let big = json!({"text": "x".repeat(2000)});
+    let (status, body) = publish(
+        &server,
+        "",
+        &json!({"type": "record.created", "collection": "posts", "data": big}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("larger than the limit of 1024 bytes"),
+        "{body}"
+    );
+    let (status, body) = http_with(
+        server.addr,
+        "POST",
+        "/api/v1/broadcast",
+        "",
+        &json!({"channel": "room", "data": big}).to_string(),
+    )
+    .await
+    .map(|(status, _, body)| (status, body))
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+
+    let mut client = server.grpc().await;
+    let refused = client
+        .publish(proto::PublishRequest {
+            events: vec![created("posts", "1", big.clone())],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
+
+    let mut ws = WsClient::connect(server.addr, "").await.unwrap();
+    ws.send(json!({"action": "publish", "channel": "room", "data": big}))
+        .await;
+    ws.expect_error("larger than the limit").await;
+    // Under the cap, all is well.
+    server
+        .publish_json(json!({"type": "record.created", "collection": "posts", "data": {"ok": 1}}))
+        .await;
+}
+
+#[tokio::test]
+async fn a_user_publish_budget_spans_transports_and_api_keys_have_none() {
+    let dir = TempDir::new("policy");
+    let path = dir.0.join("strom.toml");
+    std::fs::write(&path, POLICY).unwrap();
+    let server = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            config_file: Some(path),
+            jwt_secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        engine: EngineConfig {
+            user_publish_rate: 1,
+            ..EngineConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let alice = mint(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        "alice",
+        Map::new(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let as_alice = format!("Authorization: Bearer {alice}\r\n");
+    let (status, body) = publish(&server, &as_alice, &events(2)).await;
+    assert_eq!(status, 429, "more at once than a second's budget: {body}");
+    assert!(body.contains("publish rate limit"), "{body}");
+    let (status, body) = publish(&server, &as_alice, &events(1)).await;
+    assert_eq!(status, 200, "{body}");
+    // The budget is spent; the same user over gRPC is refused too (it
+    // refills one event a second).
+    let mut client = server.grpc().await;
+    let mut request = tonic::Request::new(proto::PublishRequest {
+        events: vec![created("public", "g", json!({}))],
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {alice}").parse().unwrap());
+    let refused = client.publish(request).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+
+    let (status, body) = publish(&server, &format!("X-Api-Key: {API_KEY}\r\n"), &events(20)).await;
+    assert_eq!(status, 200, "API keys are not limited: {body}");
+}
