@@ -85,9 +85,25 @@ pub enum EventError {
     NotAnObject(&'static str),
     #[error("invalid timestamp {0:?}: expected RFC 3339, e.g. 2025-01-15T10:30:00Z")]
     InvalidTimestamp(String),
+    #[error(
+        "the collection {0:?} is reserved: only strom publishes on it (subscribe to it to see who is online)"
+    )]
+    Reserved(String),
 }
 
 pub const MAX_COLLECTION: usize = 128;
+
+/// The collection strom announces presence on (`user.joined`,
+/// `user.left`). It is reserved: no publisher may write to it.
+pub const PRESENCE_COLLECTION: &str = "presence";
+
+/// Refuses the collections only strom itself may publish on.
+pub fn check_not_reserved(name: &str) -> Result<(), EventError> {
+    if name == PRESENCE_COLLECTION {
+        return Err(EventError::Reserved(name.to_owned()));
+    }
+    Ok(())
+}
 pub const MAX_RECORD_ID: usize = 256;
 
 /// Checks a collection name: 1 to 128 bytes of letters, digits, `_`, `-` and
@@ -161,10 +177,11 @@ impl Event {
         }
     }
 
-    /// Checks what a publisher controls: collection name, record id, and
-    /// that data and old_data are objects.
+    /// Checks what a publisher controls: collection name (not a reserved
+    /// one), record id, and that data and old_data are objects.
     pub fn validate(&self) -> Result<(), EventError> {
         validate_collection(&self.collection)?;
+        check_not_reserved(&self.collection)?;
         if self.record_id.len() > MAX_RECORD_ID {
             return Err(EventError::RecordIdTooLong);
         }
@@ -322,6 +339,23 @@ mod tests {
         for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", &"x".repeat(129)] {
             assert!(validate_collection(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn presence_may_be_subscribed_to_but_not_published_on() {
+        assert_eq!(validate_collection(PRESENCE_COLLECTION), Ok(()));
+        let fake = Event::new(
+            EventType::UserJoined,
+            PRESENCE_COLLECTION,
+            "mallory",
+            Event::empty_data(),
+        );
+        assert_eq!(
+            fake.validate(),
+            Err(EventError::Reserved(PRESENCE_COLLECTION.into()))
+        );
+        let near = Event::new(EventType::Broadcast, "presence.x", "", Event::empty_data());
+        assert_eq!(near.validate(), Ok(()));
     }
 
     #[test]

@@ -886,3 +886,482 @@ async fn row_images_never_cross_the_row_boundary() {
     assert!(event.left_filter);
     assert!(!format!("{event:?}").contains("bob-only"), "{event:?}");
 }
+
+/// A server with the test policy plus `extra` at the top of the file.
+async fn secured_with(extra: &str) -> Secured {
+    let dir = TempDir::new("policy");
+    let path = dir.0.join("strom.toml");
+    std::fs::write(&path, format!("{extra}\n{POLICY}")).unwrap();
+    let server = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            config_file: Some(path),
+            jwt_secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    Secured {
+        server,
+        _policy: dir,
+    }
+}
+
+/// (type, user, channel) of a presence event's JSON (`data` of a
+/// WebSocket event or SSE message).
+fn presence_of(event: &Value) -> Option<(String, String, Value)> {
+    (event["collection"] == "presence").then(|| {
+        (
+            event["type"].as_str().unwrap().to_owned(),
+            event["data"]["user_id"].as_str().unwrap().to_owned(),
+            event["data"]["channel"].clone(),
+        )
+    })
+}
+
+fn seen(kind: &str, channel: Value) -> (String, String, Value) {
+    (kind.to_owned(), "root".to_owned(), channel)
+}
+
+/// Presence events about `root` a WebSocket watcher receives, up to and
+/// including `last`.
+async fn ws_presence_until(
+    watcher: &mut WsClient,
+    last: &(String, String, Value),
+) -> Vec<(String, String, Value)> {
+    let mut got = Vec::new();
+    while got.last() != Some(last) {
+        let message = watcher.reply().await;
+        assert_ne!(message["type"], "error", "{message}");
+        if let Some(event) = presence_of(&message["data"]).filter(|e| e.1 == "root") {
+            got.push(event);
+        }
+    }
+    got
+}
+
+async fn sse_presence_until(
+    sse: &mut SseReader,
+    last: &(String, String, Value),
+) -> Vec<(String, String, Value)> {
+    let mut got = Vec::new();
+    while got.last() != Some(last) {
+        let event = sse.next().await.expect("the stream goes on");
+        assert_ne!(event.event, "error", "{}", event.data);
+        if event.event.starts_with("user.") {
+            let data: Value = serde_json::from_str(&event.data).unwrap();
+            if let Some(event) = presence_of(&data).filter(|e| e.1 == "root") {
+                got.push(event);
+            }
+        }
+    }
+    got
+}
+
+async fn grpc_presence_until(
+    stream: &mut tonic::Streaming<proto::SubscribeResponse>,
+    last: &(String, String, Value),
+) -> Vec<(String, String, Value)> {
+    let mut got = Vec::new();
+    while got.last() != Some(last) {
+        let event = next_event(stream).await;
+        if event.collection != "presence" {
+            continue;
+        }
+        let data = strom::edge::grpc::json_from_struct(event.data.as_ref().unwrap());
+        let kind = match proto::EventType::try_from(event.r#type).unwrap() {
+            proto::EventType::UserJoined => "user.joined",
+            proto::EventType::UserLeft => "user.left",
+            other => panic!("{other:?} on presence"),
+        };
+        if data["user_id"] == "root" {
+            got.push((kind.into(), "root".into(), data["channel"].clone()));
+        }
+    }
+    got
+}
+
+/// Who is in a channel, and its joins and leaves, go only to those who may
+/// subscribe to that channel: REST, GetPresence, WatchPresence, and the
+/// `presence` collection over WebSocket, SSE and gRPC (directly and
+/// through `*`).
+#[tokio::test]
+async fn presence_of_a_channel_is_only_for_those_who_may_read_it() {
+    let s = secured().await;
+    let alice = token("alice", json!({}));
+    let ops = token("ops", json!({"role": "admin"}));
+    let root = token("root", json!({"role": "admin"}));
+
+    // Watchers, all live before root arrives.
+    let mut alice_ws = ws_connect(&s.server, &format!("?token={alice}"))
+        .await
+        .unwrap();
+    alice_ws.subscribe("presence").await;
+    let mut alice_sse = SseReader::open(
+        s.server.addr,
+        &format!("/api/v1/realtime/presence?token={alice}"),
+        "",
+    )
+    .await;
+    assert_eq!(alice_sse.status, 200);
+    assert_eq!(alice_sse.next().await.unwrap().event, "connected");
+    let mut alice_all = subscribe_as(&s.server, Some(&alice), text_subscription("*", None))
+        .await
+        .unwrap();
+    let mut alice_grpc = subscribe_as(&s.server, Some(&alice), text_subscription("presence", None))
+        .await
+        .unwrap();
+    let mut ops_ws = ws_connect(&s.server, &format!("?token={ops}"))
+        .await
+        .unwrap();
+    ops_ws.subscribe("presence").await;
+
+    // Root connects, then joins admin.secret (alice may not read it) and
+    // posts (she may).
+    let mut root_ws = ws_connect(&s.server, &format!("?token={root}"))
+        .await
+        .unwrap();
+    root_ws.subscribe("admin.secret").await;
+    root_ws.subscribe("posts").await;
+
+    let last = seen("user.joined", json!("posts"));
+    let visible = vec![seen("user.joined", Value::Null), last.clone()];
+    // Every transport's view first, then one comparison: a leak shows on
+    // each transport at once.
+    let got = vec![
+        ("websocket", ws_presence_until(&mut alice_ws, &last).await),
+        ("sse", sse_presence_until(&mut alice_sse, &last).await),
+        ("grpc *", grpc_presence_until(&mut alice_all, &last).await),
+        (
+            "grpc presence",
+            grpc_presence_until(&mut alice_grpc, &last).await,
+        ),
+    ];
+    let want: Vec<_> = ["websocket", "sse", "grpc *", "grpc presence"]
+        .into_iter()
+        .map(|transport| (transport, visible.clone()))
+        .collect();
+    assert_eq!(got, want, "alice must not see root join admin.secret");
+    assert_eq!(
+        ws_presence_until(&mut ops_ws, &last).await,
+        vec![
+            seen("user.joined", Value::Null),
+            seen("user.joined", json!("admin.secret")),
+            last.clone(),
+        ],
+        "an admin sees every channel"
+    );
+
+    // Snapshots: refused like subscribing to the channel.
+    let presence = |query: String| {
+        let addr = s.server.addr;
+        async move {
+            let (status, body) = http(addr, "GET", &format!("/api/v1/presence{query}"), "")
+                .await
+                .unwrap();
+            (status, serde_json::from_str::<Value>(&body).unwrap())
+        }
+    };
+    let mut client = s.server.grpc().await;
+    let request = |channel: &str, credential: &str| {
+        authorized(
+            proto::GetPresenceRequest {
+                channel: channel.into(),
+            },
+            Some(credential),
+        )
+    };
+    let watch = |channel: &str, credential: &str| {
+        authorized(
+            proto::WatchPresenceRequest {
+                channel: channel.into(),
+            },
+            Some(credential),
+        )
+    };
+    // Alice asks for admin.secret on every surface; all answers, then one
+    // comparison.
+    let (status, body) = presence(format!("?channel=admin.secret&token={alice}")).await;
+    let rest = format!("{status} {}", body["error"]["code"]);
+    let get = match client.get_presence(request("admin.secret", &alice)).await {
+        Ok(snapshot) => format!("ok: {} users", snapshot.into_inner().count),
+        Err(status) => format!("{:?}", status.code()),
+    };
+    let watched = match client.watch_presence(watch("admin.secret", &alice)).await {
+        Ok(_) => "ok".to_owned(),
+        Err(status) => format!("{:?}", status.code()),
+    };
+    assert_eq!(
+        [rest.as_str(), get.as_str(), watched.as_str()],
+        [
+            "403 \"permission_denied\"",
+            "PermissionDenied",
+            "PermissionDenied"
+        ],
+        "REST, GetPresence, WatchPresence"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("may not subscribe on \"admin.secret\""),
+        "refused like subscribing: {body}"
+    );
+    let (status, _) = presence("?channel=admin.secret".into()).await;
+    assert_eq!(status, 401);
+    let (status, body) = presence(format!("?channel=admin.secret&token={ops}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["users"][0]["user_id"], "root");
+    let (status, body) = presence(format!("?channel=posts&token={alice}")).await;
+    assert_eq!((status, body["count"].clone()), (200, json!(1)));
+    let (status, body) = presence(format!("?token={alice}")).await;
+    assert_eq!(status, 200, "who is connected: any authenticated user");
+    assert!(body["count"].as_u64().unwrap() >= 3, "{body}");
+    let (status, _) = presence(String::new()).await;
+    assert_eq!(status, 401);
+
+    let snapshot = client
+        .get_presence(request("admin.secret", &ops))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snapshot.users[0].user_id, "root");
+    let mut alice_watch = client
+        .watch_presence(watch("posts", &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the snapshot", alice_watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(proto::presence_update::Kind::Snapshot(snapshot)) = first.kind else {
+        panic!("a snapshot first, got {first:?}");
+    };
+    assert_eq!(snapshot.users[0].user_id, "root");
+
+    // Leaving: the same rule.
+    root_ws.close().await;
+    let last = seen("user.left", Value::Null);
+    let visible = vec![seen("user.left", json!("posts")), last.clone()];
+    let got = vec![
+        ("websocket", ws_presence_until(&mut alice_ws, &last).await),
+        ("sse", sse_presence_until(&mut alice_sse, &last).await),
+        ("grpc *", grpc_presence_until(&mut alice_all, &last).await),
+        (
+            "grpc presence",
+            grpc_presence_until(&mut alice_grpc, &last).await,
+        ),
+    ];
+    let want: Vec<_> = ["websocket", "sse", "grpc *", "grpc presence"]
+        .into_iter()
+        .map(|transport| (transport, visible.clone()))
+        .collect();
+    assert_eq!(got, want, "alice must not see root leave admin.secret");
+    let mut ops_saw = ws_presence_until(&mut ops_ws, &last).await;
+    ops_saw.sort_by_key(|e| e.2.to_string());
+    let mut all = vec![
+        seen("user.left", json!("admin.secret")),
+        seen("user.left", json!("posts")),
+        last,
+    ];
+    all.sort_by_key(|e| e.2.to_string());
+    assert_eq!(ops_saw, all);
+    let update = within("alice's watch", alice_watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(proto::presence_update::Kind::Left(user)) = update.kind else {
+        panic!("root left posts, got {update:?}");
+    };
+    assert_eq!(user.user_id, "root");
+}
+
+/// Who is connected at all is the policy's `presence` setting.
+#[tokio::test]
+async fn who_is_connected_at_all_follows_the_presence_setting() {
+    let s = secured_with(r#"presence = "claim:role=admin""#).await;
+    let alice = token("alice", json!({}));
+    let ops = token("ops", json!({"role": "admin"}));
+    let root = token("root", json!({"role": "admin"}));
+    let (status, body) = s
+        .server
+        .get(&format!("/api/v1/presence?token={alice}"))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("see who is connected"), "{body}");
+    let (status, _) = s.server.get(&format!("/api/v1/presence?token={ops}")).await;
+    assert_eq!(status, 200);
+    let (status, _) = s.server.get("/api/v1/presence").await;
+    assert_eq!(status, 401);
+    let (status, _) = s
+        .server
+        .get(&format!("/api/v1/presence?token={API_KEY}"))
+        .await;
+    assert_eq!(status, 200, "the API key subscribes to everything");
+    let mut client = s.server.grpc().await;
+    let status = client
+        .get_presence(authorized(
+            proto::GetPresenceRequest::default(),
+            Some(&alice),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = client
+        .watch_presence(authorized(
+            proto::WatchPresenceRequest::default(),
+            Some(&alice),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // Alice's presence subscription sees root join posts, not connect.
+    let mut alice_ws = ws_connect(&s.server, &format!("?token={alice}"))
+        .await
+        .unwrap();
+    alice_ws.subscribe("presence").await;
+    let mut root_ws = ws_connect(&s.server, &format!("?token={root}"))
+        .await
+        .unwrap();
+    root_ws.subscribe("posts").await;
+    let last = seen("user.joined", json!("posts"));
+    assert_eq!(
+        ws_presence_until(&mut alice_ws, &last).await,
+        vec![last.clone()]
+    );
+}
+
+/// Nobody publishes on `presence`, not even an API key allowed everything
+/// or a user granted it: fake joins would pass for real ones.
+#[tokio::test]
+async fn presence_is_reserved_for_every_credential() {
+    let s = secured().await;
+    let granted = token("writer", json!({"strom": {"publish": ["presence", "*"]}}));
+    let fake = || {
+        vec![proto::Event {
+            r#type: proto::EventType::UserJoined as i32,
+            collection: "presence".into(),
+            record_id: "mallory".into(),
+            data: Some(strom::edge::grpc::struct_from_json(
+                &json!({"user_id": "mallory", "channel": null}),
+            )),
+            ..Default::default()
+        }]
+    };
+    let mut answers = Vec::new();
+    for credential in [API_KEY, granted.as_str()] {
+        answers.push(
+            match publish_as(&s.server, Some(credential), fake()).await {
+                Ok(seqs) => format!("published {seqs:?}"),
+                Err(status) => format!("{:?}: {}", status.code(), status.message()),
+            },
+        );
+    }
+    let body = json!({"type": "user.joined", "collection": "presence", "record_id": "mallory",
+        "data": {"user_id": "mallory", "channel": null}})
+    .to_string();
+    let (status, reply) = s
+        .server
+        .post(&format!("/api/v1/publish?token={API_KEY}"), &body)
+        .await;
+    answers.push(format!("{status}: {reply}"));
+    let mut ws = ws_connect(&s.server, &format!("?token={granted}"))
+        .await
+        .unwrap();
+    let reply = ws
+        .request(json!({"action": "publish", "channel": "presence", "data": {}, "ack": true}))
+        .await;
+    answers.push(format!("{}: {}", reply["type"], reply["data"]));
+    let refused: Vec<bool> = answers
+        .iter()
+        .map(|a| {
+            (a.starts_with("InvalidArgument") || a.starts_with("400") || a.starts_with("\"error\""))
+                && a.contains("reserved")
+                && !a.contains("permission")
+        })
+        .collect();
+    assert_eq!(
+        refused, [true; 4],
+        "gRPC (API key, grant), REST, WebSocket: {answers:#?}"
+    );
+}
+
+/// A WebSocket opened as one user cannot take another user's token with
+/// `auth`, subscribed or not; a fresh token of the same user is fine.
+#[tokio::test]
+async fn websocket_auth_cannot_switch_to_another_user() {
+    let s = secured().await;
+    let alice = token("alice", json!({}));
+    let bob = token("bob", json!({"role": "admin"}));
+    let mut ws = ws_connect(&s.server, &format!("?token={alice}"))
+        .await
+        .unwrap();
+    let reply = ws.request(json!({"action": "auth", "token": bob})).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["data"]["code"], "permission_denied");
+    let message = reply["data"]["message"].as_str().unwrap();
+    assert!(message.contains("cannot change user"), "{message}");
+    assert!(
+        message.contains("alice") && message.contains("bob"),
+        "{message}"
+    );
+    // Still alice: bob's admin claim opened nothing.
+    let reply = ws
+        .request(json!({"action": "subscribe", "collection": "admin.audit"}))
+        .await;
+    assert_eq!(reply["data"]["code"], "permission_denied", "{reply}");
+    let reply = ws
+        .request(json!({"action": "auth", "token": API_KEY}))
+        .await;
+    assert_eq!(reply["data"]["code"], "permission_denied", "{reply}");
+    let reply = ws
+        .request(json!({"action": "auth", "token": token("alice", json!({}))}))
+        .await;
+    assert_eq!(reply["type"], "authenticated", "{reply}");
+    assert_eq!(reply["data"]["user_id"], "alice");
+    // Presence agrees: alice only.
+    let (_, body) = s
+        .server
+        .get(&format!("/api/v1/presence?token={alice}"))
+        .await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["count"], 1, "{body}");
+    assert_eq!(body["users"][0]["user_id"], "alice");
+}
+
+/// In open mode a claimed `user_id=` is who the connection is: a token for
+/// someone else cannot take it over either.
+#[tokio::test]
+async fn websocket_auth_cannot_switch_away_from_a_claimed_user_in_open_mode() {
+    let dir = TempDir::new("policy");
+    let path = dir.0.join("strom.toml");
+    std::fs::write(&path, "open = true\n").unwrap();
+    let server = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            config_file: Some(path),
+            jwt_secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut ws = ws_connect(&server, "?user_id=alice").await.unwrap();
+    let reply = ws
+        .request(json!({"action": "auth", "token": token("bob", json!({}))}))
+        .await;
+    assert_eq!(reply["data"]["code"], "permission_denied", "{reply}");
+    let reply = ws
+        .request(json!({"action": "auth", "token": token("alice", json!({}))}))
+        .await;
+    assert_eq!(reply["type"], "authenticated", "{reply}");
+    let mut anonymous = ws_connect(&server, "").await.unwrap();
+    let reply = anonymous
+        .request(json!({"action": "auth", "token": token("bob", json!({}))}))
+        .await;
+    assert_eq!(
+        reply["type"], "authenticated",
+        "an anonymous connection may log in"
+    );
+}

@@ -107,6 +107,54 @@ async fn a_raw_nats_publish_reaches_grpc_subscribers() {
     assert!(event.timestamp.is_some(), "the stream's timestamp fills in");
 }
 
+/// `presence` is reserved on NATS too: a message on its subject is
+/// skipped, live and in replays, so no fake join reaches anyone.
+#[tokio::test]
+async fn a_raw_nats_publish_on_presence_is_skipped() {
+    let nats = NatsServer::start();
+    let server = node(&nats).await;
+    let mut client = server.grpc().await;
+    let mut everything = grpc_subscribe(&mut client, text_subscription("*", None)).await;
+
+    let raw = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(raw);
+    for (subject, body) in [
+        (
+            "strom.events.presence",
+            r#"{"type":"user.joined","record_id":"mallory","data":{"user_id":"mallory","channel":null}}"#,
+        ),
+        (
+            "strom.events.posts",
+            r#"{"type":"record.created","record_id":"after","data":{}}"#,
+        ),
+    ] {
+        js.publish(subject, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // The `*` consumer reads the stream in order: the fake came first.
+    let event = next_event(&mut everything).await;
+    assert_eq!(
+        (event.collection.as_str(), event.record_id.as_str()),
+        ("posts", "after")
+    );
+    let mut replay = grpc_subscribe(
+        &mut client,
+        proto::SubscribeRequest {
+            since_seq: Some(0),
+            ..text_subscription("*", None)
+        },
+    )
+    .await;
+    let event = next_event(&mut replay).await;
+    assert_eq!(
+        (event.collection.as_str(), event.record_id.as_str()),
+        ("posts", "after")
+    );
+}
+
 #[tokio::test]
 async fn a_node_reads_only_the_collections_its_subscribers_need() {
     let nats = NatsServer::start();

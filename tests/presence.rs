@@ -240,3 +240,86 @@ async fn a_cluster_agrees_on_presence_and_forgets_a_killed_node() {
     })
     .await;
 }
+
+/// `presence` is reserved, open mode included: every publish path refuses
+/// it (400 / INVALID_ARGUMENT), so WatchPresence reports only real joins.
+#[tokio::test]
+async fn nobody_can_publish_fake_presence_events() {
+    let server = TestServer::memory().await;
+    let mut client = server.grpc().await;
+    let mut watch = client
+        .watch_presence(proto::WatchPresenceRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the snapshot", watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        first.kind,
+        Some(proto::presence_update::Kind::Snapshot(_))
+    ));
+
+    let fake = json!({"type": "user.joined", "collection": "presence", "record_id": "mallory",
+        "data": {"user_id": "mallory", "connections": 1, "channel": null}});
+    // Every path's answer first, then one comparison.
+    let mut answers = Vec::new();
+    for (path, body) in [
+        ("/api/v1/publish", fake.to_string()),
+        ("/api/v1/publish", json!([fake]).to_string()),
+        (
+            "/api/v1/broadcast",
+            json!({"channel": "presence", "data": {"user_id": "mallory"}}).to_string(),
+        ),
+    ] {
+        let (status, reply) = server.post(path, &body).await;
+        answers.push(format!("REST {path} {status}: {reply}"));
+    }
+    let published = client
+        .publish(proto::PublishRequest {
+            events: vec![proto::Event {
+                r#type: proto::EventType::UserJoined as i32,
+                collection: "presence".into(),
+                record_id: "mallory".into(),
+                data: Some(strom::edge::grpc::struct_from_json(
+                    &json!({"user_id": "mallory", "channel": null}),
+                )),
+                ..Default::default()
+            }],
+        })
+        .await;
+    answers.push(match published {
+        Ok(reply) => format!("gRPC published {:?}", reply.into_inner().seqs),
+        Err(status) => format!("gRPC {:?}: {}", status.code(), status.message()),
+    });
+    let mut ws = WsClient::connect(server.addr, "").await.unwrap();
+    let reply = ws
+        .request(
+            json!({"action": "publish", "channel": "presence", "ack": true,
+            "data": {"user_id": "mallory", "channel": null}}),
+        )
+        .await;
+    answers.push(format!("WebSocket {}: {}", reply["type"], reply["data"]));
+    let refused: Vec<bool> = answers
+        .iter()
+        .map(|a| {
+            (a.contains(" 400: ")
+                || a.contains("InvalidArgument")
+                || a.contains("invalid_argument"))
+                && a.contains("reserved")
+        })
+        .collect();
+    assert_eq!(refused, [true; 5], "{answers:#?}");
+
+    // The next change the watcher sees is a real one: had a fake been
+    // published, it would have been dispatched before this join.
+    let _erin = WsClient::connect(server.addr, "?user_id=erin")
+        .await
+        .unwrap();
+    let update = within("a change", watch.message()).await.unwrap().unwrap();
+    let Some(proto::presence_update::Kind::Joined(user)) = update.kind else {
+        panic!("erin joined, got {update:?}");
+    };
+    assert_eq!(user.user_id, "erin");
+}

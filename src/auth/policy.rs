@@ -8,6 +8,12 @@
 //! subscriber's claims and combined with the subscriber's own filter by
 //! `and`, so a client filter can only narrow it. API keys are for trusted
 //! servers: their own lists decide, and row filters do not apply to them.
+//!
+//! Presence follows the same rules ([`Policy::check_presence`]): who is in
+//! channel `X`, and its joins and leaves, only for those who may subscribe
+//! to `X`; who is connected at all for those the `presence` setting admits
+//! (default `authenticated`). The `presence` collection itself is reserved,
+//! so no rule may name it.
 
 use super::{AuthError, Principal};
 use crate::filter::Filter;
@@ -97,6 +103,8 @@ pub struct Policy {
     pub grants_claim: String,
     pub rules: Vec<Rule>,
     pub api_keys: Vec<ApiKey>,
+    /// Who may see who is connected at all (presence without a channel).
+    pub presence: Access,
 }
 
 impl Policy {
@@ -106,6 +114,7 @@ impl Policy {
             grants_claim: DEFAULT_GRANTS_CLAIM.into(),
             rules: Vec::new(),
             api_keys: Vec::new(),
+            presence: Access::Authenticated,
         }
     }
 
@@ -154,22 +163,65 @@ impl Policy {
         self.check(principal, collection, Action::Publish)
     }
 
+    /// May `principal` see who is in `channel` (and its joins and leaves)?
+    /// Exactly when it may subscribe to that channel; a row filter makes no
+    /// difference. Without a channel (who is connected at all), the
+    /// `presence` setting decides; an API key needs `presence` in its
+    /// `subscribe` list.
+    pub fn check_presence(
+        &self,
+        principal: &Principal,
+        channel: Option<&str>,
+    ) -> Result<(), AuthError> {
+        if self.open {
+            return Ok(());
+        }
+        match channel {
+            Some(channel) => self.check(principal, channel, Action::Subscribe),
+            None => self.check_access(
+                principal,
+                PRESENCE_LIST,
+                Action::Subscribe,
+                &self.presence,
+                || "see who is connected".into(),
+            ),
+        }
+    }
+
     fn check(
         &self,
         principal: &Principal,
         collection: &str,
         action: Action,
     ) -> Result<(), AuthError> {
+        let default = match action {
+            Action::Subscribe => Access::Authenticated,
+            Action::Publish => Access::Granted,
+        };
+        let access = match (self.rule(collection), action) {
+            (Some(rule), Action::Subscribe) => &rule.subscribe,
+            (Some(rule), Action::Publish) => &rule.publish,
+            (None, _) => &default,
+        };
+        self.check_access(principal, collection, action, access, || {
+            format!("{} on {collection:?}", action.as_str())
+        })
+    }
+
+    /// Whether `access` admits `principal` to `action` on `collection`
+    /// (grants and API key lists name `collection`); `what` names the
+    /// action in the refusal.
+    fn check_access(
+        &self,
+        principal: &Principal,
+        collection: &str,
+        action: Action,
+        access: &Access,
+        what: impl Fn() -> String,
+    ) -> Result<(), AuthError> {
         let denied = || match principal {
-            Principal::Anonymous => AuthError::Unauthenticated(format!(
-                "{} on {collection:?} needs a token",
-                action.as_str()
-            )),
-            other => AuthError::Forbidden(format!(
-                "{} may not {} on {collection:?}",
-                other.describe(),
-                action.as_str()
-            )),
+            Principal::Anonymous => AuthError::Unauthenticated(format!("{} needs a token", what())),
+            other => AuthError::Forbidden(format!("{} may not {}", other.describe(), what())),
         };
         if let Principal::System(_) = principal {
             return Ok(());
@@ -185,15 +237,6 @@ impl Policy {
                 Err(denied())
             };
         }
-        let default = match action {
-            Action::Subscribe => Access::Authenticated,
-            Action::Publish => Access::Granted,
-        };
-        let access = match (self.rule(collection), action) {
-            (Some(rule), Action::Subscribe) => &rule.subscribe,
-            (Some(rule), Action::Publish) => &rule.publish,
-            (None, _) => &default,
-        };
         let allowed = match (access, principal) {
             (Access::Anyone, _) => true,
             (Access::Nobody, _) | (_, Principal::Anonymous) => false,
@@ -250,6 +293,10 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 
 pub const DEFAULT_GRANTS_CLAIM: &str = "strom";
 
+/// The name grants and API key `subscribe` lists use for the list of who is
+/// connected at all.
+pub const PRESENCE_LIST: &str = crate::event::PRESENCE_COLLECTION;
+
 /// The `--config` file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,6 +305,9 @@ pub struct PolicyFile {
     pub open: bool,
     pub jwt: Option<JwtSection>,
     pub grants_claim: Option<String>,
+    /// Who may see who is connected at all: an access like a rule's
+    /// `subscribe` (default `authenticated`).
+    pub presence: Option<String>,
     #[serde(default)]
     pub api_keys: Vec<ApiKeySection>,
     #[serde(default)]
@@ -310,6 +360,12 @@ impl PolicyFile {
             .collections
             .iter()
             .map(|r| {
+                if r.pattern == crate::event::PRESENCE_COLLECTION {
+                    return Err(AuthError::Config(format!(
+                        "a rule cannot match {:?}: that collection is reserved for presence, which follows each channel's `subscribe` rule (set `presence = ...` at the top for who may see who is connected at all)",
+                        r.pattern
+                    )));
+                }
                 let access = |field: &Option<String>, default: Access| {
                     field.as_deref().map_or(Ok(default), Access::parse)
                 };
@@ -370,6 +426,10 @@ impl PolicyFile {
                 .unwrap_or_else(|| DEFAULT_GRANTS_CLAIM.into()),
             rules,
             api_keys,
+            presence: self
+                .presence
+                .as_deref()
+                .map_or(Ok(Access::Authenticated), Access::parse)?,
         })
     }
 }
@@ -456,6 +516,46 @@ mod tests {
     }
 
     #[test]
+    fn presence_follows_the_channel_and_the_presence_setting() {
+        let policy = PolicyFile::parse(FILE).unwrap().policy().unwrap();
+        let anon = Principal::Anonymous;
+        let alice = user(json!({"sub": "alice"}));
+        assert!(policy.check_presence(&alice, Some("orders")).is_ok());
+        assert!(matches!(
+            policy.check_presence(&alice, Some("secret")),
+            Err(AuthError::Forbidden(_))
+        ));
+        assert!(policy.check_presence(&anon, Some("public.news")).is_ok());
+        assert!(matches!(
+            policy.check_presence(&anon, Some("posts")),
+            Err(AuthError::Unauthenticated(_))
+        ));
+        // Connected at all: `authenticated` by default.
+        assert_eq!(policy.presence, Access::Authenticated);
+        assert!(policy.check_presence(&alice, None).is_ok());
+        assert!(policy.check_presence(&anon, None).is_err());
+        let billing = Principal::Service(Arc::new(
+            policy.api_key("0123456789abcdef0123").unwrap().clone(),
+        ));
+        assert!(
+            policy.check_presence(&billing, None).is_err(),
+            "its subscribe list does not name presence"
+        );
+
+        let strict = format!("presence = \"claim:role=admin\"\n{FILE}");
+        let policy = PolicyFile::parse(&strict).unwrap().policy().unwrap();
+        let admin = user(json!({"sub": "root", "role": "admin"}));
+        let refused = policy.check_presence(&alice, None).unwrap_err();
+        assert!(
+            refused.to_string().contains("see who is connected"),
+            "{refused}"
+        );
+        assert!(policy.check_presence(&admin, None).is_ok());
+        assert!(policy.check_presence(&alice, Some("orders")).is_ok());
+        assert!(Policy::open().check_presence(&anon, None).is_ok());
+    }
+
+    #[test]
     fn bad_files_are_refused_with_reasons() {
         for (text, reason) in [
             (
@@ -471,6 +571,11 @@ mod tests {
                 "[[api_keys]]\nname = \"k\"\nkey = \"short\"",
                 "shorter than 16",
             ),
+            (
+                "[[collections]]\nmatch = \"presence\"\nsubscribe = \"anyone\"",
+                "reserved",
+            ),
+            ("presence = \"everyone\"", "unknown access"),
         ] {
             let error = PolicyFile::parse(text)
                 .and_then(|f| f.policy())

@@ -5,7 +5,7 @@
 use super::pgoutput::{self, Message};
 use crate::auth::Principal;
 use crate::engine::Engine;
-use crate::event::{Event, EventType, validate_collection};
+use crate::event::{Event, EventType, check_not_reserved, validate_collection};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
@@ -196,7 +196,9 @@ pub async fn enable(
 ) -> Result<String, CaptureError> {
     let (schema, name) = split_table(table);
     let collection = collection.map_or_else(|| format!("{schema}.{name}"), str::to_owned);
-    validate_collection(&collection).map_err(|e| CaptureError::Invalid(e.to_string()))?;
+    validate_collection(&collection)
+        .and_then(|()| check_not_reserved(&collection))
+        .map_err(|e| CaptureError::Invalid(e.to_string()))?;
     let client = connect(url).await?;
     check_requirements(&client).await?;
     install(&client, slot).await?;

@@ -147,6 +147,11 @@ impl generated::realtime_server::Realtime for RealtimeService {
         };
         let filter = Condition::new("channel", Op::Eq, Operand::Scalar(wanted))
             .map_err(|e| ApiError::from(e).grpc_status())?;
+        let channel_name = Some(channel.as_str()).filter(|c| !c.is_empty());
+        // Refused before anything starts, like subscribing to the channel.
+        self.engine
+            .check_presence(&principal, channel_name)
+            .map_err(|e| ApiError::from(e).grpc_status())?;
         let mut connection = self.engine.connect(Transport::Grpc, principal.clone());
         connection
             .subscribe(SubscriptionSpec {
@@ -160,7 +165,7 @@ impl generated::realtime_server::Realtime for RealtimeService {
             .map_err(|e| ApiError::from(e).grpc_status())?;
         let users = self
             .engine
-            .presence(&principal, Some(channel.as_str()).filter(|c| !c.is_empty()))
+            .presence(&principal, channel_name)
             .map_err(|e| ApiError::from(e).grpc_status())?;
         let first = proto::PresenceUpdate {
             kind: Some(Kind::Snapshot(snapshot_to_proto(channel, &users))),

@@ -267,17 +267,25 @@ impl Engine {
         self.bus.backend()
     }
 
-    /// Who is online, on `channel` or at all, over the whole cluster.
-    /// Reading it takes the right to subscribe to the `presence` collection.
+    /// Who is online, on `channel` or at all, over the whole cluster. A
+    /// channel's presence takes the right to subscribe to it; who is
+    /// connected at all, the policy's `presence` setting.
     pub fn presence(
         &self,
         principal: &Principal,
         channel: Option<&str>,
     ) -> Result<Vec<PresenceUser>, EngineError> {
-        self.auth
-            .policy
-            .check_subscribe(principal, PRESENCE_COLLECTION)?;
+        self.check_presence(principal, channel)?;
         Ok(self.presence.snapshot(channel))
+    }
+
+    /// May `principal` see presence on `channel` (`None`: connected at all)?
+    pub fn check_presence(
+        &self,
+        principal: &Principal,
+        channel: Option<&str>,
+    ) -> Result<(), EngineError> {
+        Ok(self.auth.policy.check_presence(principal, channel)?)
     }
 
     /// Authentication and the policy, for edges to identify clients.
@@ -554,8 +562,11 @@ impl Connection {
             ));
         }
         let auth = &self.engine.auth;
-        let (filter, row, gate) = if spec.collection == WILDCARD && !auth.is_open() {
-            // Decided per collection as events come (see `Gate`).
+        let gated = spec.collection == WILDCARD || spec.collection == PRESENCE_COLLECTION;
+        let (filter, row, gate) = if gated && !auth.is_open() {
+            // Decided per collection (and, for presence, per channel) as
+            // events come (see `Gate`): a presence subscription sees the
+            // channels its principal may read.
             let gate = Gate::new(Arc::clone(auth), self.principal.clone());
             (spec.filter.clone(), None, Some(gate))
         } else {
@@ -691,10 +702,27 @@ impl Connection {
     }
 
     /// Replaces the connection's credentials (the WebSocket `auth` action),
-    /// e.g. a refreshed token before the old one expires. With open
-    /// subscriptions the user must stay the same.
+    /// e.g. a refreshed token before the old one expires. A connection that
+    /// is someone (a user, an API key, or in open mode a claimed
+    /// `user_id`) stays that one: a credential of anyone else is refused,
+    /// since presence and everything already granted belong to the first.
+    /// An anonymous connection may authenticate once, before it subscribes.
     pub fn authenticate(&mut self, principal: Principal) -> Result<(), EngineError> {
-        if !self.subscriptions.is_empty() && principal.user_id() != self.principal.user_id() {
+        let current = self.principal.user_id().or_else(|| {
+            let membership = self.shared.membership.lock().expect("membership lock");
+            membership.present_as.as_ref().map(|(id, _)| id.clone())
+        });
+        let next = principal.user_id();
+        if let Some(current) = current
+            && next.as_deref() != Some(current.as_str())
+        {
+            return Err(AuthError::Forbidden(format!(
+                "this connection is {current:?} and cannot change user to {}: refresh it with a token for {current:?}, or open a new connection",
+                next.map_or_else(|| "an anonymous client".to_owned(), |n| format!("{n:?}"))
+            ))
+            .into());
+        }
+        if !self.subscriptions.is_empty() && next != self.principal.user_id() {
             return Err(AuthError::Forbidden(
                 "a connection with subscriptions cannot change user; unsubscribe first".into(),
             )

@@ -25,8 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
-/// The collection presence events are published on.
-pub const PRESENCE_COLLECTION: &str = "presence";
+/// The collection presence events are dispatched on (reserved: see
+/// [`crate::event::check_not_reserved`]).
+pub use crate::event::PRESENCE_COLLECTION;
 
 /// One user as a snapshot shows them.
 #[derive(Debug, Clone, PartialEq, Eq)]

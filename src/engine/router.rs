@@ -10,6 +10,7 @@
 //! [`EndReason::Overflow`]; the dispatcher never waits for a subscriber.
 
 use super::mailbox::Mailbox;
+use super::presence::PRESENCE_COLLECTION;
 use super::{Delivery, EndReason, Transport};
 use crate::auth::{Auth, Principal};
 use crate::bus::{Audience, Inbox};
@@ -165,7 +166,7 @@ impl SubEntry {
 
     fn matches(&self, collection: &str, record: &serde_json::Value) -> bool {
         if let Some(gate) = &self.gate {
-            match gate.decision(collection) {
+            match gate.decision(collection, record) {
                 None => return false,
                 Some(Some(row)) if !row.matches(record) => return false,
                 Some(_) => {}
@@ -179,7 +180,7 @@ impl SubEntry {
     fn may_see(&self, collection: &str, image: &serde_json::Value) -> bool {
         match &self.gate {
             Some(gate) => {
-                !matches!(gate.decision(collection), Some(Some(row)) if !row.matches(image))
+                !matches!(gate.decision(collection, image), Some(Some(row)) if !row.matches(image))
             }
             None => self.row.as_ref().is_none_or(|row| row.matches(image)),
         }
@@ -226,12 +227,15 @@ impl SubEntry {
     }
 }
 
-/// The policy decisions of a `*` subscription, per collection, asked once
-/// and remembered: `None` denied, `Some(row filter)` allowed.
+/// The policy decisions of a `*` or `presence` subscription, asked once
+/// and remembered: per collection, `None` denied, `Some(row filter)`
+/// allowed; for presence events, per channel (`None`: connected at all),
+/// whether the principal may see it ([`crate::auth::Policy::check_presence`]).
 pub(crate) struct Gate {
     pub auth: Arc<Auth>,
     pub principal: Principal,
     decisions: Mutex<HashMap<String, Option<Option<Filter>>>>,
+    channels: Mutex<HashMap<Option<String>, bool>>,
 }
 
 impl Gate {
@@ -240,10 +244,16 @@ impl Gate {
             auth,
             principal,
             decisions: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
         }
     }
 
-    fn decision(&self, collection: &str) -> Option<Option<Filter>> {
+    /// Whether `record` of `collection` may pass, and through which row
+    /// filter.
+    fn decision(&self, collection: &str, record: &serde_json::Value) -> Option<Option<Filter>> {
+        if collection == PRESENCE_COLLECTION {
+            return self.presence(record).then_some(None);
+        }
         let mut decisions = self.decisions.lock().expect("gate lock");
         if let Some(known) = decisions.get(collection) {
             return known.clone();
@@ -255,6 +265,27 @@ impl Gate {
             .ok();
         decisions.insert(collection.to_owned(), decision.clone());
         decision
+    }
+
+    /// Whether the presence event `data` (whose `channel` is a collection,
+    /// or null for connected at all) may be seen.
+    fn presence(&self, data: &serde_json::Value) -> bool {
+        let channel = match data.get("channel") {
+            Some(serde_json::Value::String(channel)) => Some(channel.as_str()),
+            Some(serde_json::Value::Null) => None,
+            _ => return false,
+        };
+        let mut channels = self.channels.lock().expect("gate lock");
+        if let Some(known) = channels.get(&channel.map(str::to_owned)) {
+            return *known;
+        }
+        let allowed = self
+            .auth
+            .policy
+            .check_presence(&self.principal, channel)
+            .is_ok();
+        channels.insert(channel.map(str::to_owned), allowed);
+        allowed
     }
 }
 
