@@ -101,8 +101,8 @@ struct ServeArgs {
     /// Largest channel message a client connection may send (bytes of JSON).
     #[arg(long, env = "STROM_CLIENT_MESSAGE_BYTES", default_value_t = EngineConfig::default().client_message_bytes)]
     client_message_bytes: usize,
-    /// Largest event anyone may publish, on any path (bytes of JSON of
-    /// `data` and `old_data`).
+    /// Largest event a client or API key may publish, on any path (bytes
+    /// of JSON of `data` and `old_data`).
     #[arg(long, env = "STROM_MAX_EVENT_BYTES", default_value_t = EngineConfig::default().max_event_bytes)]
     max_event_bytes: usize,
     /// Events per second one user may publish over all its connections

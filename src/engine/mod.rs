@@ -36,8 +36,8 @@ pub struct EngineConfig {
     pub client_publish_rate: u32,
     /// Largest `data` a client connection may publish, in bytes of JSON.
     pub client_message_bytes: usize,
-    /// Largest event anyone may publish on any path: bytes of JSON of its
-    /// `data` and `old_data`.
+    /// Largest event a client or service may publish on any path: bytes of
+    /// JSON of its `data` and `old_data` (captured rows are not capped).
     pub max_event_bytes: usize,
     /// Events per second one user (token `sub`) may publish over all its
     /// connections and transports together (burst: as many at once);
@@ -317,8 +317,10 @@ impl Engine {
         }
         for event in &mut events {
             event.validate()?;
+            // Captured rows are the database's, delivered whole.
+            let capped = !matches!(principal, Principal::System(_));
             let size = event.payload_bytes();
-            if size > self.config.max_event_bytes {
+            if capped && size > self.config.max_event_bytes {
                 return Err(EngineError::MessageTooLarge(
                     size,
                     self.config.max_event_bytes,
