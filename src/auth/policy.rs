@@ -135,11 +135,22 @@ impl Policy {
             return Ok(None);
         }
         self.check(principal, collection, Action::Subscribe)?;
-        let (Some(rule), Principal::User(claims)) = (self.rule(collection), principal) else {
+        let Some(template) = self
+            .rule(collection)
+            .and_then(|rule| rule.row_filter.as_ref())
+        else {
             return Ok(None);
         };
-        let Some(template) = &rule.row_filter else {
-            return Ok(None);
+        let claims = match principal {
+            Principal::User(claims) => claims,
+            // Rows are per user: someone without a token owns none.
+            Principal::Anonymous => {
+                return Err(AuthError::Unauthenticated(format!(
+                    "the rows of {collection:?} are per user: subscribe with a token"
+                )));
+            }
+            // API keys are trusted servers; row rules do not apply.
+            Principal::Service(_) | Principal::System(_) => return Ok(None),
         };
         let lookup = |name: &str| {
             if name == "sub" {
@@ -513,6 +524,18 @@ mod tests {
         let row = policy.check_subscribe(&alice, "orders").unwrap().unwrap();
         assert!(row.matches(&json!({"owner_id": "alice"})));
         assert!(!row.matches(&json!({"owner_id": "bob"})));
+    }
+
+    #[test]
+    fn rows_per_user_are_closed_to_anonymous_subscribers() {
+        let file = "[[collections]]\nmatch = \"notes\"\nsubscribe = \"anyone\"\nrow_filter = \"owner = $sub\"";
+        let policy = PolicyFile::parse(file).unwrap().policy().unwrap();
+        assert!(matches!(
+            policy.check_subscribe(&Principal::Anonymous, "notes"),
+            Err(AuthError::Unauthenticated(_))
+        ));
+        let alice = user(json!({"sub": "alice"}));
+        assert!(policy.check_subscribe(&alice, "notes").unwrap().is_some());
     }
 
     #[test]
