@@ -377,6 +377,7 @@ async fn grpc_web_publish_over_http1() {
     let body = &response[split + 4..];
     let encoded = proto::PublishResponse {
         seqs: vec![event.seq],
+        duplicates: Vec::new(),
     }
     .encode_to_vec();
     assert!(

@@ -216,3 +216,79 @@ async fn subscribed_reports_the_cluster_head_so_resuming_from_it_misses_nothing(
     let mut resumed = grpc_subscribe(&mut client, request).await;
     assert_eq!(next_event(&mut resumed).await.seq, missed);
 }
+
+/// Dedup ids belong to their publisher: Mallory publishing first with an id
+/// cannot make JetStream drop Alice's event with the same id, and a real
+/// duplicate is reported as one, with the original's seq.
+#[tokio::test]
+async fn a_publishers_dedup_id_cannot_suppress_another_publishers_event() {
+    use jsonwebtoken::Algorithm;
+    use strom::auth::AuthSettings;
+    use strom::auth::token::mint;
+    const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
+    let nats = NatsServer::start();
+    let server = TestServer::start(ServerConfig {
+        nats: Some(NatsConfig::new(nats.url.clone())),
+        auth: AuthSettings {
+            jwt_secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let token = |sub: &str| {
+        let claims = json!({"strom": {"publish": ["orders"]}});
+        let claims = claims.as_object().unwrap().clone();
+        let ttl = std::time::Duration::from_secs(3600);
+        mint(Algorithm::HS256, SECRET.as_bytes(), sub, claims, ttl).unwrap()
+    };
+    let (mallory, alice) = (token("mallory"), token("alice"));
+    let mut client = server.grpc().await;
+    let mut request = tonic::Request::new(text_subscription("orders", None));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {alice}").parse().unwrap());
+    let mut orders = client.subscribe(request).await.unwrap().into_inner();
+    let subscribed = orders.message().await.unwrap().expect("subscribed");
+    assert!(matches!(
+        subscribed.kind,
+        Some(proto::subscribe_response::Kind::Subscribed(_))
+    ));
+    let publish = |who: &str, record: &str| {
+        let body = json!({"type": "record.created", "collection": "orders",
+            "record_id": record, "id": "pg:0/16B3748", "data": {}})
+        .to_string();
+        let path = format!("/api/v1/publish?token={who}");
+        let server = &server;
+        async move {
+            let (status, body) = server.post(&path, &body).await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let first = publish(&mallory, "fake").await;
+    assert_eq!(first.get("duplicate"), None);
+    let real = publish(&alice, "real").await;
+    assert_eq!(real.get("duplicate"), None, "{real}");
+    assert!(real["seq"].as_u64() > first["seq"].as_u64(), "{real}");
+    let again = publish(&alice, "real-again").await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["seq"], real["seq"], "the original's seq");
+
+    assert_eq!(next_event(&mut orders).await.record_id, "fake");
+    assert_eq!(next_event(&mut orders).await.record_id, "real");
+    let marker = server
+        .post(
+            &format!("/api/v1/publish?token={alice}"),
+            &json!({"type": "record.created", "collection": "orders",
+                "record_id": "marker", "data": {}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(marker.0, 200);
+    assert_eq!(
+        next_event(&mut orders).await.record_id,
+        "marker",
+        "the duplicate was not delivered"
+    );
+}

@@ -71,6 +71,17 @@ impl Default for Retention {
     }
 }
 
+/// What a publish did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Receipt {
+    /// One seq per event, in order.
+    pub seqs: Vec<u64>,
+    /// The indexes of events the bus already had, by the same publisher's
+    /// `id` (NATS: within the stream's duplicate window): they were not
+    /// published again, and their seq is the original's.
+    pub duplicates: Vec<usize>,
+}
+
 /// The retained events a resuming subscription missed.
 pub struct Replay {
     /// Events after the resume position, in seq order, up to `head`.
@@ -120,9 +131,12 @@ impl Bus {
     }
 
     /// Publishes events in order and returns their sequence numbers.
-    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, BusError> {
+    pub async fn publish(&self, events: Vec<Event>) -> Result<Receipt, BusError> {
         match self {
-            Bus::Memory(bus) => Ok(bus.publish(events)),
+            Bus::Memory(bus) => Ok(Receipt {
+                seqs: bus.publish(events),
+                duplicates: Vec::new(),
+            }),
             Bus::Nats(bus) => bus.publish(events).await,
         }
     }

@@ -15,7 +15,7 @@
 //! returned is never missed.
 
 use super::presence_sync::{self, PresenceState, PresenceTiming};
-use super::{Audience, BusError, History, Inbox, Replay, Retention};
+use super::{Audience, BusError, History, Inbox, Receipt, Replay, Retention};
 use crate::codec::{decode_event, encode_bus_body};
 use crate::event::{Event, SharedEvent, WILDCARD};
 use async_nats::jetstream::{self, consumer, stream};
@@ -185,18 +185,20 @@ impl NatsBus {
         })
     }
 
-    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, BusError> {
+    pub async fn publish(&self, events: Vec<Event>) -> Result<Receipt, BusError> {
         let publish_error = |e: &dyn std::fmt::Display| BusError::Publish(e.to_string());
         let mut acks = Vec::with_capacity(events.len());
         for event in &events {
             let subject = format!("{}.{}", self.inner.prefix, event.collection);
             let body = encode_bus_body(event).into();
             // A source id makes JetStream drop a second copy (within the
-            // stream's duplicate window).
+            // stream's duplicate window). Ids are the publisher's own: one
+            // publisher's id cannot suppress another's event.
             let ack = match &event.id {
                 Some(id) => {
+                    let sender = event.sender.as_deref().unwrap_or("anonymous");
                     let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", id.as_str());
+                    headers.insert("Nats-Msg-Id", format!("{sender}/{id}").as_str());
                     self.inner
                         .js
                         .publish_with_headers(subject, headers, body)
@@ -207,11 +209,15 @@ impl NatsBus {
             .map_err(|e| publish_error(&e))?;
             acks.push(ack);
         }
-        let mut seqs = Vec::with_capacity(acks.len());
-        for ack in acks {
-            seqs.push(ack.await.map_err(|e| publish_error(&e))?.sequence);
+        let mut receipt = Receipt::default();
+        for (i, ack) in acks.into_iter().enumerate() {
+            let ack = ack.await.map_err(|e| publish_error(&e))?;
+            receipt.seqs.push(ack.sequence);
+            if ack.duplicate {
+                receipt.duplicates.push(i);
+            }
         }
-        Ok(seqs)
+        Ok(receipt)
     }
 
     /// The stream's last sequence number.

@@ -70,12 +70,15 @@ impl generated::realtime_server::Realtime for RealtimeService {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.grpc_status())?;
-        let seqs = self
+        let receipt = self
             .engine
             .publish(&principal, events)
             .await
             .map_err(|e| ApiError::from(e).grpc_status())?;
-        Ok(Response::new(proto::PublishResponse { seqs }))
+        Ok(Response::new(proto::PublishResponse {
+            seqs: receipt.seqs,
+            duplicates: receipt.duplicates.into_iter().map(|i| i as u32).collect(),
+        }))
     }
 
     type SubscribeStream = ResponseStream<EncodedResponse>;

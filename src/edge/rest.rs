@@ -21,7 +21,9 @@ pub struct TokenParam {
 }
 
 /// `POST /api/v1/publish`: one event object → `{"seq": N}`; an array of
-/// events → `{"seqs": [...]}`, published in order.
+/// events → `{"seqs": [...]}`, published in order. An event the bus already
+/// had (same publisher, same `id`) is not published again: `"duplicate":
+/// true` (arrays: `"duplicates": [index, ...]`) with the original's seq.
 pub async fn publish(
     State(app): State<AppState>,
     Query(params): Query<TokenParam>,
@@ -41,12 +43,20 @@ pub async fn publish(
                 event_from_value(item, now).map_err(|e| ApiError::invalid(format!("[{i}]: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let seqs = app.engine.publish(&principal, events).await?;
-        return Ok(Json(json!({ "seqs": seqs })));
+        let receipt = app.engine.publish(&principal, events).await?;
+        let mut reply = json!({ "seqs": receipt.seqs });
+        if !receipt.duplicates.is_empty() {
+            reply["duplicates"] = json!(receipt.duplicates);
+        }
+        return Ok(Json(reply));
     }
     let event = decode_event(&body, None, now)?;
-    let seqs = app.engine.publish(&principal, vec![event]).await?;
-    Ok(Json(json!({ "seq": seqs[0] })))
+    let receipt = app.engine.publish(&principal, vec![event]).await?;
+    let mut reply = json!({ "seq": receipt.seqs[0] });
+    if !receipt.duplicates.is_empty() {
+        reply["duplicate"] = json!(true);
+    }
+    Ok(Json(reply))
 }
 
 #[derive(Deserialize)]
@@ -70,8 +80,8 @@ pub async fn broadcast(
         .map_err(|e| ApiError::invalid(format!("invalid broadcast body: {e}")))?;
     let data = body.data.unwrap_or_else(Event::empty_data);
     let event = Event::new(EventType::Broadcast, body.channel, "", data);
-    let seqs = app.engine.publish(&principal, vec![event]).await?;
-    Ok(Json(json!({ "seq": seqs[0] })))
+    let receipt = app.engine.publish(&principal, vec![event]).await?;
+    Ok(Json(json!({ "seq": receipt.seqs[0] })))
 }
 
 /// Stats and metrics name every connection and the collections it reads,

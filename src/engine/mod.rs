@@ -12,7 +12,7 @@ pub mod router;
 
 use crate::auth::{Auth, AuthError, Principal};
 use crate::bus::presence_sync::PresenceState;
-use crate::bus::{Bus, BusError, History, Inbox, Interest};
+use crate::bus::{Bus, BusError, History, Inbox, Interest, Receipt};
 use crate::event::{
     Event, EventError, MAX_RECORD_ID, SharedEvent, View, WILDCARD, validate_collection,
 };
@@ -300,7 +300,7 @@ impl Engine {
         &self,
         principal: &Principal,
         events: Vec<Event>,
-    ) -> Result<Vec<u64>, EngineError> {
+    ) -> Result<Receipt, EngineError> {
         self.publish_from(principal, None, events).await
     }
 
@@ -311,7 +311,7 @@ impl Engine {
         principal: &Principal,
         origin: Option<String>,
         mut events: Vec<Event>,
-    ) -> Result<Vec<u64>, EngineError> {
+    ) -> Result<Receipt, EngineError> {
         if events.is_empty() {
             return Err(EngineError::NoEvents);
         }
@@ -334,10 +334,10 @@ impl Engine {
             event.origin = origin.clone();
         }
         self.spend_budget(principal, events.len())?;
-        let seqs = self.bus.publish(events).await?;
-        self.published
-            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-        Ok(seqs)
+        let receipt = self.bus.publish(events).await?;
+        let fresh = receipt.seqs.len() - receipt.duplicates.len();
+        self.published.fetch_add(fresh as u64, Ordering::Relaxed);
+        Ok(receipt)
     }
 
     /// Takes `count` events from the publisher's budget, if it has one.
@@ -532,11 +532,11 @@ impl Connection {
                 self.engine.config.client_publish_rate,
             ));
         }
-        let seqs = self
+        let receipt = self
             .engine
             .publish_from(&self.principal, Some(self.name()), vec![event])
             .await?;
-        Ok(seqs[0])
+        Ok(receipt.seqs[0])
     }
 
     /// Starts a subscription; events published after this returns reach it.

@@ -32,7 +32,8 @@ async fn publish(engine: &Engine, n: usize) -> Vec<u64> {
         let seq = engine
             .publish(&Principal::Anonymous, vec![event])
             .await
-            .unwrap()[0];
+            .unwrap()
+            .seqs[0];
         if collection == "posts" {
             posts.push(seq);
         }
