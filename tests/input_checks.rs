@@ -207,3 +207,34 @@ async fn a_request_that_is_not_protobuf_is_an_invalid_argument() {
         .publish_json(json!({"type": "record.created", "collection": "posts", "data": {}}))
         .await;
 }
+
+#[tokio::test]
+async fn open_mode_treats_a_credential_it_cannot_verify_the_same_everywhere() {
+    let server = TestServer::memory().await;
+    let bearer = "Authorization: Bearer not-a-jwt-nor-a-key\r\n";
+    let (status, _, body) = http_with(server.addr, "GET", "/api/v1/presence", bearer, "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let event = json!({"type": "record.created", "collection": "posts", "data": {}});
+    let (status, _, body) = http_with(
+        server.addr,
+        "POST",
+        "/api/v1/publish",
+        bearer,
+        &event.to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut client = server.grpc().await;
+    let mut request = tonic::Request::new(proto::GetPresenceRequest::default());
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer not-a-jwt-nor-a-key".parse().unwrap(),
+    );
+    client
+        .get_presence(request)
+        .await
+        .expect("answered as for an anonymous caller");
+}

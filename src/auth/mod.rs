@@ -199,7 +199,8 @@ impl Auth {
     }
 
     /// Who presents `credential`: a JWT (three dot-separated parts) or an
-    /// API key. `None` is the anonymous principal.
+    /// API key. `None` is the anonymous principal; so, in open mode, is a
+    /// credential nothing here could verify (the same on every transport).
     pub fn authenticate(&self, credential: Option<&str>) -> Result<Principal, AuthError> {
         let Some(credential) = credential.map(str::trim).filter(|c| !c.is_empty()) else {
             return Ok(Principal::Anonymous);
@@ -211,10 +212,11 @@ impl Auth {
                 None => Err(AuthError::NotConfigured),
             };
         }
-        self.policy
-            .api_key(credential)
-            .map(|key| Principal::Service(Arc::new(key.clone())))
-            .ok_or(AuthError::UnknownApiKey)
+        match self.policy.api_key(credential) {
+            Some(key) => Ok(Principal::Service(Arc::new(key.clone()))),
+            None if self.is_open() => Ok(Principal::Anonymous),
+            None => Err(AuthError::UnknownApiKey),
+        }
     }
 
     /// Like [`Auth::authenticate`], for the explicit `auth` action: a server
