@@ -22,6 +22,7 @@
 //!   [`write_deadline`]; [`proto`]: generated code;
 //!   [`client`]: a small Rust client over the generated one.
 
+pub mod accept;
 pub mod auth;
 pub mod bus;
 pub mod capture;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
+use strom::accept::ConnectionLimits;
 use strom::auth::{Auth, AuthSettings, KeySource};
 use strom::bus::Retention;
 use strom::bus::nats::NatsConfig;
@@ -134,6 +135,15 @@ struct ServeArgs {
     /// Without it they are open in open mode and need an API key otherwise.
     #[arg(long, env = "STROM_OPS_TOKEN", hide_env_values = true)]
     ops_token: Option<String>,
+    /// Open connections the server accepts in total (then 503).
+    #[arg(long, env = "STROM_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().total)]
+    max_connections: usize,
+    /// Open connections one client IP address may hold (then 429).
+    #[arg(long, env = "STROM_MAX_CONNECTIONS_PER_IP", default_value_t = ConnectionLimits::default().per_ip)]
+    max_connections_per_ip: usize,
+    /// The longest a client may take to send an HTTP request's header.
+    #[arg(long, env = "STROM_HEADER_TIMEOUT", default_value_t = Span(ConnectionLimits::default().header_timeout))]
+    header_timeout: Span,
     #[command(flatten)]
     auth: AuthArgs,
     /// Capture changes of this PostgreSQL database (tables enabled with
@@ -378,6 +388,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         write_timeout: args.write_timeout.0,
         cors_origins: args.cors_origins,
         ops_token: args.ops_token,
+        connections: ConnectionLimits {
+            total: args.max_connections,
+            per_ip: args.max_connections_per_ip,
+            header_timeout: args.header_timeout.0,
+        },
         auth: args.auth.settings(),
         postgres: args.postgres_url.map(|url| PostgresConfig {
             slot: args.postgres_slot,

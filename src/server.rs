@@ -5,6 +5,7 @@
 //! cleanly (gRPC UNAVAILABLE, WebSocket close 1001, SSE `error` event),
 //! lets in-flight requests such as publishes finish, then returns.
 
+use crate::accept::{self, ConnectionLimits};
 use crate::auth::{Auth, AuthError, AuthSettings};
 use crate::bus::{
     Bus, BusError, Retention,
@@ -44,6 +45,8 @@ pub struct ServerConfig {
     /// Origins allowed by CORS (browsers, gRPC-Web) and for WebSocket
     /// handshakes; empty means any.
     pub cors_origins: Vec<String>,
+    /// Caps on connections and the header deadline.
+    pub connections: ConnectionLimits,
     /// The bearer credential `/api/v1/stats` and `/metrics` require. Without
     /// it they are open in open mode and need an API key otherwise.
     pub ops_token: Option<String>,
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             sse_keepalive: Duration::from_secs(15),
             cors_origins: Vec::new(),
             ops_token: None,
+            connections: ConnectionLimits::default(),
             write_timeout: Duration::from_secs(5),
         }
     }
@@ -127,12 +131,11 @@ impl Server {
             .map(|config| tokio::spawn(postgres::run(config, self.engine.clone())));
         let stopping = self.engine.clone();
         let listener = WriteDeadline::new(listener, self.config.write_timeout);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                stopping.shutdown();
-            })
-            .await?;
+        accept::serve(listener, app, self.config.connections.clone(), async move {
+            shutdown.await;
+            stopping.shutdown();
+        })
+        .await;
         if let Some(capture) = capture {
             capture.abort();
         }

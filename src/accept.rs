@@ -1,0 +1,238 @@
+//! Accepting HTTP connections: what axum's `serve` does, plus the limits a
+//! public server needs before any request is read.
+//!
+//! - A cap on connections in total and per client IP address. A connection
+//!   over a cap gets one plain HTTP answer (503 for the total, 429 per
+//!   address) with a JSON error, and is closed.
+//! - A deadline for a request's header (HTTP/1.1): a client that opens a
+//!   connection and never finishes its header is disconnected.
+//!
+//! Shutdown stops accepting, asks every connection to finish its requests
+//! (HTTP/2 `GOAWAY`, HTTP/1.1 close after the response) and waits for them.
+
+use axum::body::Body;
+use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// Connection limits, checked when a connection is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections in total.
+    pub total: usize,
+    /// Open connections from one IP address.
+    pub per_ip: usize,
+    /// The longest a client may take to send a request's header.
+    pub header_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            total: 15_000,
+            per_ip: 1_000,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Open connections, in total and by address.
+struct Census {
+    limits: ConnectionLimits,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted connection; counted until dropped.
+struct Admitted {
+    census: Arc<Census>,
+    ip: IpAddr,
+}
+
+/// A connection's socket with its admission, so that it is counted for as
+/// long as the socket lives, through a WebSocket upgrade too.
+struct Counted<T> {
+    io: T,
+    _admitted: Admitted,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, bytes)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.census.open.lock().expect("census lock");
+        open.0 -= 1;
+        if let Some(count) = open.1.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Census {
+    /// Counts a connection from `ip` in, or says why it is refused: the
+    /// HTTP status and message.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, (u16, String)> {
+        let mut open = self.open.lock().expect("census lock");
+        if open.0 >= self.limits.total {
+            let total = self.limits.total;
+            return Err((
+                503,
+                format!("the server is at its limit of {total} connections; retry later"),
+            ));
+        }
+        let from_ip = open.1.entry(ip).or_default();
+        if *from_ip >= self.limits.per_ip {
+            let per_ip = self.limits.per_ip;
+            return Err((
+                429,
+                format!("too many connections from {ip} (at most {per_ip}); close some first"),
+            ));
+        }
+        *from_ip += 1;
+        open.0 += 1;
+        Ok(Admitted {
+            census: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then waits for
+/// open connections to finish.
+pub async fn serve<L>(
+    mut listener: L,
+    app: axum::Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: Listener<Addr = SocketAddr>,
+    L::Io: Unpin,
+{
+    let census = Arc::new(Census {
+        limits,
+        open: Mutex::new((0, HashMap::new())),
+    });
+    let (stop, stopping) = watch::channel(());
+    let connections = TaskTracker::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let admitted = match census.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err((status, message)) => {
+                connections.spawn(refuse(io, status, message));
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(
+            app.clone()
+                .map_request(|request: axum::extract::Request<Incoming>| request.map(Body::new)),
+        );
+        let header_timeout = census.limits.header_timeout;
+        let mut stopping = stopping.clone();
+        let io = Counted {
+            io,
+            _admitted: admitted,
+        };
+        connections.spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            // The CONNECT protocol carries WebSockets over HTTP/2.
+            builder.http2().enable_connect_protocol();
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = stopping.changed() => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        });
+    }
+    drop(stop);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Answers a refused connection once, plainly, and closes it (reading what
+/// the client sent meanwhile, briefly, so the answer is not lost to a reset).
+async fn refuse(mut io: impl AsyncRead + AsyncWrite + Unpin, status: u16, message: String) {
+    let code = if status == 429 {
+        "resource_exhausted"
+    } else {
+        "unavailable"
+    };
+    let reason = if status == 429 {
+        "Too Many Requests"
+    } else {
+        "Service Unavailable"
+    };
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = io.write_all(response.as_bytes()).await;
+    let _ = io.shutdown().await;
+    let mut sink = [0; 4096];
+    let drain = async { while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
