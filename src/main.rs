@@ -106,6 +106,9 @@ struct ServeArgs {
     /// of JSON of `data` and `old_data`).
     #[arg(long, env = "STROM_MAX_EVENT_BYTES", default_value_t = EngineConfig::default().max_event_bytes)]
     max_event_bytes: usize,
+    /// Filter conditions one connection's subscriptions may hold together.
+    #[arg(long, env = "STROM_MAX_FILTER_CONDITIONS", default_value_t = EngineConfig::default().max_filter_conditions)]
+    max_filter_conditions: usize,
     /// Events per second one user may publish over all its connections
     /// (anonymous publishers share one budget when auth is enforced; API
     /// keys are not limited).
@@ -369,6 +372,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             client_publish_rate: args.client_publish_rate,
             client_message_bytes: args.client_message_bytes,
             max_event_bytes: args.max_event_bytes,
+            max_filter_conditions: args.max_filter_conditions,
             user_publish_rate: args.user_publish_rate,
             dispatch_window: args.dispatch_window.0,
             ..EngineConfig::default()

@@ -146,3 +146,33 @@ async fn a_user_publish_budget_spans_transports_and_api_keys_have_none() {
     let (status, body) = publish(&server, &format!("X-Api-Key: {API_KEY}\r\n"), &events(20)).await;
     assert_eq!(status, 200, "API keys are not limited: {body}");
 }
+
+#[tokio::test]
+async fn a_connections_filters_share_one_budget_of_conditions() {
+    let server = TestServer::start(ServerConfig {
+        engine: EngineConfig {
+            max_filter_conditions: 10,
+            ..EngineConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let six = (0..6)
+        .map(|i| format!("f{i} = {i}"))
+        .collect::<Vec<_>>()
+        .join(" && ");
+    let mut ws = WsClient::connect(server.addr, "").await.unwrap();
+    ws.subscribe_with(json!({"action": "subscribe", "collection": "posts", "filter": six}))
+        .await;
+    ws.send(json!({"action": "subscribe", "collection": "news", "filter": six}))
+        .await;
+    let refused = ws.expect_error("more than its budget of 10").await;
+    assert_eq!(refused["data"]["code"], "resource_exhausted", "{refused}");
+    // Giving some back makes room.
+    let reply = ws
+        .request(json!({"action": "unsubscribe", "collection": "posts"}))
+        .await;
+    assert_eq!(reply["type"], "unsubscribed", "{reply}");
+    ws.subscribe_with(json!({"action": "subscribe", "collection": "news", "filter": six}))
+        .await;
+}

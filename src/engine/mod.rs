@@ -31,6 +31,9 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
+    /// Filter conditions one connection's subscriptions may hold together:
+    /// a budget for the memory a client's filters take on the server.
+    pub max_filter_conditions: usize,
     /// Messages per second a client connection may publish (burst: as
     /// many at once).
     pub client_publish_rate: u32,
@@ -57,6 +60,7 @@ impl Default for EngineConfig {
         EngineConfig {
             queue_capacity: 4096,
             max_subscriptions: 256,
+            max_filter_conditions: 4096,
             client_publish_rate: 20,
             client_message_bytes: 16 * 1024,
             max_event_bytes: 64 * 1024,
@@ -104,6 +108,10 @@ pub enum EngineError {
     NoEvents,
     #[error("too many subscriptions on this connection (at most {0})")]
     TooManySubscriptions(usize),
+    #[error(
+        "this connection's filters would hold {0} conditions, more than its budget of {1}; unsubscribe or simplify filters first"
+    )]
+    FilterBudget(usize, usize),
     #[error("no subscription {0} on this connection")]
     UnknownSubscription(u64),
     #[error("rate limit: at most {0} messages per second from one connection")]
@@ -562,6 +570,18 @@ impl Connection {
             return Err(EngineError::TooManySubscriptions(
                 self.engine.config.max_subscriptions,
             ));
+        }
+        let conditions =
+            |spec: &SubscriptionSpec| spec.filter.as_ref().map_or(0, Filter::condition_count);
+        let held: usize = self
+            .subscriptions
+            .iter()
+            .filter(|(id, _)| !old.contains(id))
+            .map(|(_, open)| conditions(&open.spec))
+            .sum();
+        let budget = self.engine.config.max_filter_conditions;
+        if held + conditions(&spec) > budget {
+            return Err(EngineError::FilterBudget(held + conditions(&spec), budget));
         }
         let auth = &self.engine.auth;
         let gated = spec.collection == WILDCARD || spec.collection == PRESENCE_COLLECTION;

@@ -366,6 +366,17 @@ impl Filter {
         })
     }
 
+    /// How many conditions the tree holds: what its memory grows with.
+    pub fn condition_count(&self) -> usize {
+        match self {
+            Filter::All(children) | Filter::Any(children) => {
+                children.iter().map(Filter::condition_count).sum()
+            }
+            Filter::Not(child) => child.condition_count(),
+            Filter::Condition(_) => 1,
+        }
+    }
+
     /// Refuses trees deeper than [`MAX_DEPTH`] or with more than
     /// [`MAX_CONDITIONS`] conditions.
     pub fn check_limits(&self) -> Result<(), FilterError> {
