@@ -202,7 +202,7 @@ fn app(
         .iter()
         .map(|o| o.parse().map_err(|_| ServerError::Cors(o.clone())))
         .collect::<Result<_, _>>()?;
-    let cors = cors(&origins);
+    let cors = cors(&origins, engine.auth().is_open());
     let state = AppState {
         engine,
         ws: config.ws.clone(),
@@ -214,15 +214,16 @@ fn app(
     Ok(http_routes(state).fallback(fallback).layer(cors))
 }
 
-/// CORS for browsers: the allowed origins (any when none are configured),
-/// and the methods and headers strom uses listed by name, because a `*`
-/// does not cover `Authorization` (Fetch standard).
-fn cors(origins: &[HeaderValue]) -> CorsLayer {
+/// CORS for browsers: the configured origins; with none configured, any
+/// origin in open mode (development) and none once authentication is
+/// enforced. The methods and headers strom uses are listed by name, because
+/// a `*` does not cover `Authorization` (Fetch standard).
+fn cors(origins: &[HeaderValue], open: bool) -> CorsLayer {
     use http::header::{AUTHORIZATION, CONTENT_TYPE};
-    let allow = if origins.is_empty() {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins.iter().cloned())
+    let allow = match (origins.is_empty(), open) {
+        (false, _) => AllowOrigin::list(origins.iter().cloned()),
+        (true, true) => AllowOrigin::any(),
+        (true, false) => AllowOrigin::list([]),
     };
     let name = http::HeaderName::from_static;
     CorsLayer::new()

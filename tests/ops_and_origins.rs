@@ -106,6 +106,52 @@ async fn cors_names_the_headers_a_bearer_request_needs() {
     );
 }
 
+#[tokio::test]
+async fn cross_origin_requests_are_open_only_in_open_mode_until_origins_are_listed() {
+    let preflight = "Origin: http://app.test\r\nAccess-Control-Request-Method: POST\r\n";
+    let allowed_origin = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("access-control-allow-origin: "))
+            .map(str::to_owned)
+    };
+    let open = TestServer::memory().await;
+    let (_, head, _) = http_with(open.addr, "OPTIONS", "/api/v1/publish", preflight, "")
+        .await
+        .unwrap();
+    assert_eq!(allowed_origin(&head).as_deref(), Some("*"), "{head}");
+
+    let enforced = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            jwt_secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let (_, head, _) = http_with(enforced.addr, "OPTIONS", "/api/v1/publish", preflight, "")
+        .await
+        .unwrap();
+    assert_eq!(allowed_origin(&head), None, "{head}");
+
+    let listed = TestServer::start(ServerConfig {
+        auth: AuthSettings {
+            jwt_secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        cors_origins: vec!["http://app.test".into()],
+        ..ServerConfig::default()
+    })
+    .await;
+    let (_, head, _) = http_with(listed.addr, "OPTIONS", "/api/v1/publish", preflight, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        allowed_origin(&head).as_deref(),
+        Some("http://app.test"),
+        "{head}"
+    );
+}
+
 async fn handshake(server: &TestServer, origin: Option<&str>) -> Result<(), u16> {
     let url = format!("ws://{}/api/v1/ws/realtime", server.addr);
     let mut request = url.into_client_request().unwrap();
