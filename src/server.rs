@@ -83,8 +83,6 @@ pub enum ServerError {
     Capture(#[from] CaptureError),
     #[error("invalid CORS origin {0:?}")]
     Cors(String),
-    #[error("server failed: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// A server whose bus is connected, ready to serve.
