@@ -14,7 +14,6 @@ use strom::proto;
 use strom::server::ServerConfig;
 use tonic::Code;
 
-const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
 const API_KEY: &str = "backend-key-0123456789";
 
 const POLICY: &str = r#"
@@ -40,28 +39,8 @@ match = "admin.*"
 subscribe = "claim:role=admin"
 "#;
 
-struct Secured {
-    server: TestServer,
-    _policy: TempDir,
-}
-
 async fn secured() -> Secured {
-    let dir = TempDir::new("policy");
-    let path = dir.0.join("strom.toml");
-    std::fs::write(&path, POLICY).unwrap();
-    let server = TestServer::start(ServerConfig {
-        auth: AuthSettings {
-            config_file: Some(path),
-            jwt_secret: Some(SECRET.into()),
-            ..AuthSettings::default()
-        },
-        ..ServerConfig::default()
-    })
-    .await;
-    Secured {
-        server,
-        _policy: dir,
-    }
+    Secured::start(POLICY, ServerConfig::default()).await
 }
 
 fn now() -> u64 {
@@ -74,10 +53,6 @@ fn now() -> u64 {
 fn token_with(sub: &str, claims: Value, ttl: Duration) -> String {
     let claims: Map<String, Value> = claims.as_object().unwrap().clone();
     mint(Algorithm::HS256, SECRET.as_bytes(), sub, claims, ttl).unwrap()
-}
-
-fn token(sub: &str, claims: Value) -> String {
-    token_with(sub, claims, Duration::from_secs(3600))
 }
 
 /// Every kind of bad token, with the reason the server must give.
@@ -889,22 +864,7 @@ async fn row_images_never_cross_the_row_boundary() {
 
 /// A server with the test policy plus `extra` at the top of the file.
 async fn secured_with(extra: &str) -> Secured {
-    let dir = TempDir::new("policy");
-    let path = dir.0.join("strom.toml");
-    std::fs::write(&path, format!("{extra}\n{POLICY}")).unwrap();
-    let server = TestServer::start(ServerConfig {
-        auth: AuthSettings {
-            config_file: Some(path),
-            jwt_secret: Some(SECRET.into()),
-            ..AuthSettings::default()
-        },
-        ..ServerConfig::default()
-    })
-    .await;
-    Secured {
-        server,
-        _policy: dir,
-    }
+    Secured::start(&format!("{extra}\n{POLICY}"), ServerConfig::default()).await
 }
 
 /// (type, user, channel) of a presence event's JSON (`data` of a
@@ -1335,19 +1295,9 @@ async fn websocket_auth_cannot_switch_to_another_user() {
 /// someone else cannot take it over either.
 #[tokio::test]
 async fn websocket_auth_cannot_switch_away_from_a_claimed_user_in_open_mode() {
-    let dir = TempDir::new("policy");
-    let path = dir.0.join("strom.toml");
-    std::fs::write(&path, "open = true\n").unwrap();
-    let server = TestServer::start(ServerConfig {
-        auth: AuthSettings {
-            config_file: Some(path),
-            jwt_secret: Some(SECRET.into()),
-            ..AuthSettings::default()
-        },
-        ..ServerConfig::default()
-    })
-    .await;
-    let mut ws = ws_connect(&server, "?user_id=alice").await.unwrap();
+    let s = Secured::start("open = true\n", ServerConfig::default()).await;
+    let server = &s.server;
+    let mut ws = ws_connect(server, "?user_id=alice").await.unwrap();
     let reply = ws
         .request(json!({"action": "auth", "token": token("bob", json!({}))}))
         .await;
@@ -1356,7 +1306,7 @@ async fn websocket_auth_cannot_switch_away_from_a_claimed_user_in_open_mode() {
         .request(json!({"action": "auth", "token": token("alice", json!({}))}))
         .await;
     assert_eq!(reply["type"], "authenticated", "{reply}");
-    let mut anonymous = ws_connect(&server, "").await.unwrap();
+    let mut anonymous = ws_connect(server, "").await.unwrap();
     let reply = anonymous
         .request(json!({"action": "auth", "token": token("bob", json!({}))}))
         .await;

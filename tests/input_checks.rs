@@ -5,17 +5,13 @@
 mod common;
 
 use common::*;
-use jsonwebtoken::Algorithm;
 use serde_json::json;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use strom::auth::AuthSettings;
-use strom::auth::token::mint;
 use strom::bus::nats::NatsConfig;
 use strom::proto;
 use strom::server::ServerConfig;
 use tonic::Code;
-
-const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
 
 async fn with_tokens() -> TestServer {
     TestServer::start(ServerConfig {
@@ -37,16 +33,7 @@ fn fractional_token() -> (String, u64) {
         .as_secs()
         + 3600;
     let claims = json!({"exp": exp as f64 + 0.5, "strom": {"publish": ["posts"]}});
-    let claims = claims.as_object().unwrap().clone();
-    let token = mint(
-        Algorithm::HS256,
-        SECRET.as_bytes(),
-        "alice",
-        claims,
-        Duration::ZERO,
-    )
-    .unwrap();
-    (token, exp)
+    (token("alice", claims), exp)
 }
 
 #[tokio::test]

@@ -4,17 +4,12 @@
 mod common;
 
 use common::*;
-use jsonwebtoken::Algorithm;
-use serde_json::{Map, json};
-use std::time::Duration;
-use strom::auth::AuthSettings;
-use strom::auth::token::mint;
+use serde_json::json;
 use strom::engine::EngineConfig;
 use strom::proto;
 use strom::server::ServerConfig;
 use tonic::Code;
 
-const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
 const API_KEY: &str = "backend-key-0123456789";
 const POLICY: &str = r#"
 [[api_keys]]
@@ -101,35 +96,21 @@ async fn an_event_larger_than_the_cap_is_refused_on_every_path() {
 
 #[tokio::test]
 async fn a_user_publish_budget_spans_transports_and_api_keys_have_none() {
-    let dir = TempDir::new("policy");
-    let path = dir.0.join("strom.toml");
-    std::fs::write(&path, POLICY).unwrap();
-    let server = TestServer::start(ServerConfig {
-        auth: AuthSettings {
-            config_file: Some(path),
-            jwt_secret: Some(SECRET.into()),
-            ..AuthSettings::default()
-        },
+    let config = ServerConfig {
         engine: EngineConfig {
             user_publish_rate: 1,
             ..EngineConfig::default()
         },
         ..ServerConfig::default()
-    })
-    .await;
-    let alice = mint(
-        Algorithm::HS256,
-        SECRET.as_bytes(),
-        "alice",
-        Map::new(),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
+    };
+    let s = Secured::start(POLICY, config).await;
+    let server = &s.server;
+    let alice = token("alice", json!({}));
     let as_alice = format!("Authorization: Bearer {alice}\r\n");
-    let (status, body) = publish(&server, &as_alice, &events(2)).await;
+    let (status, body) = publish(server, &as_alice, &events(2)).await;
     assert_eq!(status, 429, "more at once than a second's budget: {body}");
     assert!(body.contains("publish rate limit"), "{body}");
-    let (status, body) = publish(&server, &as_alice, &events(1)).await;
+    let (status, body) = publish(server, &as_alice, &events(1)).await;
     assert_eq!(status, 200, "{body}");
     // The budget is spent; the same user over gRPC is refused too (it
     // refills one event a second).
@@ -143,7 +124,7 @@ async fn a_user_publish_budget_spans_transports_and_api_keys_have_none() {
     let refused = client.publish(request).await.expect_err("refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
 
-    let (status, body) = publish(&server, &format!("X-Api-Key: {API_KEY}\r\n"), &events(20)).await;
+    let (status, body) = publish(server, &format!("X-Api-Key: {API_KEY}\r\n"), &events(20)).await;
     assert_eq!(status, 200, "API keys are not limited: {body}");
 }
 

@@ -222,10 +222,7 @@ async fn subscribed_reports_the_cluster_head_so_resuming_from_it_misses_nothing(
 /// duplicate is reported as one, with the original's seq.
 #[tokio::test]
 async fn a_publishers_dedup_id_cannot_suppress_another_publishers_event() {
-    use jsonwebtoken::Algorithm;
     use strom::auth::AuthSettings;
-    use strom::auth::token::mint;
-    const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
     let nats = NatsServer::start();
     let server = TestServer::start(ServerConfig {
         nats: Some(NatsConfig::new(nats.url.clone())),
@@ -236,13 +233,8 @@ async fn a_publishers_dedup_id_cannot_suppress_another_publishers_event() {
         ..ServerConfig::default()
     })
     .await;
-    let token = |sub: &str| {
-        let claims = json!({"strom": {"publish": ["orders"]}});
-        let claims = claims.as_object().unwrap().clone();
-        let ttl = std::time::Duration::from_secs(3600);
-        mint(Algorithm::HS256, SECRET.as_bytes(), sub, claims, ttl).unwrap()
-    };
-    let (mallory, alice) = (token("mallory"), token("alice"));
+    let publisher = |sub: &str| token(sub, json!({"strom": {"publish": ["orders"]}}));
+    let (mallory, alice) = (publisher("mallory"), publisher("alice"));
     let mut client = server.grpc().await;
     let mut request = tonic::Request::new(text_subscription("orders", None));
     request

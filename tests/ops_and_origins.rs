@@ -5,15 +5,10 @@
 mod common;
 
 use common::*;
-use jsonwebtoken::Algorithm;
-use serde_json::Map;
-use std::time::Duration;
 use strom::auth::AuthSettings;
-use strom::auth::token::mint;
 use strom::server::ServerConfig;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
 const POLICY: &str = r#"
 [[api_keys]]
 name = "backend"
@@ -31,36 +26,19 @@ async fn get(server: &TestServer, path: &str, headers: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn stats_and_metrics_need_an_api_key_when_auth_is_enforced() {
-    let dir = TempDir::new("policy");
-    let path = dir.0.join("strom.toml");
-    std::fs::write(&path, POLICY).unwrap();
-    let server = TestServer::start(ServerConfig {
-        auth: AuthSettings {
-            config_file: Some(path),
-            jwt_secret: Some(SECRET.into()),
-            ..AuthSettings::default()
-        },
-        ..ServerConfig::default()
-    })
-    .await;
-    let user = mint(
-        Algorithm::HS256,
-        SECRET.as_bytes(),
-        "alice",
-        Map::new(),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
+    let s = Secured::start(POLICY, ServerConfig::default()).await;
+    let server = &s.server;
+    let user = token("alice", serde_json::json!({}));
     for path in ["/api/v1/stats", "/metrics"] {
-        let (status, body) = get(&server, path, "").await;
+        let (status, body) = get(server, path, "").await;
         assert_eq!(status, 401, "{path}: {body}");
         assert!(body.contains("API key"), "{body}");
-        let (status, _) = get(&server, path, &format!("Authorization: Bearer {user}\r\n")).await;
+        let (status, _) = get(server, path, &format!("Authorization: Bearer {user}\r\n")).await;
         assert_eq!(status, 403, "{path}: a user token is not enough");
-        let (status, body) = get(&server, path, "X-Api-Key: backend-key-0123456789\r\n").await;
+        let (status, body) = get(server, path, "X-Api-Key: backend-key-0123456789\r\n").await;
         assert_eq!(status, 200, "{path}: {body}");
     }
-    let (status, _) = get(&server, "/healthz", "").await;
+    let (status, _) = get(server, "/healthz", "").await;
     assert_eq!(status, 200, "health stays open");
 }
 

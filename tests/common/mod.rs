@@ -15,6 +15,51 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+/// The HS256 secret the secured test servers verify tokens with.
+pub const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
+
+/// A token for `sub`, signed with [`SECRET`], valid for an hour; `claims`
+/// (an object) adds claims or overrides `exp`.
+pub fn token(sub: &str, claims: serde_json::Value) -> String {
+    let claims = claims.as_object().expect("claims are an object").clone();
+    strom::auth::token::mint(
+        jsonwebtoken::Algorithm::HS256,
+        SECRET.as_bytes(),
+        sub,
+        claims,
+        Duration::from_secs(3600),
+    )
+    .unwrap()
+}
+
+/// A server verifying [`SECRET`] tokens under the policy file `policy`,
+/// with `config` for the rest; the file lives as long as the server.
+pub struct Secured {
+    pub server: TestServer,
+    _policy: TempDir,
+}
+
+impl Secured {
+    pub async fn start(policy: &str, config: ServerConfig) -> Secured {
+        let dir = TempDir::new("policy");
+        let path = dir.0.join("strom.toml");
+        std::fs::write(&path, policy).unwrap();
+        let server = TestServer::start(ServerConfig {
+            auth: strom::auth::AuthSettings {
+                config_file: Some(path),
+                jwt_secret: Some(SECRET.into()),
+                ..Default::default()
+            },
+            ..config
+        })
+        .await;
+        Secured {
+            server,
+            _policy: dir,
+        }
+    }
+}
+
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
