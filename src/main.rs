@@ -84,9 +84,10 @@ struct ServeArgs {
     /// Deliveries queued per connection before a slow reader is cut off.
     #[arg(long, env = "STROM_QUEUE_CAPACITY", default_value_t = EngineConfig::default().queue_capacity)]
     queue_capacity: usize,
-    /// Longest pause between fan-out rounds (about 1 µs per delivery of the
-    /// last round): under load, events arriving meanwhile share one write
-    /// per connection. Adds at most this much latency.
+    /// Longest a fan-out round waits for the connections it reached to take
+    /// their deliveries before the next round: under load, events arriving
+    /// meanwhile share one write per connection, and a stalled connection
+    /// holds the next round up this long at most.
     #[arg(long, env = "STROM_DISPATCH_WINDOW", default_value_t = Span(EngineConfig::default().dispatch_window))]
     dispatch_window: Span,
     /// A socket write blocked this long closes its connection (a client
@@ -336,8 +337,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     })
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -345,17 +345,26 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
+    let runtime = tokio::runtime::Runtime::new()?;
     match Cli::parse().command {
-        Command::Serve(args) => serve(*args).await,
-        Command::Publish(args) => publish(args).await,
-        Command::Subscribe(args) => subscribe(args).await,
-        Command::Bench(bench) => bench::run(bench).await,
+        Command::Serve(args) => {
+            // Fan-out and WebSocket sessions get threads of their own (see
+            // `EngineConfig::delivery`); requests are served on `runtime`.
+            let delivery = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("strom-delivery")
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(*args, delivery.handle().clone()))
+        }
+        Command::Publish(args) => runtime.block_on(publish(args)),
+        Command::Subscribe(args) => runtime.block_on(subscribe(args)),
+        Command::Bench(bench) => runtime.block_on(bench::run(bench)),
         Command::Token(args) => token(args),
-        Command::Postgres(command) => postgres(command).await,
+        Command::Postgres(command) => runtime.block_on(postgres(command)),
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+async fn serve(args: ServeArgs, delivery: tokio::runtime::Handle) -> Result<()> {
     let nats = args.nats_url.map(|url| NatsConfig {
         stream: args.nats_stream,
         subject_prefix: args.nats_subject_prefix,
@@ -375,6 +384,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_filter_conditions: args.max_filter_conditions,
             user_publish_rate: args.user_publish_rate,
             dispatch_window: args.dispatch_window.0,
+            delivery: Some(delivery),
             ..EngineConfig::default()
         },
         nats,

@@ -99,7 +99,10 @@ pub async fn upgrade(
         .on_upgrade(move |socket| {
             let tracker = app.tasks.clone();
             let presence = params.user_id.map(|id| (id, params.user_name));
-            tracker.track_future(Session::run(app, socket, principal, presence))
+            let delivery = app.engine.delivery().clone();
+            // A session mostly writes deliveries: it runs beside the fan-out.
+            delivery.spawn(tracker.track_future(Session::run(app, socket, principal, presence)));
+            std::future::ready(())
         }))
 }
 

@@ -10,15 +10,74 @@
 //! connection pays one lock per batch, not per delivery.
 //!
 //! An empty mailbox holds no allocation, which keeps idle connections small.
+//!
+//! All mailboxes of a node share a [`Backlog`]: how many of them hold
+//! deliveries their takers have not taken yet. The dispatchers pace their
+//! rounds by it (see the router's `Shard`).
 
 use super::Delivery;
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use tokio::sync::Notify;
 
 pub(crate) struct Mailbox {
     capacity: usize,
     inner: Mutex<Inner>,
+    backlog: Arc<Backlog>,
+}
+
+/// How many mailboxes hold untaken deliveries. A mailbox counts from the
+/// push that makes it non-empty to the take that empties it (or its drop),
+/// so the count costs one atomic operation per mailbox and round, not one
+/// per delivery.
+#[derive(Default)]
+pub(crate) struct Backlog {
+    filled: AtomicUsize,
+    /// The count at which to notify `drained` (`usize::MAX`: nobody waits).
+    wake_at: AtomicUsize,
+    drained: Notify,
+}
+
+impl Backlog {
+    pub fn new() -> Self {
+        Backlog {
+            wake_at: AtomicUsize::new(usize::MAX),
+            ..Backlog::default()
+        }
+    }
+
+    /// Mailboxes holding untaken deliveries.
+    pub fn filled(&self) -> usize {
+        self.filled.load(Ordering::SeqCst)
+    }
+
+    fn fill(&self) {
+        self.filled.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn empty(&self) {
+        let left = self.filled.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == self.wake_at.load(Ordering::SeqCst) {
+            self.drained.notify_one();
+        }
+    }
+
+    /// Waits until at most `target` mailboxes hold untaken deliveries. One
+    /// waiter at a time (the dispatcher of a node with one shard); with
+    /// several, a waiter may miss its wake-up and needs a timeout.
+    pub async fn drained_to(&self, target: usize) {
+        loop {
+            let drained = self.drained.notified();
+            self.wake_at.store(target, Ordering::SeqCst);
+            if self.filled() <= target {
+                break;
+            }
+            drained.await;
+        }
+        self.wake_at.store(usize::MAX, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -33,10 +92,11 @@ struct Inner {
 pub(crate) struct Full;
 
 impl Mailbox {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, backlog: Arc<Backlog>) -> Self {
         Mailbox {
             capacity: capacity.max(1),
             inner: Mutex::default(),
+            backlog,
         }
     }
 
@@ -51,6 +111,9 @@ impl Mailbox {
             if inner.queued.len() >= self.capacity {
                 return Err(Full);
             }
+            if inner.queued.is_empty() {
+                self.backlog.fill();
+            }
             inner.queued.push_back(delivery);
             inner.waiting.take()
         };
@@ -64,14 +127,22 @@ impl Mailbox {
     /// when `out` is empty); `false` if nothing was queued.
     pub fn take_all(&self, out: &mut VecDeque<Delivery>) -> bool {
         let mut inner = self.inner.lock().expect("mailbox lock");
-        inner.move_into(out)
+        self.moved(inner.move_into(out))
+    }
+
+    /// Counts a take that emptied the mailbox out of the backlog.
+    fn moved(&self, moved: bool) -> bool {
+        if moved {
+            self.backlog.empty();
+        }
+        moved
     }
 
     /// Like [`Mailbox::take_all`], or, when nothing is queued, wakes the
     /// task of `cx` at the next push.
     pub fn poll_take_all(&self, cx: &mut Context<'_>, out: &mut VecDeque<Delivery>) -> Poll<()> {
         let mut inner = self.inner.lock().expect("mailbox lock");
-        if inner.move_into(out) {
+        if self.moved(inner.move_into(out)) {
             return Poll::Ready(());
         }
         match &mut inner.waiting {
@@ -79,6 +150,15 @@ impl Mailbox {
             none => *none = Some(cx.waker().clone()),
         }
         Poll::Pending
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !inner.queued.is_empty() {
+            self.backlog.empty();
+        }
     }
 }
 
@@ -101,7 +181,6 @@ impl Inner {
 mod tests {
     use super::*;
     use crate::event::{Event, EventType, SharedEvent, View};
-    use std::sync::Arc;
 
     fn delivery(subscription: u64) -> Delivery {
         let event = Event::new(EventType::RecordCreated, "c", "r", serde_json::json!({}));
@@ -118,7 +197,7 @@ mod tests {
 
     #[test]
     fn takes_everything_in_order_and_refuses_past_capacity() {
-        let mailbox = Mailbox::new(3);
+        let mailbox = Mailbox::new(3, Arc::new(Backlog::new()));
         for id in 1..=3 {
             mailbox.push(delivery(id)).unwrap();
         }
@@ -132,9 +211,42 @@ mod tests {
         assert_eq!(ids(&out), [1, 2, 3, 5], "appended after what `out` held");
     }
 
+    #[test]
+    fn the_backlog_counts_mailboxes_holding_deliveries_not_deliveries() {
+        let backlog = Arc::new(Backlog::new());
+        let busy = Mailbox::new(8, Arc::clone(&backlog));
+        let other = Mailbox::new(8, Arc::clone(&backlog));
+        for id in 1..=3 {
+            busy.push(delivery(id)).unwrap();
+        }
+        other.push(delivery(4)).unwrap();
+        assert_eq!(backlog.filled(), 2);
+        let mut out = VecDeque::new();
+        assert!(busy.take_all(&mut out));
+        assert_eq!(backlog.filled(), 1);
+        assert!(!busy.take_all(&mut out), "an empty take changes nothing");
+        assert_eq!(backlog.filled(), 1);
+        drop(other);
+        assert_eq!(backlog.filled(), 0, "a dropped mailbox leaves the backlog");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_backlog_ends_when_takers_have_taken() {
+        let backlog = Arc::new(Backlog::new());
+        let mailbox = Mailbox::new(8, Arc::clone(&backlog));
+        mailbox.push(delivery(1)).unwrap();
+        let waiter = Arc::clone(&backlog);
+        let drained = tokio::spawn(async move { waiter.drained_to(0).await });
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished(), "one mailbox still holds a delivery");
+        assert!(mailbox.take_all(&mut VecDeque::new()));
+        drained.await.unwrap();
+        assert_eq!(backlog.filled(), 0);
+    }
+
     #[tokio::test]
     async fn a_waiting_taker_wakes_on_a_push_from_another_task() {
-        let mailbox = Arc::new(Mailbox::new(8));
+        let mailbox = Arc::new(Mailbox::new(8, Arc::new(Backlog::new())));
         let pusher = Arc::clone(&mailbox);
         let mut out = VecDeque::new();
         let taken = tokio::spawn(async move {

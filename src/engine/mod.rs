@@ -49,10 +49,15 @@ pub struct EngineConfig {
     pub user_publish_rate: u32,
     /// Dispatcher tasks fanning out collections' events (one per core).
     pub dispatch_shards: usize,
-    /// The longest a dispatcher waits after a round, letting edges write it
-    /// out, before the next round takes all that arrived meanwhile: under
+    /// The longest a dispatcher waits after a round for the edges to take
+    /// it, before the next round takes all that arrived meanwhile: under
     /// load, several events share one write per connection.
     pub dispatch_window: std::time::Duration,
+    /// The runtime that fans events out and runs WebSocket sessions (`None`:
+    /// the one the engine starts on). `strom serve` gives it threads of its
+    /// own, so requests (a publish above all) never queue behind the
+    /// writes of the fan-out they cause.
+    pub delivery: Option<tokio::runtime::Handle>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +72,7 @@ impl Default for EngineConfig {
             user_publish_rate: 50,
             dispatch_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             dispatch_window: std::time::Duration::from_millis(3),
+            delivery: None,
         }
     }
 }
@@ -229,6 +235,8 @@ pub struct Engine {
     budgets: Arc<Mutex<HashMap<String, RateLimiter>>>,
     /// Connections evicted by the dispatcher, for the reaper to retire.
     evictions: mpsc::UnboundedSender<u64>,
+    /// See [`EngineConfig::delivery`].
+    delivery: tokio::runtime::Handle,
 }
 
 /// Counts for `/api/v1/stats`.
@@ -255,7 +263,15 @@ impl Engine {
         F: FnOnce(Arc<dyn Inbox>, Arc<dyn PresenceState>) -> Fut,
         Fut: Future<Output = Result<Bus, BusError>>,
     {
-        let router = Arc::new(Router::new(config.dispatch_shards, config.dispatch_window));
+        let delivery = config
+            .delivery
+            .clone()
+            .unwrap_or_else(tokio::runtime::Handle::current);
+        let router = {
+            // The dispatchers are spawned on the delivery runtime.
+            let _delivery = delivery.enter();
+            Arc::new(Router::new(config.dispatch_shards, config.dispatch_window))
+        };
         let presence = Arc::new(Presence::new(router.node().to_owned(), Arc::clone(&router)));
         let bus = Arc::new(open_bus(router.clone(), presence.clone()).await?);
         let evictions = spawn_reaper(Arc::downgrade(&router), Arc::downgrade(&presence));
@@ -268,7 +284,14 @@ impl Engine {
             published: Arc::default(),
             budgets: Arc::default(),
             evictions,
+            delivery,
         })
+    }
+
+    /// The runtime of fan-out and WebSocket sessions (see
+    /// [`EngineConfig::delivery`]).
+    pub fn delivery(&self) -> &tokio::runtime::Handle {
+        &self.delivery
     }
 
     pub fn backend(&self) -> &'static str {
@@ -342,6 +365,7 @@ impl Engine {
             event.origin = origin.clone();
         }
         self.spend_budget(principal, events.len())?;
+        self.router.admit().await;
         let receipt = self.bus.publish(events).await?;
         let fresh = receipt.seqs.len() - receipt.duplicates.len();
         self.published.fetch_add(fresh as u64, Ordering::Relaxed);
@@ -386,6 +410,7 @@ impl Engine {
             name,
             transport,
             self.config.queue_capacity,
+            self.router.backlog(),
             self.evictions.clone(),
         ));
         *shared.user_id.lock().expect("user lock") = principal.user_id();

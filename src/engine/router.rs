@@ -9,7 +9,7 @@
 //! connection's bounded queue. A full queue evicts that connection with
 //! [`EndReason::Overflow`]; the dispatcher never waits for a subscriber.
 
-use super::mailbox::Mailbox;
+use super::mailbox::{Backlog, Mailbox};
 use super::presence::PRESENCE_COLLECTION;
 use super::{Delivery, EndReason, Transport};
 use crate::auth::{Auth, Principal};
@@ -59,6 +59,7 @@ impl ConnShared {
         name: String,
         transport: Transport,
         queue_capacity: usize,
+        backlog: Arc<Backlog>,
         evictions: mpsc::UnboundedSender<u64>,
     ) -> Self {
         ConnShared {
@@ -66,7 +67,7 @@ impl ConnShared {
             name: name.into(),
             transport,
             user_id: Mutex::new(None),
-            mailbox: Mailbox::new(queue_capacity),
+            mailbox: Mailbox::new(queue_capacity, backlog),
             ended: OnceLock::new(),
             end_signal: Notify::new(),
             membership: Mutex::default(),
@@ -409,26 +410,33 @@ impl Scopes {
     }
 }
 
-/// About what an edge spends writing one delivery out (measured: about
-/// 0.5 µs on the 2-core development machine, see docs/performance.md).
-const EDGE_COST: Duration = Duration::from_micros(1);
-
 /// Events a dispatcher fans out under one lock acquisition before it lets
 /// subscribe and unsubscribe in.
 const DISPATCH_BATCH: usize = 1024;
+
+/// Events the node's dispatchers may have queued before a publisher waits
+/// (see [`Router::admit`]).
+const MAX_QUEUED_EVENTS: usize = 256;
+
+/// Events queued on the dispatchers and not yet fanned out, node-wide.
+#[derive(Default)]
+struct Admission {
+    queued: AtomicUsize,
+    room: Notify,
+}
 
 /// A part of the router with its own lock and its own dispatcher task,
 /// which fans out the events of its collections in the order it gets them.
 /// Publishers only push onto its queue, so they never wait on fan-out.
 ///
-/// The dispatcher paces itself: after a round that handed out `n`
-/// deliveries it lets the edges write them (about [`EDGE_COST`] each, at
-/// most `window`) before the next round, which takes everything that
-/// arrived meanwhile at once. An event after a quiet spell goes out at
-/// once, and a round reaching one subscriber barely waits; under load each
-/// connection gets several events per wake-up and writes them with one
-/// system call, which is what a delivery costs most. Latency grows by at
-/// most `window`.
+/// The dispatcher paces itself by the edges: after a round it waits until
+/// the connections it handed deliveries to have taken nearly all of them
+/// (the node's [`Backlog`]), at most `window`, and the next round takes
+/// everything that arrived meanwhile at once. An event after a quiet spell
+/// goes out at once; under load each connection gets several events per
+/// wake-up and writes them with one system call, which is what a delivery
+/// costs most. A few slow connections do not hold it up: it waits for
+/// fifteen sixteenths of the round, and for `window` at most.
 struct Shard {
     scopes: Arc<RwLock<Scopes>>,
     queue: mpsc::UnboundedSender<Arc<SharedEvent>>,
@@ -438,32 +446,40 @@ impl Shard {
     /// Starts the shard's dispatcher; it ends when the shard is dropped.
     /// `fixed_key` is the scope every event goes to (`*` for the wildcard
     /// shard); otherwise an event goes to its collection's scope.
-    fn start(fixed_key: Option<&'static str>, window: Duration) -> Shard {
+    fn start(
+        fixed_key: Option<&'static str>,
+        window: Duration,
+        backlog: Arc<Backlog>,
+        admission: Arc<Admission>,
+    ) -> Shard {
         let scopes: Arc<RwLock<Scopes>> = Arc::default();
         let (queue, mut events) = mpsc::unbounded_channel::<Arc<SharedEvent>>();
         let dispatching = Arc::clone(&scopes);
         tokio::spawn(async move {
-            let mut next_round = tokio::time::Instant::now();
             while let Some(first) = events.recv().await {
-                if tokio::time::Instant::now() < next_round {
-                    tokio::time::sleep_until(next_round).await;
-                }
-                let mut delivered = 0;
-                let scopes = dispatching.read().expect("shard lock");
-                let mut next = Some(first);
+                let before = backlog.filled();
                 let mut dispatched = 0;
-                while let Some(event) = next {
-                    let key = fixed_key.unwrap_or(&event.event.collection);
-                    if let Some(scope) = scopes.0.get(key) {
-                        delivered += scope.dispatch(&event);
+                {
+                    let scopes = dispatching.read().expect("shard lock");
+                    let mut next = Some(first);
+                    while let Some(event) = next {
+                        let key = fixed_key.unwrap_or(&event.event.collection);
+                        if let Some(scope) = scopes.0.get(key) {
+                            scope.dispatch(&event);
+                        }
+                        dispatched += 1;
+                        next = (dispatched < DISPATCH_BATCH)
+                            .then(|| events.try_recv().ok())
+                            .flatten();
                     }
-                    dispatched += 1;
-                    next = (dispatched < DISPATCH_BATCH)
-                        .then(|| events.try_recv().ok())
-                        .flatten();
                 }
-                let pause = EDGE_COST.saturating_mul(delivered as u32).min(window);
-                next_round = tokio::time::Instant::now() + pause;
+                admission.queued.fetch_sub(dispatched, Ordering::AcqRel);
+                admission.room.notify_waiters();
+                let filled = backlog.filled().saturating_sub(before);
+                if filled > 0 && !window.is_zero() {
+                    let target = before + filled / 16;
+                    let _ = tokio::time::timeout(window, backlog.drained_to(target)).await;
+                }
             }
         });
         Shard { scopes, queue }
@@ -485,24 +501,49 @@ pub struct Router {
     pub(crate) connections: Mutex<HashMap<u64, Arc<ConnShared>>>,
     head_seq: AtomicU64,
     next_id: AtomicU64,
+    backlog: Arc<Backlog>,
+    admission: Arc<Admission>,
 }
 
 impl Router {
     /// A router with `shards` collection shards (at least one), each with
-    /// its dispatcher task on the current tokio runtime, fanning out at
-    /// most once per `window` (see [`Shard`]).
+    /// its dispatcher task on the current tokio runtime, waiting at most
+    /// `window` for the edges after a round (see [`Shard`]).
     pub fn new(shards: usize, window: Duration) -> Router {
         use std::hash::{BuildHasher, RandomState};
         let random = RandomState::new().hash_one(std::process::id());
+        let backlog = Arc::new(Backlog::new());
+        let admission = Arc::new(Admission::default());
+        let shard = |key| Shard::start(key, window, Arc::clone(&backlog), Arc::clone(&admission));
         Router {
             node: format!("{:08x}", random as u32),
-            shards: (0..shards.max(1))
-                .map(|_| Shard::start(None, window))
-                .collect(),
-            wildcard: Shard::start(Some(WILDCARD), window),
+            shards: (0..shards.max(1)).map(|_| shard(None)).collect(),
+            wildcard: shard(Some(WILDCARD)),
             connections: Mutex::default(),
             head_seq: AtomicU64::default(),
             next_id: AtomicU64::default(),
+            backlog,
+            admission,
+        }
+    }
+
+    /// The node's count of mailboxes holding untaken deliveries, which
+    /// every connection's mailbox shares.
+    pub(crate) fn backlog(&self) -> Arc<Backlog> {
+        Arc::clone(&self.backlog)
+    }
+
+    /// Waits while the dispatchers hold [`MAX_QUEUED_EVENTS`] events not
+    /// yet fanned out. Publishers call it before publishing: when the edges
+    /// cannot write as fast as events come in, publishing slows down,
+    /// instead of queues growing until subscribers are cut off.
+    pub async fn admit(&self) {
+        loop {
+            let room = self.admission.room.notified();
+            if self.admission.queued.load(Ordering::Acquire) < MAX_QUEUED_EVENTS {
+                return;
+            }
+            room.await;
         }
     }
 
@@ -600,11 +641,16 @@ impl Inbox for Router {
     /// on the wildcard shard; the dispatchers fan it out.
     fn deliver(&self, event: Arc<SharedEvent>, audience: Audience) {
         self.head_seq.fetch_max(event.event.seq, Ordering::AcqRel);
+        let queue = |shard: &Shard, event| {
+            if shard.queue.send(event).is_ok() {
+                self.admission.queued.fetch_add(1, Ordering::AcqRel);
+            }
+        };
         if audience != Audience::CollectionOnly {
-            let _ = self.wildcard.queue.send(Arc::clone(&event));
+            queue(&self.wildcard, Arc::clone(&event));
         }
         if audience != Audience::WildcardOnly {
-            let _ = self.shard(&event.event.collection).queue.send(event);
+            queue(self.shard(&event.event.collection), event);
         }
     }
 }
@@ -632,6 +678,7 @@ pub(crate) mod test_support {
                 name,
                 Transport::WebSocket,
                 capacity,
+                router.backlog(),
                 evicted,
             ));
             router.register(Arc::clone(&conn));
@@ -937,5 +984,68 @@ mod tests {
         assert_eq!(slow.next().await.event.event.seq, 1);
         assert_eq!(slow.next().await.event.event.seq, 2);
         assert!(slow.taken.is_empty() && !slow.conn.mailbox.take_all(&mut slow.taken));
+    }
+
+    /// A window long enough that only the edges end a dispatcher's wait.
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Waits until the node's backlog holds `filled` mailboxes.
+    async fn until_filled(router: &Router, filled: usize) {
+        while router.backlog().filled() != filled {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_round_waits_until_the_edges_took_the_last_one() {
+        let router = Router::new(1, HOUR);
+        let mut edge = Subscriber::connect(&router, 64);
+        let sub = edge.subscribe(&router, "posts", None, "");
+        publish(&router, event("posts", "p", 1, json!({}), None));
+        until_filled(&router, 1).await;
+        publish(&router, event("posts", "p", 2, json!({}), None));
+        // Time moves on by itself while every task waits (paused clock):
+        // the dispatcher is still waiting for this edge.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(router.admission.queued.load(Ordering::SeqCst), 1);
+        let start = tokio::time::Instant::now();
+        assert_eq!(edge.next_seen().await, (sub, 1, false));
+        assert_eq!(edge.next_seen().await, (sub, 2, false));
+        assert!(start.elapsed() < HOUR, "the take ended the wait");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_edge_that_stops_taking_holds_up_one_round_for_the_window_at_most() {
+        let window = Duration::from_millis(50);
+        let router = Router::new(1, window);
+        let stalled = Subscriber::connect(&router, 64);
+        let mut healthy = Subscriber::connect(&router, 64);
+        stalled.subscribe(&router, "posts", None, "");
+        let sub = healthy.subscribe(&router, "posts", None, "");
+        let start = tokio::time::Instant::now();
+        for seq in 1..=3 {
+            publish(&router, event("posts", "p", seq, json!({}), None));
+            assert_eq!(healthy.next_seen().await, (sub, seq, false));
+        }
+        // Only the round after it stopped waited for it: from then on it
+        // is not among the mailboxes a round fills.
+        let waited = start.elapsed();
+        assert!(waited >= window && waited < 2 * window, "waited {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn publishers_wait_while_the_dispatchers_are_full() {
+        use futures_util::FutureExt;
+        let router = Router::new(1, Duration::ZERO);
+        let mut edge = Subscriber::connect(&router, 2 * MAX_QUEUED_EVENTS);
+        let sub = edge.subscribe(&router, "posts", None, "");
+        for seq in 1..=MAX_QUEUED_EVENTS as u64 {
+            publish(&router, event("posts", "p", seq, json!({}), None));
+        }
+        assert!(router.admit().now_or_never().is_none(), "no room");
+        router.admit().await;
+        for seq in 1..=MAX_QUEUED_EVENTS as u64 {
+            assert_eq!(edge.next_seen().await, (sub, seq, false));
+        }
     }
 }
