@@ -6,6 +6,9 @@
 //!   address) with a JSON error, and is closed.
 //! - A deadline for a request's header (HTTP/1.1): a client that opens a
 //!   connection and never finishes its header is disconnected.
+//! - The cap in total never exceeds what the open-file limit allows: past
+//!   that limit `accept` would fail for everyone, instead of one clear 503
+//!   for the connection too many.
 //!
 //! Shutdown stops accepting, asks every connection to finish its requests
 //! (HTTP/2 `GOAWAY`, HTTP/1.1 close after the response) and waits for them.
@@ -46,6 +49,35 @@ impl Default for ConnectionLimits {
             header_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Files kept back from the connection cap for everything else a node
+/// opens (NATS, the history store, logs).
+const SPARE_FILES: usize = 256;
+
+/// Raises the process's soft open-file limit to its hard limit, and returns
+/// `total` lowered, if need be, to the connections that limit leaves room
+/// for.
+pub fn fit_to_open_file_limit(total: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls only read or write the `rlimit` they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return total;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            ..limit
+        };
+        if limit.rlim_cur < limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            limit = raised;
+        }
+    }
+    let files = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    total.min(files.saturating_sub(SPARE_FILES))
 }
 
 /// Open connections, in total and by address.
@@ -235,4 +267,31 @@ async fn refuse(mut io: impl AsyncRead + AsyncWrite + Unpin, status: u16, messag
     let mut sink = [0; 4096];
     let drain = async { while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {} };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_fits_under_the_raised_open_file_limit() {
+        let fitted = fit_to_open_file_limit(usize::MAX);
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: only writes `limit`.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, limit.rlim_max, "the soft limit was raised");
+        let files = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+        assert_eq!(fitted, files.saturating_sub(SPARE_FILES));
+        assert_eq!(
+            fit_to_open_file_limit(10),
+            10,
+            "a cap below the limit stays"
+        );
+    }
 }

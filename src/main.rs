@@ -65,6 +65,19 @@ struct ServeArgs {
     /// Subject prefix: events travel on `<prefix>.<collection>`.
     #[arg(long, env = "STROM_NATS_SUBJECT_PREFIX", default_value_t = NatsConfig::new("").subject_prefix)]
     nats_subject_prefix: String,
+    /// Copies of the stream JetStream keeps: 1 on a single server, 3
+    /// recommended in a cluster. An existing stream with another count is
+    /// an error.
+    #[arg(long, env = "STROM_NATS_REPLICAS", default_value_t = NatsConfig::new("").replicas)]
+    nats_replicas: usize,
+    /// How long a NATS request, or the next event of a replay, may take
+    /// before the subscription ends with `unavailable`.
+    #[arg(long, env = "STROM_NATS_TIMEOUT", default_value_t = Span(NatsConfig::new("").timeout))]
+    nats_timeout: Span,
+    /// How long startup waits for JetStream (a cluster electing its leader
+    /// does not answer for a while).
+    #[arg(long, env = "STROM_NATS_STARTUP_TIMEOUT", default_value_t = Span(NatsConfig::new("").startup_timeout))]
+    nats_startup_timeout: Span,
     /// History kept for resuming subscribers, by age (e.g. 24h, 30m).
     #[arg(long, env = "STROM_HISTORY_MAX_AGE", default_value_t = Span(Retention::default().max_age))]
     history_max_age: Span,
@@ -139,12 +152,17 @@ struct ServeArgs {
     /// Without it they are open in open mode and need an API key otherwise.
     #[arg(long, env = "STROM_OPS_TOKEN", hide_env_values = true)]
     ops_token: Option<String>,
-    /// Open connections the server accepts in total (then 503).
+    /// Open connections the server accepts in total (then 503); lowered
+    /// to what the open-file limit leaves room for.
     #[arg(long, env = "STROM_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().total)]
     max_connections: usize,
     /// Open connections one client IP address may hold (then 429).
     #[arg(long, env = "STROM_MAX_CONNECTIONS_PER_IP", default_value_t = ConnectionLimits::default().per_ip)]
     max_connections_per_ip: usize,
+    /// Open connections one user (token `sub`) may hold, over every
+    /// transport (then 429 / RESOURCE_EXHAUSTED).
+    #[arg(long, env = "STROM_MAX_CONNECTIONS_PER_USER", default_value_t = EngineConfig::default().max_connections_per_user)]
+    max_connections_per_user: usize,
     /// The longest a client may take to send an HTTP request's header.
     #[arg(long, env = "STROM_HEADER_TIMEOUT", default_value_t = Span(ConnectionLimits::default().header_timeout))]
     header_timeout: Span,
@@ -368,6 +386,9 @@ async fn serve(args: ServeArgs, delivery: tokio::runtime::Handle) -> Result<()> 
     let nats = args.nats_url.map(|url| NatsConfig {
         stream: args.nats_stream,
         subject_prefix: args.nats_subject_prefix,
+        replicas: args.nats_replicas,
+        timeout: args.nats_timeout.0,
+        startup_timeout: args.nats_startup_timeout.0,
         presence: PresenceTiming {
             heartbeat: args.presence_heartbeat.0,
             timeout: args.presence_timeout.0,
@@ -383,6 +404,7 @@ async fn serve(args: ServeArgs, delivery: tokio::runtime::Handle) -> Result<()> 
             max_event_bytes: args.max_event_bytes,
             max_filter_conditions: args.max_filter_conditions,
             user_publish_rate: args.user_publish_rate,
+            max_connections_per_user: args.max_connections_per_user,
             dispatch_window: args.dispatch_window.0,
             delivery: Some(delivery),
             ..EngineConfig::default()

@@ -129,7 +129,16 @@ impl Server {
             .map(|config| tokio::spawn(postgres::run(config, self.engine.clone())));
         let stopping = self.engine.clone();
         let listener = WriteDeadline::new(listener, self.config.write_timeout);
-        accept::serve(listener, app, self.config.connections.clone(), async move {
+        let mut limits = self.config.connections.clone();
+        let fitted = accept::fit_to_open_file_limit(limits.total);
+        if fitted < limits.total {
+            tracing::warn!(
+                "--max-connections {} is more than the open-file limit leaves room for; accepting {fitted} (raise LimitNOFILE / ulimit -n)",
+                limits.total
+            );
+            limits.total = fitted;
+        }
+        accept::serve(listener, app, limits, async move {
             shutdown.await;
             stopping.shutdown();
         })

@@ -157,3 +157,51 @@ async fn a_connections_filters_share_one_budget_of_conditions() {
     ws.subscribe_with(json!({"action": "subscribe", "collection": "news", "filter": six}))
         .await;
 }
+
+#[tokio::test]
+async fn a_user_holds_a_bounded_number_of_connections_over_every_transport() {
+    let config = ServerConfig {
+        engine: EngineConfig {
+            max_connections_per_user: 2,
+            ..EngineConfig::default()
+        },
+        ..ServerConfig::default()
+    };
+    let s = Secured::start(POLICY, config).await;
+    let server = &s.server;
+    let alice = token("alice", json!({}));
+    let as_alice = format!("?token={alice}");
+    let first = WsClient::connect(server.addr, &as_alice)
+        .await
+        .expect("first");
+    let path = format!("/api/v1/realtime/public{as_alice}");
+    let mut second = SseReader::open(server.addr, &path, "").await;
+    assert_eq!(second.next().await.unwrap().event, "connected");
+
+    // A third is refused, before the WebSocket upgrade and over gRPC.
+    assert_eq!(
+        WsClient::connect(server.addr, &as_alice).await.err(),
+        Some(429)
+    );
+    let mut client = server.grpc().await;
+    let mut request = tonic::Request::new(text_subscription("public", None));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {alice}").parse().unwrap());
+    let refused = client.subscribe(request).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    assert!(
+        refused.message().contains("too many connections"),
+        "{refused}"
+    );
+
+    // Another user is not affected, and a closed connection gives its place
+    // back.
+    let bob = format!("?token={}", token("bob", json!({})));
+    WsClient::connect(server.addr, &bob).await.expect("bob");
+    drop(first);
+    within("alice's place to come back", async {
+        while WsClient::connect(server.addr, &as_alice).await.is_err() {}
+    })
+    .await;
+}

@@ -5,10 +5,11 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::time::Duration;
 use strom::bus::nats::NatsConfig;
 use strom::edge::grpc::json_from_struct;
 use strom::proto;
-use strom::server::ServerConfig;
+use strom::server::{Server, ServerConfig};
 
 async fn node(nats: &NatsServer) -> TestServer {
     TestServer::start(ServerConfig {
@@ -282,5 +283,89 @@ async fn a_publishers_dedup_id_cannot_suppress_another_publishers_event() {
         next_event(&mut orders).await.record_id,
         "marker",
         "the duplicate was not delivered"
+    );
+}
+
+/// A strom node whose NATS requests and replay reads give up after `timeout`.
+fn impatient(nats: &NatsServer, timeout: Duration) -> ServerConfig {
+    ServerConfig {
+        nats: Some(NatsConfig {
+            timeout,
+            startup_timeout: timeout,
+            ..NatsConfig::new(nats.url.clone())
+        }),
+        ..ServerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_replay_that_nats_stops_serving_ends_with_unavailable() {
+    let nats = NatsServer::start();
+    let node = TestServer::start(impatient(&nats, Duration::from_secs(1))).await;
+    let mut client = node.grpc().await;
+    // More history than one pull of the history consumer holds.
+    for batch in 0..10 {
+        let events = (0..500)
+            .map(|i| created("log", &format!("{batch}-{i}"), json!({})))
+            .collect();
+        client
+            .publish(proto::PublishRequest { events })
+            .await
+            .unwrap();
+    }
+    let request = proto::SubscribeRequest {
+        since_seq: Some(0),
+        ..text_subscription("log", None)
+    };
+    let mut stream = grpc_subscribe(&mut client, request).await;
+    assert_eq!(next_event(&mut stream).await.seq, 1);
+    nats.signal("STOP");
+    let ended = within("the replay to end", async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a reason"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    nats.signal("CONT");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("NATS"), "{}", ended.message());
+}
+
+#[tokio::test]
+async fn a_stream_with_another_replica_count_is_reported_not_reused() {
+    let nats = NatsServer::start();
+    let _first = node(&nats).await;
+    let config = ServerConfig {
+        nats: Some(NatsConfig {
+            replicas: 3,
+            ..NatsConfig::new(nats.url.clone())
+        }),
+        ..ServerConfig::default()
+    };
+    let Err(error) = Server::start(config).await else {
+        panic!("a stream with 1 replica was reused for --nats-replicas 3");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains("1 replica(s)") && message.contains("--nats-replicas"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn startup_without_jetstream_says_what_it_waited_for() {
+    let nats = NatsServer::start_with(&[]);
+    let config = impatient(&nats, Duration::from_secs(1));
+    let Err(error) = within("startup to give up", Server::start(config)).await else {
+        panic!("started without JetStream");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains("STROM_EVENTS") && message.contains("-js"),
+        "{message}"
     );
 }

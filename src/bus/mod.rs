@@ -40,8 +40,12 @@ pub trait Inbox: Send + Sync + 'static {
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect { url: String, reason: String },
-    #[error("NATS JetStream is not available: {0} (start nats-server with -js)")]
+    #[error(
+        "NATS JetStream did not answer: {0}. Is nats-server running with JetStream (-js), and does its cluster have a leader?"
+    )]
     JetStream(String),
+    #[error("the JetStream {0}")]
+    StreamSettings(String),
     #[error("publishing to NATS failed: {0}")]
     Publish(String),
     #[error("subscribing on NATS failed: {0}")]

@@ -35,6 +35,16 @@ pub struct NatsConfig {
     pub subject_prefix: String,
     /// Presence heartbeats between nodes.
     pub presence: PresenceTiming,
+    /// Copies of the stream JetStream keeps: 1 on a single server, 3 in a
+    /// cluster, so that losing a server loses neither history nor
+    /// publishing.
+    pub replicas: usize,
+    /// How long a NATS request (stream info, a new consumer) or the next
+    /// event of a replay may take before strom gives up with `unavailable`.
+    pub timeout: Duration,
+    /// How long startup waits for JetStream to answer: a cluster still
+    /// electing its leader does not, for a while.
+    pub startup_timeout: Duration,
 }
 
 impl NatsConfig {
@@ -44,6 +54,9 @@ impl NatsConfig {
             stream: "STROM_EVENTS".into(),
             subject_prefix: "strom.events".into(),
             presence: PresenceTiming::default(),
+            replicas: 1,
+            timeout: Duration::from_secs(10),
+            startup_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -54,6 +67,8 @@ pub struct NatsBus {
 
 struct Inner {
     js: jetstream::Context,
+    /// See [`NatsConfig::timeout`].
+    timeout: Duration,
     stream: stream::Stream,
     prefix: String,
     inbox: Arc<dyn Inbox>,
@@ -91,12 +106,20 @@ impl HistoryReader {
     pub async fn next(&mut self) -> Option<Result<Arc<SharedEvent>, BusError>> {
         loop {
             let reader = self.reader.as_mut()?;
-            let message = match reader.messages.next().await {
-                Some(Ok(message)) => message,
-                Some(Err(e)) => return Some(Err(BusError::History(e.to_string()))),
-                None => {
+            let next = tokio::time::timeout(self.inner.timeout, reader.messages.next());
+            let message = match next.await {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(e))) => return Some(Err(BusError::History(e.to_string()))),
+                Ok(None) => {
                     self.finish();
                     return Some(Err(BusError::History("the history consumer ended".into())));
+                }
+                Err(_) => {
+                    self.finish();
+                    let waited = self.inner.timeout;
+                    return Some(Err(BusError::History(format!(
+                        "NATS sent no history for {waited:?}"
+                    ))));
                 }
             };
             let Ok(info) = message.info() else { continue };
@@ -139,6 +162,68 @@ impl Drop for Watch {
     }
 }
 
+/// Opens the event stream, creating it if needed, and waits up to the
+/// startup timeout for JetStream to answer, saying what it waits for. A
+/// stream that exists with other replicas or subjects is an error: reusing
+/// it silently would leave history where the settings say it is not.
+async fn open_stream(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    retention: Retention,
+) -> Result<stream::Stream, BusError> {
+    let subjects = format!("{}.>", config.subject_prefix);
+    let wanted = stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![subjects.clone()],
+        max_age: retention.max_age,
+        max_messages: retention.max_events as i64,
+        max_bytes: i64::try_from(retention.max_bytes).unwrap_or(i64::MAX),
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    };
+    let deadline = tokio::time::Instant::now() + config.startup_timeout;
+    let stream = loop {
+        let error =
+            match tokio::time::timeout(config.timeout, js.get_or_create_stream(wanted.clone()))
+                .await
+            {
+                Ok(Ok(stream)) => break stream,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {:?}", config.timeout),
+            };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BusError::JetStream(format!(
+                "stream {} at {}, waited {:?}; last error: {error}",
+                config.stream, config.url, config.startup_timeout
+            )));
+        }
+        tracing::info!(stream = %config.stream, url = %config.url, "waiting for JetStream: {error}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let actual = &stream.cached_info().config;
+    if actual.num_replicas.max(1) != config.replicas.max(1) || !actual.subjects.contains(&subjects)
+    {
+        return Err(BusError::StreamSettings(format!(
+            "stream {} exists with {} replica(s) on subjects {:?}; strom wants {} replica(s) on {subjects:?}. \
+             Change the stream (nats stream edit) or start strom with matching --nats-replicas / --nats-subject-prefix",
+            config.stream, actual.num_replicas, actual.subjects, config.replicas
+        )));
+    }
+    if (actual.max_age, actual.max_messages, actual.max_bytes)
+        != (wanted.max_age, wanted.max_messages, wanted.max_bytes)
+    {
+        tracing::warn!(
+            stream = %config.stream,
+            "the stream keeps its own retention (max_age {:?}, max_msgs {}, max_bytes {}), not this node's --history-* flags",
+            actual.max_age,
+            actual.max_messages,
+            actual.max_bytes
+        );
+    }
+    Ok(stream)
+}
+
 impl NatsBus {
     pub async fn connect(
         config: NatsConfig,
@@ -149,7 +234,8 @@ impl NatsBus {
         let client = async_nats::ConnectOptions::new()
             .name("strom")
             .retry_on_initial_connect()
-            .connect(&config.url)
+            // Several servers of one cluster: `nats://a:4222,nats://b:4222`.
+            .connect(config.url.split(',').map(str::trim).collect::<Vec<_>>())
             .await
             .map_err(|e| BusError::Connect {
                 url: config.url.clone(),
@@ -159,24 +245,11 @@ impl NatsBus {
             .await
             .map_err(|e| BusError::Presence(e.to_string()))?;
         let js = jetstream::new(client);
-        let stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            js.get_or_create_stream(stream::Config {
-                name: config.stream.clone(),
-                subjects: vec![format!("{}.>", config.subject_prefix)],
-                max_age: retention.max_age,
-                max_messages: retention.max_events as i64,
-                max_bytes: i64::try_from(retention.max_bytes).unwrap_or(i64::MAX),
-                storage: stream::StorageType::File,
-                ..Default::default()
-            }),
-        )
-        .await
-        .map_err(|_| BusError::JetStream(format!("no answer from {} within 10 s", config.url)))?
-        .map_err(|e| BusError::JetStream(e.to_string()))?;
+        let stream = open_stream(&js, &config, retention).await?;
         Ok(NatsBus {
             inner: Arc::new(Inner {
                 js,
+                timeout: config.timeout,
                 stream,
                 prefix: config.subject_prefix,
                 inbox,
@@ -222,7 +295,11 @@ impl NatsBus {
 
     /// The stream's last sequence number.
     pub async fn head(&self) -> Result<u64, BusError> {
-        let info = self.inner.stream.get_info().await;
+        let info = self
+            .inner
+            .bounded("stream info", self.inner.stream.get_info())
+            .await
+            .map_err(BusError::History)?;
         let info = info.map_err(|e| BusError::History(e.to_string()))?;
         Ok(info.state.last_sequence)
     }
@@ -233,9 +310,9 @@ impl NatsBus {
         let history_error = |e: &dyn std::fmt::Display| BusError::History(e.to_string());
         let info = self
             .inner
-            .stream
-            .get_info()
+            .bounded("stream info", self.inner.stream.get_info())
             .await
+            .map_err(BusError::History)?
             .map_err(|e| history_error(&e))?;
         let head = info.state.last_sequence;
         let first_available = if info.state.messages == 0 {
@@ -255,9 +332,10 @@ impl NatsBus {
             };
             let opened = self
                 .inner
-                .consumer(key, policy)
+                .bounded("a history consumer", self.inner.consumer(key, policy))
                 .await
-                .map_err(|e| history_error(&e))?;
+                .and_then(|opened| opened)
+                .map_err(BusError::History)?;
             if opened.pending > 0 {
                 reader.reader = Some(opened);
             } else {
@@ -296,6 +374,14 @@ impl NatsBus {
 }
 
 impl Inner {
+    /// `request`, or an error naming `what` when NATS has not answered
+    /// within the timeout.
+    async fn bounded<T>(&self, what: &str, request: impl Future<Output = T>) -> Result<T, String> {
+        tokio::time::timeout(self.timeout, request)
+            .await
+            .map_err(|_| format!("NATS did not answer for {what} within {:?}", self.timeout))
+    }
+
     fn release(&self, key: &str) {
         let mut watches = self.watches.lock().expect("watches lock");
         let Some(entry) = watches.get_mut(key) else {
@@ -366,7 +452,12 @@ impl Inner {
         key: String,
         state: Arc<WatchState>,
     ) -> Result<AbortHandle, String> {
-        let reader = self.consumer(&key, consumer::DeliverPolicy::New).await?;
+        let reader = self
+            .bounded(
+                "a consumer",
+                self.consumer(&key, consumer::DeliverPolicy::New),
+            )
+            .await??;
         *state.consumer.lock().expect("consumer lock") = reader.name.clone();
         let task = tokio::spawn(async move { self.run_consumer(key, reader, state).await });
         Ok(task.abort_handle())

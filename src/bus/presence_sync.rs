@@ -12,15 +12,22 @@
 //! A starting node asks everyone for a snapshot, so it knows the state
 //! within one round trip. Each node numbers what it sends; a peer that sees
 //! a gap (a count or heartbeat ahead of what it applied) asks that node for
-//! a snapshot, which replaces what it knew. A node not heard from within the
-//! timeout (killed, partitioned) is forgotten: its users leave.
+//! a snapshot, which replaces what it knew. One request per peer is
+//! outstanding at a time (asked again after a heartbeat interval without an
+//! answer); counts arriving meanwhile are held and applied after the
+//! snapshot, so one lost message costs one snapshot. A node not heard from
+//! within the timeout (killed, partitioned) is forgotten: its users leave.
+//!
+//! Core NATS delivers at most once and a slow link may fall behind, so what
+//! waits to go out is bounded: the [`Outbox`] keeps only the latest count
+//! per user and channel (counts are absolute, so nothing is lost).
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +70,7 @@ pub trait PresenceState: Send + Sync + 'static {
     /// This node's name.
     fn node(&self) -> &str;
     /// Hands this node's count changes to `outbox` from now on.
-    fn share_with(&self, outbox: mpsc::UnboundedSender<Count>);
+    fn share_with(&self, outbox: Arc<Outbox>);
     /// This node's counts, for a peer that asks for a snapshot.
     fn local_counts(&self) -> Vec<Count>;
     /// Applies one count from `node`.
@@ -74,6 +81,30 @@ pub trait PresenceState: Send + Sync + 'static {
     fn forget_node(&self, node: &str);
     /// Nodes other than this one that have told us something.
     fn known_nodes(&self) -> Vec<String>;
+}
+
+/// This node's count changes on their way to the other nodes: the latest
+/// count per (user, channel), so it never holds more than one count per
+/// key the node has, however far sending falls behind.
+#[derive(Default)]
+pub struct Outbox {
+    pending: Mutex<HashMap<(String, Option<String>), Count>>,
+    ready: Notify,
+}
+
+impl Outbox {
+    /// Queues `count`, replacing an unsent one of the same key.
+    pub fn push(&self, count: Count) {
+        let key = (count.user_id.clone(), count.channel.clone());
+        self.pending.lock().expect("outbox lock").insert(key, count);
+        self.ready.notify_one();
+    }
+
+    /// Takes every count waiting to go out.
+    pub fn take(&self) -> Vec<Count> {
+        let mut pending = self.pending.lock().expect("outbox lock");
+        pending.drain().map(|(_, count)| count).collect()
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -96,9 +127,147 @@ struct Snapshot {
     counts: Vec<Count>,
 }
 
+/// Counts held per peer while its snapshot is awaited.
+const MAX_HELD: usize = 10_000;
+
+/// What this node knows of each peer's numbering: decides, for every
+/// message, what to apply and when to ask for a snapshot.
+#[derive(Default)]
+struct Peers(HashMap<String, Peer>);
+
+#[derive(Default)]
 struct Peer {
+    /// The last seq applied, in order or by a snapshot.
     seq: u64,
-    heard: Instant,
+    heard: Option<Instant>,
+    /// When a snapshot was asked for and has not come yet.
+    asked: Option<Instant>,
+    /// Counts past `seq` that came while the snapshot was awaited.
+    held: Vec<(u64, Count)>,
+}
+
+/// What to do after a snapshot: replace the node's counts, apply the held
+/// ones that follow it, and ask again if a gap remains.
+#[derive(Debug, PartialEq)]
+struct AfterSnapshot {
+    replace: Vec<Count>,
+    then: Vec<Count>,
+    ask: bool,
+}
+
+impl Peers {
+    fn heard(&mut self, node: &str, now: Instant) -> &mut Peer {
+        let peer = self.0.entry(node.to_owned()).or_default();
+        peer.heard = Some(now);
+        peer
+    }
+
+    /// Asks for `peer`'s snapshot unless a request is outstanding.
+    fn ask(peer: &mut Peer, now: Instant) -> bool {
+        let ask = peer.asked.is_none();
+        if ask {
+            peer.asked = Some(now);
+        }
+        ask
+    }
+
+    /// Count `seq` from `node`: `Ok(count)` to apply it now, `Err(true)` to
+    /// ask the node for a snapshot (a gap), `Err(false)` for nothing to do.
+    fn count(&mut self, node: &str, seq: u64, count: Count, now: Instant) -> Result<Count, bool> {
+        let peer = self.heard(node, now);
+        if seq <= peer.seq {
+            return Err(false);
+        }
+        if peer.asked.is_none() && seq == peer.seq + 1 {
+            peer.seq = seq;
+            return Ok(count);
+        }
+        if peer.held.len() < MAX_HELD {
+            peer.held.push((seq, count));
+        }
+        Err(Self::ask(peer, now))
+    }
+
+    /// A heartbeat at `seq` from `node`: whether to ask for its snapshot
+    /// (a node not known yet, or one ahead of what was applied).
+    fn heartbeat(&mut self, node: &str, seq: u64, now: Instant) -> bool {
+        let known = self.0.contains_key(node);
+        let peer = self.heard(node, now);
+        (!known || seq > peer.seq) && Self::ask(peer, now)
+    }
+
+    /// `node`'s snapshot at `seq`; `None` when it is older than what was
+    /// applied.
+    fn snapshot(
+        &mut self,
+        node: &str,
+        seq: u64,
+        counts: Vec<Count>,
+        now: Instant,
+    ) -> Option<AfterSnapshot> {
+        let peer = self.heard(node, now);
+        if seq < peer.seq {
+            return None;
+        }
+        peer.seq = seq;
+        peer.asked = None;
+        let mut held = std::mem::take(&mut peer.held);
+        held.sort_by_key(|(seq, _)| *seq);
+        let mut then = Vec::new();
+        let mut ask = false;
+        for (seq, count) in held {
+            if seq == peer.seq + 1 {
+                peer.seq = seq;
+                then.push(count);
+            } else if seq > peer.seq {
+                ask = true;
+                peer.held.push((seq, count));
+            }
+        }
+        if ask {
+            Self::ask(peer, now);
+        }
+        Some(AfterSnapshot {
+            replace: counts,
+            then,
+            ask,
+        })
+    }
+
+    /// Peers asked longer than `patience` ago without an answer (a lost
+    /// request or snapshot): asked again from `now`.
+    fn ask_again(&mut self, now: Instant, patience: Duration) -> Vec<String> {
+        let mut again = Vec::new();
+        for (node, peer) in &mut self.0 {
+            if peer
+                .asked
+                .is_some_and(|at| now.duration_since(at) >= patience)
+            {
+                peer.asked = Some(now);
+                again.push(node.clone());
+            }
+        }
+        again
+    }
+
+    /// Forgets the peers not heard from within `timeout`; returns them.
+    fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<String> {
+        let mut gone = Vec::new();
+        self.0.retain(|node, peer| {
+            let alive = peer
+                .heard
+                .is_some_and(|at| now.duration_since(at) < timeout);
+            if !alive {
+                gone.push(node.clone());
+            }
+            alive
+        });
+        gone
+    }
+
+    fn contains(&self, node: &str) -> bool {
+        self.0.contains_key(node)
+    }
 }
 
 /// Starts sharing `presence` with the other nodes on `client`.
@@ -114,15 +283,15 @@ pub async fn start(
     let mut direct = client.subscribe(format!("{PREFIX}.sync.{node}")).await?;
     let inbox = client.new_inbox();
     let mut snapshots = client.subscribe(inbox.clone()).await?;
-    let (outbox, mut local) = mpsc::unbounded_channel();
-    presence.share_with(outbox);
+    let outbox = Arc::new(Outbox::default());
+    presence.share_with(Arc::clone(&outbox));
     // Learn what the others know before anything else happens.
     client
         .publish_with_reply(format!("{PREFIX}.sync"), inbox.clone(), "".into())
         .await?;
     tokio::spawn(async move {
         let mut seq = 0u64;
-        let mut peers: HashMap<String, Peer> = HashMap::new();
+        let mut peers = Peers::default();
         let mut ticker = tokio::time::interval(timing.heartbeat);
         let ask = |from: &str| {
             let (client, inbox, subject) = (
@@ -136,31 +305,26 @@ pub async fn start(
         };
         loop {
             tokio::select! {
-                Some(count) = local.recv() => {
-                    seq += 1;
-                    let message = CountMessage { node: node.clone(), seq, count };
-                    let body = serde_json::to_vec(&message).expect("JSON of a count");
-                    let _ = client.publish(format!("{PREFIX}.count"), body.into()).await;
+                _ = outbox.ready.notified() => {
+                    for count in outbox.take() {
+                        seq += 1;
+                        let message = CountMessage { node: node.clone(), seq, count };
+                        let body = serde_json::to_vec(&message).expect("JSON of a count");
+                        let _ = client.publish(format!("{PREFIX}.count"), body.into()).await;
+                    }
                 }
                 Some(message) = counts.next() => {
                     let Some(m): Option<CountMessage> = decode(&message.payload) else { continue };
                     if m.node == node { continue }
-                    let peer = peers.entry(m.node.clone()).or_insert(Peer { seq: 0, heard: Instant::now() });
-                    peer.heard = Instant::now();
-                    if m.seq == peer.seq + 1 {
-                        peer.seq = m.seq;
-                        presence.apply(&m.node, m.count);
-                    } else if m.seq > peer.seq {
-                        ask(&m.node).await;
+                    match peers.count(&m.node, m.seq, m.count, Instant::now()) {
+                        Ok(count) => presence.apply(&m.node, count),
+                        Err(true) => ask(&m.node).await,
+                        Err(false) => {}
                     }
                 }
                 Some(message) = heartbeats.next() => {
                     let Some(h): Option<Heartbeat> = decode(&message.payload) else { continue };
-                    if h.node == node { continue }
-                    let known = peers.contains_key(&h.node);
-                    let peer = peers.entry(h.node.clone()).or_insert(Peer { seq: 0, heard: Instant::now() });
-                    peer.heard = Instant::now();
-                    if !known || h.seq > peer.seq {
+                    if h.node != node && peers.heartbeat(&h.node, h.seq, Instant::now()) {
                         ask(&h.node).await;
                     }
                 }
@@ -169,28 +333,29 @@ pub async fn start(
                 Some(message) = snapshots.next() => {
                     let Some(s): Option<Snapshot> = decode(&message.payload) else { continue };
                     if s.node == node { continue }
-                    let peer = peers.entry(s.node.clone()).or_insert(Peer { seq: 0, heard: Instant::now() });
-                    peer.heard = Instant::now();
-                    if s.seq >= peer.seq {
-                        peer.seq = s.seq;
-                        presence.replace_node(&s.node, s.counts);
+                    let Some(after) = peers.snapshot(&s.node, s.seq, s.counts, Instant::now()) else { continue };
+                    presence.replace_node(&s.node, after.replace);
+                    for count in after.then {
+                        presence.apply(&s.node, count);
+                    }
+                    if after.ask {
+                        ask(&s.node).await;
                     }
                 }
                 _ = ticker.tick() => {
                     let beat = serde_json::to_vec(&Heartbeat { node: node.clone(), seq }).expect("JSON");
                     let _ = client.publish(format!("{PREFIX}.heartbeat"), beat.into()).await;
                     let now = Instant::now();
-                    peers.retain(|peer, state| {
-                        let alive = now.duration_since(state.heard) < timing.timeout;
-                        if !alive {
-                            tracing::warn!(node = %peer, "no presence heartbeat within {:?}; its users leave", timing.timeout);
-                            presence.forget_node(peer);
-                        }
-                        alive
-                    });
+                    for peer in peers.expire(now, timing.timeout) {
+                        tracing::warn!(node = %peer, "no presence heartbeat within {:?}; its users leave", timing.timeout);
+                        presence.forget_node(&peer);
+                    }
+                    for peer in peers.ask_again(now, timing.heartbeat) {
+                        ask(&peer).await;
+                    }
                     // A node known only from a snapshot and never heard again.
                     for known in presence.known_nodes() {
-                        if !peers.contains_key(&known) {
+                        if !peers.contains(&known) {
                             presence.forget_node(&known);
                         }
                     }
@@ -220,4 +385,101 @@ async fn answer(
     };
     let body = serde_json::to_vec(&snapshot).expect("JSON of a snapshot");
     let _ = client.publish(reply, body.into()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(user: &str, n: u32) -> Count {
+        Count {
+            user_id: user.into(),
+            channel: None,
+            count: n,
+            user_name: None,
+            at: 1,
+        }
+    }
+
+    #[test]
+    fn counts_in_order_apply_and_a_gap_asks_once() {
+        let mut peers = Peers::default();
+        let now = Instant::now();
+        assert_eq!(peers.count("b", 1, count("u", 1), now), Ok(count("u", 1)));
+        assert_eq!(
+            peers.count("b", 1, count("u", 1), now),
+            Err(false),
+            "a repeat"
+        );
+        // Count 2 is lost: 3 asks for a snapshot, later ones wait for it.
+        assert_eq!(peers.count("b", 3, count("u", 3), now), Err(true));
+        assert_eq!(peers.count("b", 4, count("u", 4), now), Err(false));
+        assert!(!peers.heartbeat("b", 4, now), "already asked");
+        // The snapshot was taken at 3; the held 4 follows it.
+        let after = peers.snapshot("b", 3, vec![count("u", 3)], now).unwrap();
+        assert_eq!(
+            after,
+            AfterSnapshot {
+                replace: vec![count("u", 3)],
+                then: vec![count("u", 4)],
+                ask: false,
+            }
+        );
+        assert_eq!(peers.count("b", 5, count("u", 5), now), Ok(count("u", 5)));
+    }
+
+    #[test]
+    fn a_gap_left_after_the_snapshot_asks_again() {
+        let mut peers = Peers::default();
+        let now = Instant::now();
+        assert_eq!(peers.count("b", 2, count("u", 2), now), Err(true));
+        assert_eq!(peers.count("b", 5, count("u", 5), now), Err(false));
+        let after = peers.snapshot("b", 3, vec![], now).unwrap();
+        assert!(after.then.is_empty() && after.ask, "4 is missing");
+        assert_eq!(
+            peers.snapshot("b", 2, vec![], now),
+            None,
+            "older than applied"
+        );
+        let after = peers.snapshot("b", 5, vec![count("u", 5)], now).unwrap();
+        assert!(after.then.is_empty() && !after.ask);
+        assert_eq!(peers.count("b", 6, count("u", 6), now), Ok(count("u", 6)));
+    }
+
+    #[test]
+    fn an_unanswered_request_is_repeated_and_a_silent_peer_expires() {
+        let mut peers = Peers::default();
+        let start = Instant::now();
+        assert!(peers.heartbeat("b", 7, start), "a new peer is asked");
+        assert!(peers.ask_again(start, Duration::from_secs(2)).is_empty());
+        let later = start + Duration::from_secs(2);
+        assert_eq!(peers.ask_again(later, Duration::from_secs(2)), ["b"]);
+        assert_eq!(
+            peers.expire(later, Duration::from_secs(10)),
+            Vec::<String>::new()
+        );
+        let gone = start + Duration::from_secs(10);
+        assert_eq!(peers.expire(gone, Duration::from_secs(10)), ["b"]);
+        assert!(!peers.contains("b"));
+    }
+
+    #[test]
+    fn the_outbox_keeps_the_latest_count_per_key() {
+        let outbox = Outbox::default();
+        for n in [1, 2, 1, 0] {
+            outbox.push(count("alice", n));
+        }
+        outbox.push(Count {
+            channel: Some("room".into()),
+            ..count("alice", 1)
+        });
+        let mut taken: Vec<_> = outbox
+            .take()
+            .into_iter()
+            .map(|c| (c.channel, c.count))
+            .collect();
+        taken.sort();
+        assert_eq!(taken, [(None, 0), (Some("room".into()), 1)]);
+        assert!(outbox.take().is_empty());
+    }
 }

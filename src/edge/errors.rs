@@ -127,9 +127,9 @@ impl From<EngineError> for ApiError {
             EngineError::RateLimited(_) | EngineError::PublisherRateLimited(..) => {
                 ErrorKind::ResourceExhausted
             }
-            EngineError::TooManySubscriptions(_) | EngineError::FilterBudget(..) => {
-                ErrorKind::ResourceExhausted
-            }
+            EngineError::TooManySubscriptions(_)
+            | EngineError::TooManyConnections(_)
+            | EngineError::FilterBudget(..) => ErrorKind::ResourceExhausted,
             EngineError::UnknownSubscription(_) => ErrorKind::NotFound,
             EngineError::Bus(_) => ErrorKind::Unavailable,
             EngineError::Auth(e) => return ApiError::from(e.clone()),

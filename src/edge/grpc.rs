@@ -89,7 +89,10 @@ impl generated::realtime_server::Realtime for RealtimeService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let principal = self.principal(request.metadata())?;
         let spec = spec_from_proto(request.into_inner()).map_err(|e| e.grpc_status())?;
-        let mut connection = self.engine.connect(Transport::Grpc, principal);
+        let mut connection = self
+            .engine
+            .connect(Transport::Grpc, principal)
+            .map_err(|e| ApiError::from(e).grpc_status())?;
         let head_seq = self
             .engine
             .head_seq()
@@ -155,7 +158,10 @@ impl generated::realtime_server::Realtime for RealtimeService {
         self.engine
             .check_presence(&principal, channel_name)
             .map_err(|e| ApiError::from(e).grpc_status())?;
-        let mut connection = self.engine.connect(Transport::Grpc, principal.clone());
+        let mut connection = self
+            .engine
+            .connect(Transport::Grpc, principal.clone())
+            .map_err(|e| ApiError::from(e).grpc_status())?;
         connection
             .subscribe(SubscriptionSpec {
                 collection: PRESENCE_COLLECTION.into(),

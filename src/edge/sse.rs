@@ -107,7 +107,7 @@ async fn open(
     };
     spec.validate()?;
     let principal = super::principal(&app.engine, headers, params.token.as_deref())?;
-    let mut connection = app.engine.connect(Transport::Sse, principal);
+    let mut connection = app.engine.connect(Transport::Sse, principal)?;
     connection.join_presence(params.user_id.map(|id| (id, params.user_name)));
     connection.subscribe(spec).await?;
     let greeting = frame(

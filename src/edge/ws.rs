@@ -89,6 +89,8 @@ pub async fn upgrade(
         ));
     }
     let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
+    // Refused before the upgrade too, when the user holds too many.
+    let connection = app.engine.connect(Transport::WebSocket, principal)?;
     // tungstenite refuses frames past twice the limit outright; frames
     // between the limit and that get the friendlier error of `Session`.
     let hard_limit = app.ws.max_frame_bytes.saturating_mul(2).max(1024);
@@ -101,7 +103,7 @@ pub async fn upgrade(
             let presence = params.user_id.map(|id| (id, params.user_name));
             let delivery = app.engine.delivery().clone();
             // A session mostly writes deliveries: it runs beside the fan-out.
-            delivery.spawn(tracker.track_future(Session::run(app, socket, principal, presence)));
+            delivery.spawn(tracker.track_future(Session::run(app, socket, connection, presence)));
             std::future::ready(())
         }))
 }
@@ -166,11 +168,10 @@ impl Session {
     async fn run(
         app: AppState,
         socket: WebSocket,
-        principal: Principal,
+        mut connection: Connection,
         presence: Option<(String, Option<String>)>,
     ) {
         let (sink, mut stream) = socket.split();
-        let mut connection = app.engine.connect(Transport::WebSocket, principal);
         connection.join_presence(presence);
         let mut session = Session {
             connection,

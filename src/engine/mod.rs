@@ -47,6 +47,10 @@ pub struct EngineConfig {
     /// anonymous publishers share one budget when authentication is
     /// enforced. API keys and change capture are not limited.
     pub user_publish_rate: u32,
+    /// Connections one user (token `sub`) may hold open at once, over
+    /// every transport and node process; anonymous clients and API keys
+    /// are bounded by the per-address cap instead.
+    pub max_connections_per_user: usize,
     /// Dispatcher tasks fanning out collections' events (one per core).
     pub dispatch_shards: usize,
     /// The longest a dispatcher waits after a round for the edges to take
@@ -70,6 +74,7 @@ impl Default for EngineConfig {
             client_message_bytes: 16 * 1024,
             max_event_bytes: 64 * 1024,
             user_publish_rate: 50,
+            max_connections_per_user: 100,
             dispatch_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             dispatch_window: std::time::Duration::from_millis(3),
             delivery: None,
@@ -114,6 +119,8 @@ pub enum EngineError {
     NoEvents,
     #[error("too many subscriptions on this connection (at most {0})")]
     TooManySubscriptions(usize),
+    #[error("too many connections of this user (at most {0}); close one first")]
+    TooManyConnections(usize),
     #[error(
         "this connection's filters would hold {0} conditions, more than its budget of {1}; unsubscribe or simplify filters first"
     )]
@@ -233,6 +240,9 @@ pub struct Engine {
     published: Arc<AtomicU64>,
     /// Publish budgets of users, by user id (see `user_publish_rate`).
     budgets: Arc<Mutex<HashMap<String, RateLimiter>>>,
+    /// Open connections of users, by user id (see
+    /// `max_connections_per_user`).
+    user_connections: Arc<Mutex<HashMap<String, usize>>>,
     /// Connections evicted by the dispatcher, for the reaper to retire.
     evictions: mpsc::UnboundedSender<u64>,
     /// See [`EngineConfig::delivery`].
@@ -283,6 +293,7 @@ impl Engine {
             presence,
             published: Arc::default(),
             budgets: Arc::default(),
+            user_connections: Arc::default(),
             evictions,
             delivery,
         })
@@ -401,8 +412,17 @@ impl Engine {
     }
 
     /// Opens a connection for `principal`: a delivery queue that
-    /// subscriptions feed.
-    pub fn connect(&self, transport: Transport, principal: Principal) -> Connection {
+    /// subscriptions feed. Refused when the user holds
+    /// `max_connections_per_user` already.
+    pub fn connect(
+        &self,
+        transport: Transport,
+        principal: Principal,
+    ) -> Result<Connection, EngineError> {
+        let slot = match &principal {
+            Principal::User(claims) => Some(self.take_user_slot(&claims.subject)?),
+            _ => None,
+        };
         let id = self.router.next_id();
         let name = self.router.connection_name(id);
         let shared = Arc::new(ConnShared::new(
@@ -425,9 +445,25 @@ impl Engine {
             subscriptions: IdMap::default(),
             catch_ups: VecDeque::new(),
             ready: VecDeque::new(),
+            _slot: slot,
         };
         connection.join_presence(None);
-        connection
+        Ok(connection)
+    }
+
+    /// Counts one more connection of `user`, if it may open one.
+    fn take_user_slot(&self, user: &str) -> Result<UserSlot, EngineError> {
+        let max = self.config.max_connections_per_user;
+        let mut open = self.user_connections.lock().expect("user connections lock");
+        let count = open.entry(user.to_owned()).or_default();
+        if *count >= max {
+            return Err(EngineError::TooManyConnections(max));
+        }
+        *count += 1;
+        Ok(UserSlot {
+            user: user.to_owned(),
+            open: Arc::clone(&self.user_connections),
+        })
     }
 
     /// The newest seq of the event log (the whole cluster's, with NATS).
@@ -543,6 +579,26 @@ pub struct Connection {
     subscriptions: IdMap<OpenSubscription>,
     catch_ups: VecDeque<CatchUp>,
     ready: VecDeque<Received>,
+    /// The user's count of open connections, given back on drop.
+    _slot: Option<UserSlot>,
+}
+
+/// One open connection of a user: counted while it lives.
+struct UserSlot {
+    user: String,
+    open: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("user connections lock");
+        if let Some(count) = open.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl Connection {

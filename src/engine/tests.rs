@@ -72,7 +72,9 @@ async fn receive_through(connection: &mut Connection, last: u64) -> Vec<u64> {
 async fn a_resumed_subscription_gets_the_history_then_live_with_no_gap_or_repeat() {
     let engine = engine(4096).await;
     let before = publish(&engine, 100).await;
-    let mut connection = engine.connect(Transport::WebSocket, Principal::Anonymous);
+    let mut connection = engine
+        .connect(Transport::WebSocket, Principal::Anonymous)
+        .unwrap();
     let since = before[9];
     connection.subscribe(resume(since)).await.unwrap();
     let publisher = tokio::spawn({
@@ -92,7 +94,9 @@ async fn a_resumed_subscription_gets_the_history_then_live_with_no_gap_or_repeat
 async fn a_catch_up_outpaced_by_live_events_reads_on_instead_of_overflowing() {
     let engine = engine(16).await;
     let before = publish(&engine, 2000).await;
-    let mut connection = engine.connect(Transport::WebSocket, Principal::Anonymous);
+    let mut connection = engine
+        .connect(Transport::WebSocket, Principal::Anonymous)
+        .unwrap();
     connection.subscribe(resume(0)).await.unwrap();
     let publisher = tokio::spawn({
         let engine = engine.clone();
@@ -129,7 +133,9 @@ async fn a_position_older_than_the_history_gets_a_reset_first() {
     .await
     .unwrap();
     let posts = publish(&engine, 40).await;
-    let mut connection = engine.connect(Transport::WebSocket, Principal::Anonymous);
+    let mut connection = engine
+        .connect(Transport::WebSocket, Principal::Anonymous)
+        .unwrap();
     let id = connection.subscribe(resume(1)).await.unwrap();
     let Ok(Received::Reset(notice)) = connection.recv().await else {
         panic!("a reset first");

@@ -392,9 +392,16 @@ impl NatsServer {
     }
 
     pub fn start() -> NatsServer {
+        Self::start_with(&["-js"])
+    }
+
+    /// A nats-server with `flags` (`-js` for JetStream) besides its address
+    /// and store.
+    pub fn start_with(flags: &[&str]) -> NatsServer {
         let store = TempDir::new("nats");
         let mut child = Command::new(Self::binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .args(flags)
+            .args(["-a", "127.0.0.1", "-p", "-1", "-sd"])
             .arg(&store.0)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -423,6 +430,18 @@ impl NatsServer {
             url: url.expect("nats-server printed its client address"),
             _store: store,
         }
+    }
+}
+
+impl NatsServer {
+    /// Stops (`STOP`) or continues (`CONT`) the server's process: stopped,
+    /// it keeps its connections open and answers nothing.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal}");
     }
 }
 
