@@ -122,11 +122,11 @@ impl Server {
     ) -> Result<(), ServerError> {
         let tasks = TaskTracker::new();
         let app = app(self.engine.clone(), &self.config, tasks.clone())?;
-        let capture = self
-            .config
-            .postgres
-            .clone()
-            .map(|config| tokio::spawn(postgres::run(config, self.engine.clone())));
+        let (stop_capture, capture_stop) = tokio::sync::watch::channel(false);
+        let capture =
+            self.config.postgres.clone().map(|config| {
+                tokio::spawn(postgres::run(config, self.engine.clone(), capture_stop))
+            });
         let stopping = self.engine.clone();
         let listener = WriteDeadline::new(listener, self.config.write_timeout);
         let mut limits = self.config.connections.clone();
@@ -143,8 +143,15 @@ impl Server {
             stopping.shutdown();
         })
         .await;
-        if let Some(capture) = capture {
-            capture.abort();
+        if let Some(mut capture) = capture {
+            // Lets it finish the batch at hand (publish, then advance).
+            stop_capture.send_replace(true);
+            if tokio::time::timeout(Duration::from_secs(5), &mut capture)
+                .await
+                .is_err()
+            {
+                capture.abort();
+            }
         }
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;

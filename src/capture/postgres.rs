@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
 use thiserror::Error;
+use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
 #[derive(Debug, Error)]
@@ -318,18 +319,34 @@ pub async fn prepare(config: &PostgresConfig) -> Result<(), CaptureError> {
     install(&client, &config.slot).await
 }
 
-/// Runs the capture until the task is dropped: waits for the lock, then
-/// reads, publishes and advances; starts over after any error.
-pub async fn run(config: PostgresConfig, engine: Engine) {
+/// Runs the capture until `stop` turns true: waits for the lock, then
+/// reads, publishes and advances; starts over after any error. It stops
+/// only between batches, so a batch it published is also advanced past
+/// and a restart does not publish it again.
+pub async fn run(config: PostgresConfig, engine: Engine, mut stop: watch::Receiver<bool>) {
     loop {
-        if let Err(e) = capture(&config, &engine).await {
-            tracing::warn!("Postgres capture: {e}; retrying");
+        match capture(&config, &engine, &mut stop).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!("Postgres capture: {e}; retrying"),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if stopped_during(&mut stop, Duration::from_secs(1)).await {
+            return;
+        }
     }
 }
 
-async fn capture(config: &PostgresConfig, engine: &Engine) -> Result<(), CaptureError> {
+/// Waits `pause`; `true` if `stop` turned true first.
+async fn stopped_during(stop: &mut watch::Receiver<bool>, pause: Duration) -> bool {
+    let stopped = tokio::time::timeout(pause, stop.wait_for(|stop| *stop)).await;
+    stopped.is_ok()
+}
+
+/// Captures until stopped (`Ok`) or an error.
+async fn capture(
+    config: &PostgresConfig,
+    engine: &Engine,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), CaptureError> {
     let client = connect(&config.url).await?;
     let lock_key = format!("strom.capture:{}", config.slot);
     loop {
@@ -340,11 +357,16 @@ async fn capture(config: &PostgresConfig, engine: &Engine) -> Result<(), Capture
         if locked {
             break;
         }
-        tokio::time::sleep(config.poll_interval.max(Duration::from_millis(500))).await;
+        if stopped_during(stop, config.poll_interval.max(Duration::from_millis(500))).await {
+            return Ok(());
+        }
     }
     tracing::info!(slot = %config.slot, "Postgres capture: this node reads the slot");
     let principal = Principal::System("postgres");
     loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
         if let Some(state) = slot_state(&client, &config.slot).await?
             && state.wal_status == "lost"
         {
@@ -359,7 +381,9 @@ async fn capture(config: &PostgresConfig, engine: &Engine) -> Result<(), Capture
             )
             .await?;
         if rows.is_empty() {
-            tokio::time::sleep(config.poll_interval).await;
+            if stopped_during(stop, config.poll_interval).await {
+                return Ok(());
+            }
             continue;
         }
         let mut events = Vec::new();

@@ -399,36 +399,138 @@ impl NatsServer {
     /// and store.
     pub fn start_with(flags: &[&str]) -> NatsServer {
         let store = TempDir::new("nats");
-        let mut child = Command::new(Self::binary())
-            .args(flags)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-sd"])
-            .arg(&store.0)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start nats-server ({e}); run scripts/test, which installs it, or set STROM_NATS_SERVER"
-                )
-            });
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let mut url = None;
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if let Some((_, rest)) = line.split_once("Listening for client connections on ") {
-                url = Some(format!("nats://{}", rest.trim()));
-            }
-            if line.contains("Server is ready") {
-                break;
-            }
-        }
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        args.extend(["-a", "127.0.0.1", "-p", "-1", "-sd"].map(String::from));
+        args.push(store.0.display().to_string());
+        let (child, url) = spawn_nats(&args);
         NatsServer {
             child,
-            url: url.expect("nats-server printed its client address"),
+            url,
             _store: store,
+        }
+    }
+}
+
+/// Starts nats-server with `args` and waits until it is ready; returns the
+/// process and its client URL.
+fn spawn_nats(args: &[String]) -> (Child, String) {
+    let mut child = Command::new(NatsServer::binary())
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start nats-server ({e}); run scripts/test, which installs it, or set STROM_NATS_SERVER"
+            )
+        });
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut url = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some((_, rest)) = line.split_once("Listening for client connections on ") {
+            url = Some(format!("nats://{}", rest.trim()));
+        }
+        if line.contains("Server is ready") {
+            break;
+        }
+    }
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, url.expect("nats-server printed its client address"))
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; nothing holds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A cluster of nats-servers with JetStream on loopback, whose members can
+/// be killed (SIGKILL) and restarted with their store.
+pub struct NatsCluster {
+    members: Vec<(Vec<String>, Option<Child>)>,
+    /// Every member's client URL, comma-separated.
+    pub urls: String,
+    _stores: Vec<TempDir>,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> NatsCluster {
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let stores: Vec<TempDir> = (0..size).map(|_| TempDir::new("nats-cluster")).collect();
+        let members = ports
+            .iter()
+            .zip(&stores)
+            .enumerate()
+            .map(|(i, ((client, cluster), store))| {
+                let args = [
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &client.to_string(),
+                    "-sd",
+                    &store.0.display().to_string(),
+                    "--name",
+                    &format!("n{i}"),
+                    "--cluster_name",
+                    "strom",
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{cluster}"),
+                    "--routes",
+                    &routes,
+                ]
+                .map(String::from)
+                .to_vec();
+                (args, None)
+            })
+            .collect();
+        let urls = ports
+            .iter()
+            .map(|(client, _)| format!("nats://127.0.0.1:{client}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = NatsCluster {
+            members,
+            urls,
+            _stores: stores,
+        };
+        for i in 0..size {
+            cluster.restart(i);
+        }
+        cluster
+    }
+
+    /// SIGKILL for member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].1.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again (it must not be running), with its store.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].1.is_none(), "n{i} is running");
+        let (child, _) = spawn_nats(&self.members[i].0);
+        self.members[i].1 = Some(child);
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
         }
     }
 }
