@@ -73,9 +73,13 @@ pub struct IdleArgs {
     /// The server's process id (required: memory is read from /proc).
     #[arg(long)]
     server_pid: u32,
-    /// Also subscribe each connection to a collection.
+    /// Also subscribe each connection to a collection (SSE connections
+    /// always are: an SSE stream is one subscription).
     #[arg(long)]
     subscribe: bool,
+    /// How the connections connect: `websocket` or `sse`.
+    #[arg(long, default_value = "websocket")]
+    transport: String,
 }
 
 pub async fn run(bench: Bench) -> Result<()> {
@@ -127,6 +131,31 @@ async fn open(url: &str, collection: Option<&str>) -> Result<Socket> {
 }
 
 /// Opens `count` connections, 100 at a time.
+/// Opens an SSE stream of `collection` on `addr` and waits for its
+/// `connected` event.
+async fn open_sse(addr: &str, collection: &str) -> Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!(
+        "GET /api/v1/realtime/{collection} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let connected = b"event: connected";
+    while !seen.windows(connected.len()).any(|w| w == connected) {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!(
+                "the server closed the SSE stream: {}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    Ok(stream)
+}
+
 async fn open_many(url: &str, count: usize, collection: Option<&str>) -> Result<Vec<Socket>> {
     let mut sockets = Vec::with_capacity(count);
     let mut pending = futures_util::stream::iter(0..count)
@@ -371,17 +400,46 @@ async fn open_grpc(server: &str, count: usize, collection: &str) -> Result<Vec<F
 }
 
 async fn idle(args: IdleArgs) -> Result<()> {
-    let url = ws_url(&args.server);
     let before = rss_kib(args.server_pid)?;
-    let collection = args.subscribe.then(|| format!("idle_{}", now_micros()));
-    let sockets = open_many(&url, args.connections, collection.as_deref()).await?;
+    let collection = format!("idle_{}", now_micros());
+    let sockets: Vec<Box<dyn Send>> = match args.transport.as_str() {
+        "websocket" => {
+            let subscribed = args.subscribe.then_some(collection.as_str());
+            let sockets = open_many(&ws_url(&args.server), args.connections, subscribed).await?;
+            sockets
+                .into_iter()
+                .map(|s| Box::new(s) as Box<dyn Send>)
+                .collect()
+        }
+        "sse" => {
+            let addr = args
+                .server
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            let mut pending = futures_util::stream::iter(0..args.connections)
+                .map(|_| open_sse(&addr, &collection))
+                .buffer_unordered(100);
+            let mut sockets: Vec<Box<dyn Send>> = Vec::with_capacity(args.connections);
+            while let Some(socket) = pending.next().await {
+                sockets.push(Box::new(socket?));
+            }
+            sockets
+        }
+        other => bail!("unknown transport {other:?}: use websocket or sse"),
+    };
     // Give the server a moment to settle its allocations.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_kib(args.server_pid)?;
     println!(
-        "{} idle connections{}: server RSS {before} KiB → {after} KiB, {:.2} KiB per connection",
+        "{} idle {} connections{}: server RSS {before} KiB → {after} KiB, {:.2} KiB per connection",
         sockets.len(),
-        if args.subscribe { " (subscribed)" } else { "" },
+        args.transport,
+        if args.subscribe || args.transport == "sse" {
+            " (subscribed)"
+        } else {
+            ""
+        },
         after.saturating_sub(before) as f64 / sockets.len() as f64
     );
     drop(sockets);
