@@ -47,9 +47,9 @@ pub struct EngineConfig {
     /// anonymous publishers share one budget when authentication is
     /// enforced. API keys and change capture are not limited.
     pub user_publish_rate: u32,
-    /// Connections one user (token `sub`) may hold open at once, over
-    /// every transport and node process; anonymous clients and API keys
-    /// are bounded by the per-address cap instead.
+    /// Connections one user (token `sub`) may hold open at once on this
+    /// node, over every transport; anonymous clients and API keys are
+    /// bounded by the per-address cap instead.
     pub max_connections_per_user: usize,
     /// Dispatcher tasks fanning out collections' events (one per core).
     pub dispatch_shards: usize,

@@ -7,7 +7,9 @@
 //! asks the index for candidates, evaluates their filters, and pushes a
 //! [`Delivery`] (an `Arc` of the shared event, no copy) into each matching
 //! connection's bounded queue. A full queue evicts that connection with
-//! [`EndReason::Overflow`]; the dispatcher never waits for a subscriber.
+//! [`EndReason::Overflow`]; the dispatcher never blocks on a subscriber
+//! (it waits for the edges to take a round, for `--dispatch-window` at
+//! most).
 
 use super::mailbox::{Backlog, Mailbox};
 use super::presence::PRESENCE_COLLECTION;
@@ -302,18 +304,17 @@ impl Scope {
         self.index.is_empty() && self.by_record.is_empty()
     }
 
-    /// Delivers `event` to its subscribers; returns how many deliveries
-    /// that made. A connection with several matching subscriptions gets one
-    /// delivery naming them all.
-    fn dispatch(&self, event: &Arc<SharedEvent>) -> usize {
+    /// Delivers `event` to its subscribers. A connection with several
+    /// matching subscriptions gets one delivery naming them all.
+    fn dispatch(&self, event: &Arc<SharedEvent>) {
         let mut overlapping = Vec::new();
-        let mut delivered = deliver_from(&self.index, event, &mut overlapping);
+        deliver_from(&self.index, event, &mut overlapping);
         if !event.event.record_id.is_empty()
             && let Some(index) = self.by_record.get(&event.event.record_id)
         {
-            delivered += deliver_from(index, event, &mut overlapping);
+            deliver_from(index, event, &mut overlapping);
         }
-        delivered + deliver_grouped(overlapping, event)
+        deliver_grouped(overlapping, event);
     }
 }
 
@@ -326,16 +327,14 @@ fn deliver_from(
     index: &MatchIndex<Arc<SubEntry>>,
     event: &Arc<SharedEvent>,
     overlapping: &mut Vec<(Arc<SubEntry>, View)>,
-) -> usize {
+) {
     let (collection, data) = (&event.event.collection, &event.event.data);
-    let mut delivered = 0;
     let mut deliver = |sub: &Arc<SubEntry>, left_filter: bool| {
         let view = sub.view(event, left_filter);
         if sub.conn.has_several_subscriptions() {
             overlapping.push((Arc::clone(sub), view));
         } else {
             sub.conn.deliver(sub.id, None, event, view);
-            delivered += 1;
         }
     };
     index.candidates(data, |_, sub| {
@@ -354,22 +353,18 @@ fn deliver_from(
             }
         });
     }
-    delivered
 }
 
 /// One delivery per connection (and [`View`]) for the matches of
 /// connections with several subscriptions, naming them in id order.
-fn deliver_grouped(mut matches: Vec<(Arc<SubEntry>, View)>, event: &Arc<SharedEvent>) -> usize {
+fn deliver_grouped(mut matches: Vec<(Arc<SubEntry>, View)>, event: &Arc<SharedEvent>) {
     matches.sort_unstable_by_key(|(sub, view)| (sub.conn.id, *view, sub.id));
-    let mut delivered = 0;
     for group in matches.chunk_by(|a, b| a.0.conn.id == b.0.conn.id && a.1 == b.1) {
         let (first, view) = &group[0];
         let more: Option<Box<[u64]>> =
             (group.len() > 1).then(|| group[1..].iter().map(|(sub, _)| sub.id).collect());
         first.conn.deliver(first.id, more, event, *view);
-        delivered += 1;
     }
-    delivered
 }
 
 /// The subscriptions of a shard's collections, by name (the wildcard
@@ -427,7 +422,8 @@ struct Admission {
 
 /// A part of the router with its own lock and its own dispatcher task,
 /// which fans out the events of its collections in the order it gets them.
-/// Publishers only push onto its queue, so they never wait on fan-out.
+/// Publishers only push onto its queue; they wait only while the
+/// dispatchers are full ([`Router::admit`]).
 ///
 /// The dispatcher paces itself by the edges: after a round it waits until
 /// the connections it handed deliveries to have taken nearly all of them
