@@ -18,6 +18,12 @@ key = "backend-key-0123456789"
 publish = ["*"]
 subscribe = ["*"]
 
+[[api_keys]]
+name = "importer"
+key = "importer-key-0123456789"
+publish = ["*"]
+publish_rate = 1
+
 [[collections]]
 match = "public"
 subscribe = "anyone"
@@ -95,7 +101,7 @@ async fn an_event_larger_than_the_cap_is_refused_on_every_path() {
 }
 
 #[tokio::test]
-async fn a_user_publish_budget_spans_transports_and_api_keys_have_none() {
+async fn a_user_publish_budget_spans_transports_and_api_keys_without_a_rate_have_none() {
     let config = ServerConfig {
         engine: EngineConfig {
             user_publish_rate: 1,
@@ -204,4 +210,20 @@ async fn a_user_holds_a_bounded_number_of_connections_over_every_transport() {
         while WsClient::connect(server.addr, &as_alice).await.is_err() {}
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_api_key_with_a_publish_rate_is_held_to_it() {
+    let s = Secured::start(POLICY, ServerConfig::default()).await;
+    let server = &s.server;
+    let importer = "X-Api-Key: importer-key-0123456789\r\n";
+    let (status, body) = publish(server, importer, &events(2)).await;
+    assert_eq!(status, 429, "more at once than its second's budget: {body}");
+    let (status, body) = publish(server, importer, &events(1)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = publish(server, importer, &events(1)).await;
+    assert_eq!(status, 429, "the budget is spent: {body}");
+    // Another key without a rate is not held to the importer's.
+    let (status, body) = publish(server, &format!("X-Api-Key: {API_KEY}\r\n"), &events(20)).await;
+    assert_eq!(status, 200, "{body}");
 }

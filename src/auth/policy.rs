@@ -93,6 +93,9 @@ pub struct ApiKey {
     pub key: String,
     pub subscribe: Vec<String>,
     pub publish: Vec<String>,
+    /// Events per second the key may publish (burst: as many at once);
+    /// `None`: unlimited.
+    pub publish_rate: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -348,6 +351,8 @@ pub struct ApiKeySection {
     pub subscribe: Vec<String>,
     #[serde(default)]
     pub publish: Vec<String>,
+    /// Events per second the key may publish; unset: unlimited.
+    pub publish_rate: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -426,6 +431,7 @@ impl PolicyFile {
                     key,
                     subscribe: k.subscribe.clone(),
                     publish: k.publish.clone(),
+                    publish_rate: k.publish_rate,
                 })
             })
             .collect::<Result<_, AuthError>>()?;

@@ -45,7 +45,8 @@ pub struct EngineConfig {
     /// Events per second one user (token `sub`) may publish over all its
     /// connections and transports together (burst: as many at once);
     /// anonymous publishers share one budget when authentication is
-    /// enforced. API keys and change capture are not limited.
+    /// enforced. An API key has its policy's `publish_rate`, if any;
+    /// change capture is not limited.
     pub user_publish_rate: u32,
     /// Connections one user (token `sub`) may hold open at once on this
     /// node, over every transport; anonymous clients and API keys are
@@ -238,7 +239,8 @@ pub struct Engine {
     auth: Arc<Auth>,
     presence: Arc<Presence>,
     published: Arc<AtomicU64>,
-    /// Publish budgets of users, by user id (see `user_publish_rate`).
+    /// Publish budgets of users and rate-limited API keys (see
+    /// `spend_budget`).
     budgets: Arc<Mutex<HashMap<String, RateLimiter>>>,
     /// Open connections of users, by user id (see
     /// `max_connections_per_user`).
@@ -384,20 +386,27 @@ impl Engine {
     }
 
     /// Takes `count` events from the publisher's budget, if it has one.
+    /// Users share `user_publish_rate` each (anonymous publishers one, once
+    /// authentication is enforced); an API key has its policy's
+    /// `publish_rate`, if any.
     fn spend_budget(&self, principal: &Principal, count: usize) -> Result<(), EngineError> {
-        let user = match principal {
-            Principal::User(claims) => claims.subject.as_str(),
-            Principal::Anonymous if !self.auth.is_open() => "",
+        let rate = self.config.user_publish_rate;
+        let (publisher, rate) = match principal {
+            Principal::User(claims) => (format!("user:{}", claims.subject), rate),
+            Principal::Anonymous if !self.auth.is_open() => ("anonymous".to_owned(), rate),
+            Principal::Service(key) => match key.publish_rate {
+                Some(rate) => (format!("key:{}", key.name), rate),
+                None => return Ok(()),
+            },
             _ => return Ok(()),
         };
-        let rate = self.config.user_publish_rate;
         let mut budgets = self.budgets.lock().expect("budgets lock");
         if budgets.len() >= MAX_BUDGETS {
             // Users idle long enough to be back at a full budget need none.
             budgets.retain(|_, budget| !budget.is_full());
         }
         let budget = budgets
-            .entry(user.to_owned())
+            .entry(publisher)
             .or_insert_with(|| RateLimiter::new(rate));
         if budget.take_many(count) {
             Ok(())
