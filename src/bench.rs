@@ -59,6 +59,11 @@ pub struct FanoutArgs {
     /// The server's process id, to report its memory.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Pins subscriber i to record `r<i>` of the collection; events go to
+    /// the records in turn, so each reaches one subscriber, and every
+    /// subscriber's events are parsed for latency (WebSocket only).
+    #[arg(long)]
+    pinned: bool,
     /// How subscribers connect: `websocket` or `grpc`.
     #[arg(long, default_value = "websocket")]
     transport: String,
@@ -109,11 +114,14 @@ fn ws_url(server: &str) -> String {
 }
 
 /// Opens a connection, optionally subscribed, and waits for the replies.
-async fn open(url: &str, collection: Option<&str>) -> Result<Socket> {
+async fn open(url: &str, collection: Option<&str>, record_id: Option<String>) -> Result<Socket> {
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
     socket.next().await.context("no greeting")??;
     if let Some(collection) = collection {
-        let subscribe = json!({"action": "subscribe", "collection": collection});
+        let mut subscribe = json!({"action": "subscribe", "collection": collection});
+        if let Some(record_id) = record_id {
+            subscribe["record_id"] = json!(record_id);
+        }
         socket.send(Message::text(subscribe.to_string())).await?;
         loop {
             let Message::Text(text) = socket.next().await.context("closed")?? else {
@@ -156,11 +164,18 @@ async fn open_sse(addr: &str, collection: &str) -> Result<tokio::net::TcpStream>
     Ok(stream)
 }
 
-async fn open_many(url: &str, count: usize, collection: Option<&str>) -> Result<Vec<Socket>> {
+/// Opens `count` connections, subscribed to `collection` if given; with
+/// `pinned`, connection i to its record `r<i>` only.
+async fn open_many(
+    url: &str,
+    count: usize,
+    collection: Option<&str>,
+    pinned: bool,
+) -> Result<Vec<Socket>> {
     let mut sockets = Vec::with_capacity(count);
     let mut pending = futures_util::stream::iter(0..count)
-        .map(|_| open(url, collection))
-        .buffer_unordered(100);
+        .map(|i| open(url, collection, pinned.then(|| format!("r{i}"))))
+        .buffered(100);
     while let Some(socket) = pending.next().await {
         sockets.push(socket?);
     }
@@ -187,13 +202,15 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
     let collection = format!("bench_{}", now_micros());
     let before = args.server_pid.map(rss_kib).transpose()?;
     let feeds: Vec<Feed> = match args.transport.as_str() {
-        "websocket" => open_many(&url, args.subscribers, Some(&collection))
+        "websocket" => open_many(&url, args.subscribers, Some(&collection), args.pinned)
             .await?
             .into_iter()
             .map(Feed::WebSocket)
             .collect(),
-        "grpc" => open_grpc(&args.server, args.subscribers, &collection).await?,
-        other => bail!("unknown transport {other:?}: use websocket or grpc"),
+        "grpc" if !args.pinned => open_grpc(&args.server, args.subscribers, &collection).await?,
+        other => {
+            bail!("unknown transport {other:?} (or --pinned with grpc): use websocket or grpc")
+        }
     };
     let after = args.server_pid.map(rss_kib).transpose()?;
     println!(
@@ -214,23 +231,28 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
     let delivered = Arc::new(AtomicU64::new(0));
     let cut_off = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
-    let done = Arc::new(AtomicBool::new(false));
+    // Readers wait on their socket and on this, not on a timer each: ten
+    // thousand timers would make the generator the bottleneck.
+    let (stop, done) = tokio::sync::watch::channel(false);
     let mut readers = Vec::new();
     for (i, mut feed) in feeds.into_iter().enumerate() {
-        let (delivered, cut_off, latencies, done) = (
+        let (delivered, cut_off, latencies, mut done) = (
             Arc::clone(&delivered),
             Arc::clone(&cut_off),
             Arc::clone(&latencies),
-            Arc::clone(&done),
+            done.clone(),
         );
-        let sampled = i < args.sampled;
+        let sampled = args.pinned || i < args.sampled;
         readers.push(tokio::spawn(async move {
             let mut local = Vec::new();
             let mut count = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                let next = tokio::time::timeout(Duration::from_millis(200), feed.next(sampled));
-                match next.await {
-                    Ok(Next::Event(sent)) => {
+            loop {
+                let next = tokio::select! {
+                    next = feed.next(sampled) => next,
+                    _ = done.wait_for(|done| *done) => break,
+                };
+                match next {
+                    Next::Event(sent) => {
                         count += 1;
                         if count.is_multiple_of(256) {
                             delivered.fetch_add(256, Ordering::Relaxed);
@@ -239,8 +261,8 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
                             local.push(now_micros().saturating_sub(sent));
                         }
                     }
-                    Ok(Next::Other) | Err(_) => continue,
-                    Ok(Next::Closed) => {
+                    Next::Other => continue,
+                    Next::Closed => {
                         cut_off.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
@@ -269,10 +291,16 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
             continue;
         }
         let t = now_micros();
-        let events = (0..batch)
-            .map(|_| proto::Event {
+        let subscribers = args.subscribers.max(1) as u64;
+        let events = (published..published + batch)
+            .map(|n| proto::Event {
                 r#type: proto::EventType::RecordCreated as i32,
                 collection: collection.clone(),
+                record_id: if args.pinned {
+                    format!("r{}", n % subscribers)
+                } else {
+                    String::new()
+                },
                 data: Some(struct_from_json(&json!({"t": t, "pad": padding}))),
                 ..Default::default()
             })
@@ -295,7 +323,7 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         last = now;
     }
     let elapsed = start.elapsed().saturating_sub(Duration::from_millis(100));
-    done.store(true, Ordering::Relaxed);
+    stop.send_replace(true);
     for reader in readers {
         let _ = reader.await;
     }
@@ -306,7 +334,11 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         "published {published} events in {:.2?} ({:.0}/s); expected deliveries {}",
         publish_time,
         published as f64 / publish_time.as_secs_f64(),
-        published * args.subscribers as u64
+        if args.pinned {
+            published
+        } else {
+            published * args.subscribers as u64
+        }
     );
     println!(
         "delivered {total} in {elapsed:.2?}: {:.0} deliveries/s; {} subscribers cut off as too slow",
@@ -405,7 +437,8 @@ async fn idle(args: IdleArgs) -> Result<()> {
     let sockets: Vec<Box<dyn Send>> = match args.transport.as_str() {
         "websocket" => {
             let subscribed = args.subscribe.then_some(collection.as_str());
-            let sockets = open_many(&ws_url(&args.server), args.connections, subscribed).await?;
+            let sockets =
+                open_many(&ws_url(&args.server), args.connections, subscribed, false).await?;
             sockets
                 .into_iter()
                 .map(|s| Box::new(s) as Box<dyn Send>)
