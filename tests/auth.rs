@@ -127,17 +127,6 @@ fn bad_tokens() -> Vec<(&'static str, String, &'static str)> {
     ]
 }
 
-fn authorized<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(credential) = credential {
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {credential}").parse().unwrap(),
-        );
-    }
-    request
-}
-
 async fn subscribe_as(
     server: &TestServer,
     credential: Option<&str>,

@@ -40,6 +40,15 @@ fn events(n: usize) -> String {
     serde_json::Value::Array(events).to_string()
 }
 
+/// A server under [`POLICY`] with `engine`'s limits.
+async fn secured(engine: EngineConfig) -> Secured {
+    let config = ServerConfig {
+        engine,
+        ..ServerConfig::default()
+    };
+    Secured::start(POLICY, config).await
+}
+
 async fn publish(server: &TestServer, header: &str, body: &str) -> (u16, String) {
     let (status, _, body) = http_with(server.addr, "POST", "/api/v1/publish", header, body)
         .await
@@ -102,14 +111,11 @@ async fn an_event_larger_than_the_cap_is_refused_on_every_path() {
 
 #[tokio::test]
 async fn a_user_publish_budget_spans_transports_and_api_keys_without_a_rate_have_none() {
-    let config = ServerConfig {
-        engine: EngineConfig {
-            user_publish_rate: 1,
-            ..EngineConfig::default()
-        },
-        ..ServerConfig::default()
-    };
-    let s = Secured::start(POLICY, config).await;
+    let s = secured(EngineConfig {
+        user_publish_rate: 1,
+        ..EngineConfig::default()
+    })
+    .await;
     let server = &s.server;
     let alice = token("alice", json!({}));
     let as_alice = format!("Authorization: Bearer {alice}\r\n");
@@ -121,13 +127,13 @@ async fn a_user_publish_budget_spans_transports_and_api_keys_without_a_rate_have
     // The budget is spent; the same user over gRPC is refused too (it
     // refills one event a second).
     let mut client = server.grpc().await;
-    let mut request = tonic::Request::new(proto::PublishRequest {
+    let request = proto::PublishRequest {
         events: vec![created("public", "g", json!({}))],
-    });
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {alice}").parse().unwrap());
-    let refused = client.publish(request).await.expect_err("refused");
+    };
+    let refused = client
+        .publish(authorized(request, Some(&alice)))
+        .await
+        .expect_err("refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
 
     let (status, body) = publish(server, &format!("X-Api-Key: {API_KEY}\r\n"), &events(20)).await;
@@ -166,14 +172,11 @@ async fn a_connections_filters_share_one_budget_of_conditions() {
 
 #[tokio::test]
 async fn a_user_holds_a_bounded_number_of_connections_over_every_transport() {
-    let config = ServerConfig {
-        engine: EngineConfig {
-            max_connections_per_user: 2,
-            ..EngineConfig::default()
-        },
-        ..ServerConfig::default()
-    };
-    let s = Secured::start(POLICY, config).await;
+    let s = secured(EngineConfig {
+        max_connections_per_user: 2,
+        ..EngineConfig::default()
+    })
+    .await;
     let server = &s.server;
     let alice = token("alice", json!({}));
     let as_alice = format!("?token={alice}");
@@ -190,10 +193,7 @@ async fn a_user_holds_a_bounded_number_of_connections_over_every_transport() {
         Some(429)
     );
     let mut client = server.grpc().await;
-    let mut request = tonic::Request::new(text_subscription("public", None));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {alice}").parse().unwrap());
+    let request = authorized(text_subscription("public", None), Some(&alice));
     let refused = client.subscribe(request).await.expect_err("refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
     assert!(
@@ -214,7 +214,7 @@ async fn a_user_holds_a_bounded_number_of_connections_over_every_transport() {
 
 #[tokio::test]
 async fn an_api_key_with_a_publish_rate_is_held_to_it() {
-    let s = Secured::start(POLICY, ServerConfig::default()).await;
+    let s = secured(EngineConfig::default()).await;
     let server = &s.server;
     let importer = "X-Api-Key: importer-key-0123456789\r\n";
     let (status, body) = publish(server, importer, &events(2)).await;

@@ -339,6 +339,19 @@ pub async fn grpc_subscribe(
     stream
 }
 
+/// A gRPC request carrying `credential` (a token or API key) as a bearer
+/// credential, or none.
+pub fn authorized<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(credential) = credential {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {credential}").parse().unwrap(),
+        );
+    }
+    request
+}
+
 /// The next event of a gRPC subscription.
 pub async fn next_event(stream: &mut tonic::Streaming<proto::SubscribeResponse>) -> proto::Event {
     let message = within("an event", stream.message())
@@ -823,10 +836,7 @@ impl PostgresServer {
             "initdb: {}",
             String::from_utf8_lossy(&init.stderr)
         );
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let child = Self::command(bin.join("postgres"))
             .arg("-D")
             .arg(data.0.join("db"))
