@@ -542,6 +542,27 @@ pub struct CompareArgs {
     /// Targets to run, comma-separated: strom, nats.
     #[arg(long, value_delimiter = ',', default_value = "strom,nats")]
     targets: Vec<String>,
+    /// Pins subscriber i to one record (strom: record id `r<i>`; nats:
+    /// subject `<subject>.r<i>`); events go to the records in turn, so each
+    /// reaches one subscriber, and every subscriber is sampled.
+    #[arg(long)]
+    pinned: bool,
+}
+
+impl CompareArgs {
+    /// The record event `n` goes to when subscribers are pinned.
+    fn record_of(&self, n: u64) -> Option<String> {
+        self.pinned
+            .then(|| format!("r{}", n % self.subscribers.max(1) as u64))
+    }
+
+    /// The NATS subject event `n` is published on.
+    fn subject_of(&self, n: u64) -> String {
+        match self.record_of(n) {
+            Some(record) => format!("{}.{record}", self.subject),
+            None => self.subject.clone(),
+        }
+    }
 }
 
 /// The publish time in ns since the Unix epoch.
@@ -1032,11 +1053,16 @@ impl Sub {
 async fn open_strom_sub(
     addr: std::net::SocketAddr,
     collection: &str,
+    record_id: Option<String>,
     sampled: bool,
 ) -> Result<Sub> {
     use tokio::io::AsyncWriteExt;
     let (mut stream, rest) = ws_connect(addr, "/api/v1/ws/realtime").await?;
-    let subscribe = json!({"action": "subscribe", "collection": collection}).to_string();
+    let mut subscribe = json!({"action": "subscribe", "collection": collection});
+    if let Some(record_id) = record_id {
+        subscribe["record_id"] = json!(record_id);
+    }
+    let subscribe = subscribe.to_string();
     stream.write_all(&ws_frame(1, subscribe.as_bytes())).await?;
     let mut sub = Sub {
         stream,
@@ -1120,16 +1146,16 @@ async fn read_sub(mut sub: Sub, index: usize, tally: Arc<Tally>) {
     tally.reasons.lock().expect("reasons").push(reason);
 }
 
-/// Opens `count` subscribers, 100 at a time; the first `sampled` parse
-/// every message.
+/// Opens `count` subscribers, 100 at a time; `open` gets each one's index
+/// and whether it parses every message (the first `sampled` do).
 async fn open_subs(
     count: usize,
     sampled: usize,
-    open: impl Fn(bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Sub>> + Send>>,
+    open: impl Fn(u64, bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Sub>> + Send>>,
 ) -> Result<Vec<Sub>> {
     let mut subs = Vec::with_capacity(count);
     let mut pending = futures_util::stream::iter(0..count)
-        .map(|i| open(i < sampled))
+        .map(|i| open(i as u64, i < sampled))
         .buffered(100);
     while let Some(sub) = pending.next().await {
         subs.push(sub?);
@@ -1183,6 +1209,8 @@ async fn publish_rest(
             args.payload,
             args.rate as f64,
         );
+        let (pinned, subscribers) = (args.pinned, args.subscribers.max(1) as u64);
+        let record_of = move |n: u64| pinned.then(|| format!("r{}", n % subscribers));
         tasks.push(tokio::spawn(async move {
             let mut conn = Http::connect(addr).await?;
             let (mut sent, mut errors) = (0u64, 0u64);
@@ -1191,12 +1219,15 @@ async fn publish_rest(
             let mut next = first;
             while next < total && start.elapsed() < duration {
                 pace(start, next, rate).await;
-                let body = json!({
+                let mut body = json!({
                     "type": "record.created",
                     "collection": collection,
                     "data": strom_data(payload),
-                })
-                .to_string();
+                });
+                if let Some(record) = record_of(next) {
+                    body["record_id"] = json!(record);
+                }
+                let body = body.to_string();
                 let call = Instant::now();
                 let status = tokio::time::timeout(Duration::from_secs(10), conn.post(&body))
                     .await
@@ -1306,10 +1337,11 @@ async fn publish_grpc(args: &CompareArgs, collection: &str) -> Result<Published>
         pace(start, published + size, args.rate as f64).await;
         let data = struct_from_json(&strom_data(args.payload));
         let call = Instant::now();
-        let events = (0..size)
-            .map(|_| proto::Event {
+        let events = (published..published + size)
+            .map(|n| proto::Event {
                 r#type: proto::EventType::RecordCreated as i32,
                 collection: collection.to_owned(),
+                record_id: args.record_of(n).unwrap_or_default(),
                 data: Some(data.clone()),
                 ..Default::default()
             })
@@ -1348,9 +1380,9 @@ async fn publish_nats(args: &CompareArgs) -> Result<Published> {
         } else {
             ((elapsed.as_secs_f64() * args.rate as f64) as u64).min(limit)
         };
-        for _ in published..due {
+        for n in published..due {
             client
-                .publish(args.subject.clone(), nats_payload(args.payload))
+                .publish(args.subject_of(n), nats_payload(args.payload))
                 .await
                 .context("NATS publish")?;
         }
@@ -1435,19 +1467,31 @@ async fn compare_run(
 ) -> Result<RunResult> {
     let (strom_addr, nats_ws_addr) = addrs;
     let collection = format!("bench_{}", now_micros());
+    let sampled = if args.pinned {
+        args.subscribers
+    } else {
+        args.sampled
+    };
     let subs = match target {
         Target::Strom => {
             let collection = collection.clone();
-            open_subs(args.subscribers, args.sampled, move |sampled| {
+            let pinned = args.pinned;
+            open_subs(args.subscribers, sampled, move |i, sampled| {
                 let collection = collection.clone();
-                Box::pin(async move { open_strom_sub(strom_addr, &collection, sampled).await })
+                let record_id = pinned.then(|| format!("r{i}"));
+                Box::pin(async move {
+                    open_strom_sub(strom_addr, &collection, record_id, sampled).await
+                })
             })
             .await?
         }
         Target::Nats => {
-            let subject = args.subject.clone();
-            open_subs(args.subscribers, args.sampled, move |sampled| {
-                let subject = subject.clone();
+            let (subject, pinned) = (args.subject.clone(), args.pinned);
+            open_subs(args.subscribers, sampled, move |i, sampled| {
+                let subject = match pinned {
+                    true => format!("{subject}.r{i}"),
+                    false => subject.clone(),
+                };
                 Box::pin(async move { open_nats_sub(nats_ws_addr, &subject, sampled).await })
             })
             .await?
@@ -1488,6 +1532,13 @@ async fn compare_run(
         (Target::Nats, _) => publish_nats(args).await?,
     };
     let publish_end = tally.epoch.elapsed();
+    // What subscriber i is to receive: every event, or (pinned) every
+    // `count`th one.
+    let events = published.events;
+    let due = |i: usize| match args.pinned {
+        true => events / count as u64 + u64::from((i as u64) < events % count as u64),
+        false => events,
+    };
 
     // Drain: until every live subscriber has everything, nothing moved for
     // 2 s, or the drain timeout.
@@ -1496,7 +1547,7 @@ async fn compare_run(
     while drain_start.elapsed() < args.drain_timeout {
         let done = (0..count).all(|i| {
             tally.cut[i].load(Ordering::Relaxed)
-                || tally.per_sub[i].load(Ordering::Relaxed) >= published.events
+                || tally.per_sub[i].load(Ordering::Relaxed) >= due(i)
         });
         if done {
             break;
@@ -1572,7 +1623,7 @@ async fn compare_run(
         publish_secs: published.elapsed.as_secs_f64(),
         publish_errors: published.errors,
         delivered: tally.delivered.load(Ordering::Relaxed),
-        expected: published.events * count as u64,
+        expected: (0..count).map(due).sum(),
         window_secs: window.as_secs_f64(),
         cut_off,
         reasons,
@@ -1696,9 +1747,14 @@ async fn compare(args: CompareArgs) -> Result<()> {
     loopback(&args.nats).await?;
     let tick = clock_ticks();
     println!(
-        "bench compare: {} subscribers, {} events/s offered for {:.0?}, {}-byte payload, \
+        "bench compare: {} subscribers{}, {} events/s offered for {:.0?}, {}-byte payload, \
          strom publish {}{}; {} run(s) per target",
         args.subscribers,
+        if args.pinned {
+            " (each pinned to a record)"
+        } else {
+            ""
+        },
         args.rate,
         args.duration,
         args.payload,

@@ -21,6 +21,7 @@ use crate::proto;
 use crate::write_deadline::WriteDeadline;
 use axum::http::HeaderValue;
 use axum::response::IntoResponse;
+use axum::serve::ListenerExt;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -128,6 +129,14 @@ impl Server {
                 tokio::spawn(postgres::run(config, self.engine.clone(), capture_stop))
             });
         let stopping = self.engine.clone();
+        // Small frames go out at once: with Nagle's algorithm a frame written
+        // while the previous one is unacknowledged waits for the client's
+        // delayed ACK (up to 40 ms on Linux).
+        let listener = listener.tap_io(|socket| {
+            if let Err(error) = socket.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY: {error}");
+            }
+        });
         let listener = WriteDeadline::new(listener, self.config.write_timeout);
         let mut limits = self.config.connections.clone();
         let fitted = accept::fit_to_open_file_limit(limits.total);
