@@ -59,11 +59,6 @@ pub struct FanoutArgs {
     /// The server's process id, to report its memory.
     #[arg(long)]
     server_pid: Option<u32>,
-    /// Pins subscriber i to record `r<i>` of the collection; events go to
-    /// the records in turn, so each reaches one subscriber, and every
-    /// subscriber's events are parsed for latency (WebSocket only).
-    #[arg(long)]
-    pinned: bool,
     /// How subscribers connect: `websocket` or `grpc`.
     #[arg(long, default_value = "websocket")]
     transport: String,
@@ -114,14 +109,11 @@ fn ws_url(server: &str) -> String {
 }
 
 /// Opens a connection, optionally subscribed, and waits for the replies.
-async fn open(url: &str, collection: Option<&str>, record_id: Option<String>) -> Result<Socket> {
+async fn open(url: &str, collection: Option<&str>) -> Result<Socket> {
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
     socket.next().await.context("no greeting")??;
     if let Some(collection) = collection {
-        let mut subscribe = json!({"action": "subscribe", "collection": collection});
-        if let Some(record_id) = record_id {
-            subscribe["record_id"] = json!(record_id);
-        }
+        let subscribe = json!({"action": "subscribe", "collection": collection});
         socket.send(Message::text(subscribe.to_string())).await?;
         loop {
             let Message::Text(text) = socket.next().await.context("closed")?? else {
@@ -164,17 +156,11 @@ async fn open_sse(addr: &str, collection: &str) -> Result<tokio::net::TcpStream>
     Ok(stream)
 }
 
-/// Opens `count` connections, subscribed to `collection` if given; with
-/// `pinned`, connection i to its record `r<i>` only.
-async fn open_many(
-    url: &str,
-    count: usize,
-    collection: Option<&str>,
-    pinned: bool,
-) -> Result<Vec<Socket>> {
+/// Opens `count` connections, subscribed to `collection` if given.
+async fn open_many(url: &str, count: usize, collection: Option<&str>) -> Result<Vec<Socket>> {
     let mut sockets = Vec::with_capacity(count);
     let mut pending = futures_util::stream::iter(0..count)
-        .map(|i| open(url, collection, pinned.then(|| format!("r{i}"))))
+        .map(|_| open(url, collection))
         .buffered(100);
     while let Some(socket) = pending.next().await {
         sockets.push(socket?);
@@ -202,15 +188,13 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
     let collection = format!("bench_{}", now_micros());
     let before = args.server_pid.map(rss_kib).transpose()?;
     let feeds: Vec<Feed> = match args.transport.as_str() {
-        "websocket" => open_many(&url, args.subscribers, Some(&collection), args.pinned)
+        "websocket" => open_many(&url, args.subscribers, Some(&collection))
             .await?
             .into_iter()
             .map(Feed::WebSocket)
             .collect(),
-        "grpc" if !args.pinned => open_grpc(&args.server, args.subscribers, &collection).await?,
-        other => {
-            bail!("unknown transport {other:?} (or --pinned with grpc): use websocket or grpc")
-        }
+        "grpc" => open_grpc(&args.server, args.subscribers, &collection).await?,
+        other => bail!("unknown transport {other:?}: use websocket or grpc"),
     };
     let after = args.server_pid.map(rss_kib).transpose()?;
     println!(
@@ -242,7 +226,7 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
             Arc::clone(&latencies),
             done.clone(),
         );
-        let sampled = args.pinned || i < args.sampled;
+        let sampled = i < args.sampled;
         readers.push(tokio::spawn(async move {
             let mut local = Vec::new();
             let mut count = 0u64;
@@ -291,16 +275,10 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
             continue;
         }
         let t = now_micros();
-        let subscribers = args.subscribers.max(1) as u64;
-        let events = (published..published + batch)
-            .map(|n| proto::Event {
+        let events = (0..batch)
+            .map(|_| proto::Event {
                 r#type: proto::EventType::RecordCreated as i32,
                 collection: collection.clone(),
-                record_id: if args.pinned {
-                    format!("r{}", n % subscribers)
-                } else {
-                    String::new()
-                },
                 data: Some(struct_from_json(&json!({"t": t, "pad": padding}))),
                 ..Default::default()
             })
@@ -334,11 +312,7 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         "published {published} events in {:.2?} ({:.0}/s); expected deliveries {}",
         publish_time,
         published as f64 / publish_time.as_secs_f64(),
-        if args.pinned {
-            published
-        } else {
-            published * args.subscribers as u64
-        }
+        published * args.subscribers as u64
     );
     println!(
         "delivered {total} in {elapsed:.2?}: {:.0} deliveries/s; {} subscribers cut off as too slow",
@@ -437,8 +411,7 @@ async fn idle(args: IdleArgs) -> Result<()> {
     let sockets: Vec<Box<dyn Send>> = match args.transport.as_str() {
         "websocket" => {
             let subscribed = args.subscribe.then_some(collection.as_str());
-            let sockets =
-                open_many(&ws_url(&args.server), args.connections, subscribed, false).await?;
+            let sockets = open_many(&ws_url(&args.server), args.connections, subscribed).await?;
             sockets
                 .into_iter()
                 .map(|s| Box::new(s) as Box<dyn Send>)
