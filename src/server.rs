@@ -233,6 +233,7 @@ fn app(
         tasks,
         origins: origins.into(),
         ops_token: config.ops_token.as_deref().map(Arc::from),
+        census: Arc::default(),
     };
     Ok(http_routes(state).fallback(fallback).layer(cors))
 }

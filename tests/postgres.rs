@@ -320,3 +320,85 @@ async fn a_lost_slot_is_reported_with_a_resync_event_and_capture_goes_on() {
         ("public.products", "9")
     );
 }
+
+/// Fluxbase's way (seed 002): `SELECT enable_realtime('public','products')`
+/// in SQL, then its WebSocket protocol on `/realtime` sees the table's
+/// INSERT, UPDATE and DELETE; `disable_realtime` stops them.
+#[tokio::test]
+async fn fluxbase_clients_see_table_changes_enabled_from_sql() {
+    let pg = PostgresServer::start();
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE products (id int PRIMARY KEY, name text, price numeric)")
+        .await
+        .unwrap();
+    // What `strom serve --postgres` installs at start-up.
+    postgres::install(&db, &PostgresConfig::new(pg.url.clone()).slot)
+        .await
+        .unwrap();
+    db.execute("SELECT enable_realtime('public', 'products')", &[])
+        .await
+        .unwrap();
+    let server = TestServer::start(capture_config(&pg)).await;
+    use futures_util::{SinkExt, StreamExt};
+    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/realtime", server.addr))
+        .await
+        .unwrap();
+    let (mut sink, mut frames) = socket.split();
+    let subscribe = json!({"type": "subscribe", "channel": "table:public.products"});
+    sink.send(tokio_tungstenite::tungstenite::Message::text(
+        subscribe.to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut next = async || -> Value {
+        let frame = within("a frame", frames.next()).await.unwrap().unwrap();
+        serde_json::from_str(frame.to_text().unwrap()).unwrap()
+    };
+    assert_eq!(next().await["payload"]["subscribed"], true);
+
+    db.batch_execute(
+        "INSERT INTO products VALUES (123, 'New Product', 99.99);
+         UPDATE products SET name = 'Updated Product', price = 149.99 WHERE id = 123;
+         DELETE FROM products WHERE id = 123;",
+    )
+    .await
+    .unwrap();
+    let new = json!({"id": 123, "name": "New Product", "price": 99.99});
+    let updated = json!({"id": 123, "name": "Updated Product", "price": 149.99});
+    let change = |payload: Value| json!({"type": "broadcast", "channel": "table:public.products", "payload": payload});
+    assert_eq!(
+        next().await,
+        change(json!({"type": "INSERT", "table": "products", "schema": "public", "record": new}))
+    );
+    assert_eq!(
+        next().await,
+        change(
+            json!({"type": "UPDATE", "table": "products", "schema": "public", "record": updated, "old_record": new})
+        )
+    );
+    assert_eq!(
+        next().await,
+        change(
+            json!({"type": "DELETE", "table": "products", "schema": "public", "record": null, "old_record": updated})
+        )
+    );
+    let (status, body) = server.get("/api/realtime/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"connections": 1, "channels": 1})
+    );
+
+    db.execute("SELECT disable_realtime('public', 'products')", &[])
+        .await
+        .unwrap();
+    let triggers: i64 = db
+        .query_one(
+            "SELECT count(*) FROM information_schema.triggers WHERE event_object_table = 'products'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0, "disable_realtime drops the trigger");
+}

@@ -106,6 +106,20 @@ RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
   EXECUTE format('DROP TRIGGER IF EXISTS strom_capture ON %I.%I', schema_name, table_name);
 END $$;
+
+-- Fluxbase's names (seed 002), for its users' SQL: `SELECT
+-- enable_realtime('public', 'products')`.
+CREATE OR REPLACE FUNCTION public.enable_realtime(schema_name text, table_name text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM strom.enable_realtime(schema_name, table_name);
+END $$;
+
+CREATE OR REPLACE FUNCTION public.disable_realtime(schema_name text, table_name text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM strom.disable_realtime(schema_name, table_name);
+END $$;
 "#;
 
 pub async fn connect(url: &str) -> Result<Client, CaptureError> {

@@ -2,7 +2,10 @@
 //! and back; none holds delivery logic of its own. All share one port and
 //! one error map ([`errors`]).
 
+pub mod better_query;
+pub mod dialect;
 pub mod errors;
+pub mod fluxbase;
 pub mod grpc;
 pub mod rest;
 pub mod sse;
@@ -34,6 +37,8 @@ pub struct AppState {
     pub origins: Arc<[HeaderValue]>,
     /// `--ops-token`: the credential of stats and metrics.
     pub ops_token: Option<Arc<str>>,
+    /// The channels of dialect connections, for the dialects' stats.
+    pub census: Arc<dialect::ChannelCensus>,
 }
 
 /// The HTTP routes of the bridge (WebSocket, SSE, REST).
@@ -52,7 +57,39 @@ pub fn http_routes(state: AppState) -> Router {
         .route("/api/v1/presence", get(rest::presence))
         .route("/healthz", get(rest::healthz))
         .route("/metrics", get(rest::metrics))
+        .route("/realtime", get(dialect::upgrade::<fluxbase::Fluxbase>))
+        .route("/api/realtime/stats", get(fluxbase::stats))
+        .route(
+            "/better-query/realtime",
+            get(dialect::upgrade::<better_query::BetterQuery>),
+        )
+        .route("/better-query/realtime/stats", get(better_query::stats))
+        .route(
+            "/better-query/realtime/channel/users",
+            get(better_query::channel_users),
+        )
+        .route(
+            "/better-query/realtime/broadcast",
+            post(better_query::broadcast),
+        )
         .with_state(state)
+}
+
+/// Refuses a browser page whose origin `--cors-origin` does not list (a
+/// browser always sends its page's origin; other clients need not).
+fn check_origin(app: &AppState, headers: &HeaderMap) -> Result<(), errors::ApiError> {
+    match headers.get(axum::http::header::ORIGIN) {
+        Some(origin) if !app.origins.is_empty() && !app.origins.contains(origin) => {
+            Err(errors::ApiError::new(
+                errors::ErrorKind::PermissionDenied,
+                format!(
+                    "origin {:?} is not allowed (see --cors-origin)",
+                    String::from_utf8_lossy(origin.as_bytes())
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Who an HTTP request (REST, SSE, the WebSocket upgrade) comes from: the

@@ -4,6 +4,7 @@ use super::AppState;
 use super::errors::{ApiError, ErrorKind};
 use crate::auth::Principal;
 use crate::codec::{decode_event, event_from_value};
+use crate::engine::Transport;
 use crate::event::{Event, EventType, format_timestamp};
 use axum::Json;
 use axum::body::Bytes;
@@ -87,7 +88,7 @@ pub async fn broadcast(
 /// Stats and metrics name every connection and the collections it reads,
 /// so they need `--ops-token` as the bearer credential when it is set;
 /// without it they are open in open mode and need an API key otherwise.
-fn check_ops_access(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_ops_access(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let refused = |kind, message: &str| Err(ApiError::new(kind, message));
     match &app.ops_token {
         Some(token) => match super::bearer(headers) {
@@ -185,7 +186,7 @@ pub async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> Respons
     let stats = app.engine.stats();
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE strom_connections gauge");
-    for transport in ["grpc", "websocket", "sse"] {
+    for transport in Transport::ALL.map(Transport::as_str) {
         let count = stats.per_transport.get(transport).copied().unwrap_or(0);
         let _ = writeln!(
             out,

@@ -9,7 +9,7 @@
 //! oversized frame, an idle client, an overflow or shutdown close it.
 
 use super::errors::{ApiError, ErrorKind, close_code};
-use super::{AppState, connected_data, event_json};
+use super::{AppState, check_origin, connected_data, event_json};
 use crate::auth::Principal;
 use crate::engine::{
     Connection, Delivery, EndReason, Received, ResetNotice, SubscriptionSpec, Transport,
@@ -48,16 +48,16 @@ impl Default for WsConfig {
 }
 
 /// Deliveries written before one flush; bounds the latency of a batch.
-const MAX_BATCH: usize = 512;
+pub(super) const MAX_BATCH: usize = 512;
 
 /// How long closing may wait for the socket. A client that stopped reading
 /// would hold it until the write deadline; its connection has already left
 /// the engine, so the goodbye is best effort.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Per-connection read buffer. Clients send small actions, so a small buffer
 /// keeps idle connections cheap (tungstenite's default is 128 KiB).
-const READ_BUFFER: usize = 1024;
+pub(super) const READ_BUFFER: usize = 1024;
 
 #[derive(Debug, Deserialize)]
 pub struct WsParams {
@@ -75,19 +75,7 @@ pub async fn upgrade(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    // A browser always sends its page's origin; other clients need not.
-    if let Some(origin) = headers.get(axum::http::header::ORIGIN)
-        && !app.origins.is_empty()
-        && !app.origins.contains(origin)
-    {
-        return Err(ApiError::new(
-            ErrorKind::PermissionDenied,
-            format!(
-                "origin {:?} is not allowed (see --cors-origin)",
-                String::from_utf8_lossy(origin.as_bytes())
-            ),
-        ));
-    }
+    check_origin(&app, &headers)?;
     let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
     // Refused before the upgrade too, when the user holds too many.
     let connection = app.engine.connect(Transport::WebSocket, principal)?;
@@ -116,7 +104,7 @@ fn error_message(error: &ApiError) -> Message {
     message("error", error.body())
 }
 
-fn close_message(code: u16, reason: &str) -> Message {
+pub(super) fn close_message(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
         code,
         reason: reason.chars().take(120).collect::<String>().into(),
@@ -300,7 +288,7 @@ impl Session {
         let idle = self.last_heard.elapsed();
         if idle >= self.app.ws.idle_timeout {
             let error = ApiError::new(
-                super::errors::ErrorKind::Unavailable,
+                ErrorKind::Unavailable,
                 format!(
                     "no message from the client for {} s; answer ping with pong",
                     idle.as_secs()
@@ -492,7 +480,7 @@ impl Session {
             .collect();
         if matching.is_empty() {
             return Err(ApiError::new(
-                super::errors::ErrorKind::NotFound,
+                ErrorKind::NotFound,
                 format!("not subscribed to {collection:?}"),
             ));
         }

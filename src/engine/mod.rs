@@ -150,14 +150,28 @@ pub enum Transport {
     Grpc,
     WebSocket,
     Sse,
+    /// WebSocket in Fluxbase's dialect.
+    Fluxbase,
+    /// WebSocket in better-query's dialect.
+    BetterQuery,
 }
 
 impl Transport {
+    pub const ALL: [Transport; 5] = [
+        Transport::Grpc,
+        Transport::WebSocket,
+        Transport::Sse,
+        Transport::Fluxbase,
+        Transport::BetterQuery,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::Grpc => "grpc",
             Transport::WebSocket => "websocket",
             Transport::Sse => "sse",
+            Transport::Fluxbase => "fluxbase",
+            Transport::BetterQuery => "better_query",
         }
     }
 }
@@ -611,6 +625,11 @@ impl Drop for UserSlot {
 }
 
 impl Connection {
+    /// Who the connection acts for.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
     /// The connection's name, unique in the cluster: `<node>-<number>`.
     pub fn name(&self) -> String {
         self.shared.name.to_string()
