@@ -310,9 +310,9 @@ impl SharedEvent {
 
     /// The bytes of this event in `wire`, encoded by `encode` the first time
     /// any subscriber asks and shared afterwards.
-    pub fn encoded(&self, wire: Wire, view: View, encode: impl FnOnce() -> Bytes) -> Bytes {
+    pub fn encoded(&self, wire: Wire, view: View, encode: impl FnOnce() -> Bytes) -> &Bytes {
         let slot = wire as usize + WIRE_SLOTS * view.slot();
-        self.encodings[slot].get_or_init(encode).clone()
+        self.encodings[slot].get_or_init(encode)
     }
 }
 

@@ -13,7 +13,8 @@
 //! how its frames read and look.
 
 use super::errors::{ApiError, ErrorKind, close_code};
-use super::ws::{CLOSE_GRACE, MAX_BATCH, READ_BUFFER, close_message};
+use super::socket::{ClientSocket, NotAnUpgrade, Upgrade, check_size, oversized};
+use super::ws::MAX_BATCH;
 use super::{AppState, check_origin};
 use crate::engine::presence::PRESENCE_COLLECTION;
 use crate::engine::presence::PresenceUser;
@@ -21,19 +22,16 @@ use crate::engine::{Connection, EndReason, Received, SubscriptionSpec, Transport
 use crate::event::{Event, EventType, View};
 use crate::filter::Filter;
 use axum::Json;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 /// What a client asks, in any dialect.
 #[derive(Debug, PartialEq)]
@@ -142,14 +140,12 @@ pub(super) async fn upgrade<D: Dialect>(
     State(app): State<AppState>,
     Query(params): Query<TokenParam>,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Upgrade, NotAnUpgrade>,
 ) -> Response {
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
-        Err(rejection) => {
-            let body = json!({
-                "error": format!("this endpoint speaks WebSocket only: {}", rejection.body_text()),
-            });
+        Err(NotAnUpgrade(why)) => {
+            let body = json!({"error": format!("this endpoint speaks WebSocket only: {why}")});
             return (StatusCode::UPGRADE_REQUIRED, Json(body)).into_response();
         }
     };
@@ -160,17 +156,12 @@ pub(super) async fn upgrade<D: Dialect>(
         Ok(connection) => connection,
         Err(error) => return http_error(&error),
     };
-    let hard_limit = app.ws.max_frame_bytes.saturating_mul(2).max(1024);
-    upgrade
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(hard_limit)
-        .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| {
-            let tracker = app.tasks.clone();
-            let delivery = app.engine.delivery().clone();
-            delivery.spawn(tracker.track_future(Session::<D>::run(app, socket, connection)));
-            std::future::ready(())
-        })
+    let tracker = app.tasks.clone();
+    let delivery = app.engine.delivery().clone();
+    let max_frame_bytes = app.ws.max_frame_bytes;
+    upgrade.accept(max_frame_bytes, &delivery, move |socket| {
+        tracker.track_future(Session::<D>::run(app, socket, connection))
+    })
 }
 
 /// A channel a session holds: its subscription, and the one that shows its
@@ -189,7 +180,7 @@ struct Owner {
 struct Session<D: Dialect> {
     app: AppState,
     connection: Connection,
-    sink: SplitSink<WebSocket, Message>,
+    socket: ClientSocket,
     last_heard: Instant,
     channels: HashMap<String, Held>,
     owners: HashMap<u64, Owner>,
@@ -210,18 +201,17 @@ impl<D: Dialect> Drop for Session<D> {
 }
 
 fn text(frame: Value) -> Message {
-    Message::Text(frame.to_string().into())
+    Message::text(frame.to_string())
 }
 
 impl<D: Dialect> Session<D> {
-    async fn run(app: AppState, socket: WebSocket, connection: Connection) {
-        let (sink, mut stream) = socket.split();
+    async fn run(app: AppState, socket: ClientSocket, connection: Connection) {
         let mut heartbeat = tokio::time::interval(app.ws.ping_interval);
         heartbeat.tick().await;
         let mut session = Session::<D> {
             app,
             connection,
-            sink,
+            socket,
             last_heard: Instant::now(),
             channels: HashMap::new(),
             owners: HashMap::new(),
@@ -229,7 +219,7 @@ impl<D: Dialect> Session<D> {
         };
         loop {
             let step = tokio::select! {
-                incoming = stream.next() => match incoming {
+                incoming = session.socket.next() => match incoming {
                     Some(Ok(frame)) => {
                         session.last_heard = Instant::now();
                         Box::pin(session.on_frame(frame)).await
@@ -247,25 +237,19 @@ impl<D: Dialect> Session<D> {
                 break;
             }
         }
-        let _ = tokio::time::timeout(CLOSE_GRACE, session.sink.close()).await;
+        session.socket.close().await;
     }
 
     async fn send(&mut self, frame: Value) -> Step {
-        match self.sink.send(text(D::stamp(frame))).await {
+        match self.socket.send(text(D::stamp(frame))).await {
             Ok(()) => Step::Continue,
             Err(_) => Step::Close,
         }
     }
 
     async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
-        let goodbye = async {
-            let _ = self
-                .sink
-                .feed(text(D::stamp(D::error(&error.message))))
-                .await;
-            let _ = self.sink.send(close_message(code, &error.message)).await;
-        };
-        let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
+        let last = text(D::stamp(D::error(&error.message)));
+        self.socket.close_with(last, code, &error.message).await;
         Step::Close
     }
 
@@ -292,16 +276,11 @@ impl<D: Dialect> Session<D> {
         Step::Continue
     }
 
-    async fn on_read_error(&mut self, error: axum::Error) -> Step {
-        let text = error.to_string();
-        if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-            let error = ApiError::invalid(format!(
-                "frame larger than {} bytes",
-                self.app.ws.max_frame_bytes
-            ));
-            return self.close_with(error, close_code::TOO_BIG).await;
+    async fn on_read_error(&mut self, error: tungstenite::Error) -> Step {
+        match oversized(&error, self.app.ws.max_frame_bytes) {
+            Some(error) => self.close_with(error, close_code::TOO_BIG).await,
+            None => Step::Close,
         }
-        Step::Close
     }
 
     /// A bad frame gets the dialect's error and the connection goes on.
@@ -314,14 +293,9 @@ impl<D: Dialect> Session<D> {
                     .await;
             }
             Message::Close(_) => return Step::Close,
-            Message::Ping(_) | Message::Pong(_) => return Step::Continue,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
         };
-        if text.len() > self.app.ws.max_frame_bytes {
-            let error = ApiError::invalid(format!(
-                "frame of {} bytes is larger than the limit of {} bytes",
-                text.len(),
-                self.app.ws.max_frame_bytes
-            ));
+        if let Err(error) = check_size(&text, self.app.ws.max_frame_bytes) {
             return self.close_with(error, close_code::TOO_BIG).await;
         }
         let reply = match D::parse(&text) {
@@ -488,12 +462,12 @@ impl<D: Dialect> Session<D> {
             frames.extend(self.frames(next));
             taken += 1;
         }
-        let sink = &mut self.sink;
+        let socket = &mut self.socket;
         let write = async move {
             for frame in frames {
-                sink.feed(frame).await?;
+                socket.feed(frame).await?;
             }
-            sink.flush().await
+            socket.flush().await
         };
         tokio::select! {
             written = write => match written {

@@ -330,7 +330,7 @@ fn response(received: Received) -> EncodedResponse {
                 };
                 response.encode_to_vec().into()
             });
-            EncodedResponse(bytes)
+            EncodedResponse(bytes.clone())
         }
         Received::Reset(notice) => EncodedResponse::of(&proto::SubscribeResponse {
             kind: Some(Kind::Reset(proto::Reset {

@@ -8,6 +8,7 @@ pub mod errors;
 pub mod fluxbase;
 pub mod grpc;
 pub mod rest;
+pub mod socket;
 pub mod sse;
 pub mod ws;
 

@@ -85,6 +85,7 @@ fn event_frame(delivery: &Delivery) -> Bytes {
         let id = Some(event.seq).filter(|seq| *seq > 0);
         frame(event.event_type.as_str(), id, &event_json(delivery))
     })
+    .clone()
 }
 
 async fn open(

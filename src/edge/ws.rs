@@ -16,16 +16,17 @@ use crate::engine::{
 };
 use crate::event::{Event, EventType, Wire, format_timestamp};
 use crate::filter::Filter;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use super::socket::{
+    ClientSocket, NotAnUpgrade, TEXT, Upgrade, check_size, frame_header_len, oversized,
+    put_frame_header,
+};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
-use bytes::{BufMut, BytesMut};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant, SystemTime};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 #[derive(Debug, Clone)]
 pub struct WsConfig {
@@ -50,15 +51,6 @@ impl Default for WsConfig {
 /// Deliveries written before one flush; bounds the latency of a batch.
 pub(super) const MAX_BATCH: usize = 512;
 
-/// How long closing may wait for the socket. A client that stopped reading
-/// would hold it until the write deadline; its connection has already left
-/// the engine, so the goodbye is best effort.
-pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// Per-connection read buffer. Clients send small actions, so a small buffer
-/// keeps idle connections cheap (tungstenite's default is 128 KiB).
-pub(super) const READ_BUFFER: usize = 1024;
-
 #[derive(Debug, Deserialize)]
 pub struct WsParams {
     token: Option<String>,
@@ -73,77 +65,72 @@ pub async fn upgrade(
     State(app): State<AppState>,
     Query(params): Query<WsParams>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Result<Response, ApiError> {
-    check_origin(&app, &headers)?;
-    let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
-    // Refused before the upgrade too, when the user holds too many.
-    let connection = app.engine.connect(Transport::WebSocket, principal)?;
-    // tungstenite refuses frames past twice the limit outright; frames
-    // between the limit and that get the friendlier error of `Session`.
-    let hard_limit = app.ws.max_frame_bytes.saturating_mul(2).max(1024);
-    Ok(upgrade
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(hard_limit)
-        .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| {
-            let tracker = app.tasks.clone();
-            let presence = params.user_id.map(|id| (id, params.user_name));
-            let delivery = app.engine.delivery().clone();
-            // A session mostly writes deliveries: it runs beside the fan-out.
-            delivery.spawn(tracker.track_future(Session::run(app, socket, connection, presence)));
-            std::future::ready(())
-        }))
+    upgrade: Result<Upgrade, NotAnUpgrade>,
+) -> Result<Response, Response> {
+    let upgrade = upgrade.map_err(IntoResponse::into_response)?;
+    let connect = || {
+        check_origin(&app, &headers)?;
+        let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
+        // Refused before the upgrade too, when the user holds too many.
+        Ok::<_, ApiError>(app.engine.connect(Transport::WebSocket, principal)?)
+    };
+    let connection = connect().map_err(IntoResponse::into_response)?;
+    let presence = params.user_id.map(|id| (id, params.user_name));
+    let tracker = app.tasks.clone();
+    // A session mostly writes deliveries: it runs beside the fan-out.
+    let delivery = app.engine.delivery().clone();
+    let max_frame_bytes = app.ws.max_frame_bytes;
+    Ok(upgrade.accept(max_frame_bytes, &delivery, move |socket| {
+        tracker.track_future(Session::run(app, socket, connection, presence))
+    }))
 }
 
 fn message(kind: &str, data: Value) -> Message {
-    Message::Text(json!({"type": kind, "data": data}).to_string().into())
+    Message::text(json!({"type": kind, "data": data}).to_string())
 }
 
 fn error_message(error: &ApiError) -> Message {
     message("error", error.body())
 }
 
-pub(super) fn close_message(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.chars().take(120).collect::<String>().into(),
-    }))
-}
-
-/// `{"type":"event","data":<event JSON>}`, built once per event and shared
-/// by every connection; on a connection holding several subscriptions,
-/// followed by `"subscription_ids":[...]`, the ones the event matched.
-fn event_frame(delivery: &Delivery, name_subscriptions: bool) -> Utf8Bytes {
-    let bytes = delivery.event.encoded(Wire::WebSocket, delivery.view, || {
+/// Appends the frame of `{"type":"event","data":<event JSON>}`: encoded
+/// once per event, header included, and shared by every connection; on a
+/// connection holding several subscriptions, followed by
+/// `"subscription_ids":[...]`, the ones the event matched.
+fn put_event_frame(out: &mut Vec<u8>, delivery: &Delivery, name_subscriptions: bool) {
+    let frame = delivery.event.encoded(Wire::WebSocket, delivery.view, || {
         let event = event_json(delivery);
-        let mut frame = BytesMut::with_capacity(event.len() + 32);
-        frame.put_slice(br#"{"type":"event","data":"#);
-        frame.put_slice(&event);
-        frame.put_u8(b'}');
-        frame.freeze()
+        let body = [br#"{"type":"event","data":"#.as_slice(), &event, b"}"].concat();
+        let mut frame = Vec::with_capacity(body.len() + 10);
+        put_frame_header(&mut frame, TEXT, body.len());
+        frame.extend_from_slice(&body);
+        frame.into()
     });
-    let bytes = if name_subscriptions {
-        let ids: Vec<u64> = delivery.subscriptions().collect();
-        let ids = serde_json::to_string(&ids).expect("JSON of ids");
-        let mut named = BytesMut::with_capacity(bytes.len() + ids.len() + 24);
-        named.put_slice(&bytes[..bytes.len() - 1]);
-        named.put_slice(br#","subscription_ids":"#);
-        named.put_slice(ids.as_bytes());
-        named.put_u8(b'}');
-        named.freeze()
-    } else {
-        bytes
-    };
-    Utf8Bytes::try_from(bytes).expect("event JSON is UTF-8")
+    if !name_subscriptions {
+        out.extend_from_slice(frame);
+        return;
+    }
+    let body = &frame[frame_header_len(frame)..];
+    let ids: Vec<u64> = delivery.subscriptions().collect();
+    let ids = serde_json::to_string(&ids).expect("JSON of ids");
+    let suffix = br#","subscription_ids":"#;
+    put_frame_header(out, TEXT, body.len() + suffix.len() + ids.len());
+    out.extend_from_slice(&body[..body.len() - 1]);
+    out.extend_from_slice(suffix);
+    out.extend_from_slice(ids.as_bytes());
+    out.push(b'}');
 }
 
-type Sink = SplitSink<WebSocket, Message>;
+/// Appends the frame of a text message.
+fn put_text_frame(out: &mut Vec<u8>, text: &str) {
+    put_frame_header(out, TEXT, text.len());
+    out.extend_from_slice(text.as_bytes());
+}
 
 struct Session {
     app: AppState,
     connection: Connection,
-    sink: Sink,
+    socket: ClientSocket,
     last_heard: Instant,
 }
 
@@ -155,15 +142,14 @@ enum Step {
 impl Session {
     async fn run(
         app: AppState,
-        socket: WebSocket,
+        socket: ClientSocket,
         mut connection: Connection,
         presence: Option<(String, Option<String>)>,
     ) {
-        let (sink, mut stream) = socket.split();
         connection.join_presence(presence);
         let mut session = Session {
             connection,
-            sink,
+            socket,
             last_heard: Instant::now(),
             app,
         };
@@ -175,7 +161,7 @@ impl Session {
         ping.tick().await;
         loop {
             let step = tokio::select! {
-                incoming = stream.next() => match incoming {
+                incoming = session.socket.next() => match incoming {
                     Some(Ok(frame)) => {
                         session.last_heard = Instant::now();
                         // Boxed: actions are rare, and their futures would
@@ -197,11 +183,11 @@ impl Session {
                 break;
             }
         }
-        let _ = tokio::time::timeout(CLOSE_GRACE, session.sink.close()).await;
+        session.socket.close().await;
     }
 
-    async fn send(&mut self, message: Message) -> Result<(), axum::Error> {
-        self.sink.send(message).await
+    async fn send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
+        self.socket.send(message).await
     }
 
     /// Sends and reports whether the connection can go on.
@@ -213,11 +199,9 @@ impl Session {
     }
 
     async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
-        let goodbye = async {
-            let _ = self.sink.feed(error_message(&error)).await;
-            let _ = self.send(close_message(code, &error.message)).await;
-        };
-        let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
+        self.socket
+            .close_with(error_message(&error), code, &error.message)
+            .await;
         Step::Close
     }
 
@@ -226,28 +210,26 @@ impl Session {
     /// resumes from what it did receive.
     async fn write_received(&mut self, first: Received) -> Step {
         let name_subscriptions = self.connection.subscriptions().nth(1).is_some();
-        let mut frames = Vec::new();
+        let mut taken = 0;
         let mut next = Some(first);
         while let Some(received) = next {
-            frames.push(match received {
+            match received {
                 Received::Event(delivery) => {
-                    Message::Text(event_frame(&delivery, name_subscriptions))
+                    put_event_frame(self.socket.encoded(), &delivery, name_subscriptions);
                 }
-                Received::Reset(notice) => self.reset_message(&notice),
-            });
-            next = if frames.len() < MAX_BATCH {
+                Received::Reset(notice) => {
+                    let reset = self.reset_message(&notice);
+                    put_text_frame(self.socket.encoded(), &reset);
+                }
+            }
+            taken += 1;
+            next = if taken < MAX_BATCH {
                 self.connection.try_recv()
             } else {
                 None
             };
         }
-        let sink = &mut self.sink;
-        let write = async move {
-            for frame in frames {
-                sink.feed(frame).await?;
-            }
-            sink.flush().await
-        };
+        let write = self.socket.write_encoded();
         tokio::select! {
             written = write => match written {
                 Ok(()) => Step::Continue,
@@ -261,21 +243,19 @@ impl Session {
 
     /// `{"type":"reset","data":{...}}`: the resume position was older than
     /// the retained history.
-    fn reset_message(&self, notice: &ResetNotice) -> Message {
+    fn reset_message(&self, notice: &ResetNotice) -> String {
         let collection = self
             .connection
             .subscriptions()
             .find(|(id, _)| *id == notice.subscription)
             .map(|(_, spec)| spec.collection.clone());
-        message(
-            "reset",
-            json!({
-                "collection": collection,
-                "subscription_id": notice.subscription,
-                "since": notice.since,
-                "first_available_seq": notice.first_available,
-            }),
-        )
+        let data = json!({
+            "collection": collection,
+            "subscription_id": notice.subscription,
+            "since": notice.since,
+            "first_available_seq": notice.first_available,
+        });
+        json!({"type": "reset", "data": data}).to_string()
     }
 
     async fn end(&mut self, reason: EndReason) -> Step {
@@ -301,16 +281,11 @@ impl Session {
             .await
     }
 
-    async fn on_read_error(&mut self, error: axum::Error) -> Step {
-        let text = error.to_string();
-        if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-            let error = ApiError::invalid(format!(
-                "frame larger than {} bytes",
-                self.app.ws.max_frame_bytes
-            ));
-            return self.close_with(error, close_code::TOO_BIG).await;
+    async fn on_read_error(&mut self, error: tungstenite::Error) -> Step {
+        match oversized(&error, self.app.ws.max_frame_bytes) {
+            Some(error) => self.close_with(error, close_code::TOO_BIG).await,
+            None => Step::Close,
         }
-        Step::Close
     }
 
     async fn on_frame(&mut self, frame: Message) -> Step {
@@ -321,14 +296,9 @@ impl Session {
                 return self.reply(error_message(&error)).await;
             }
             Message::Close(_) => return Step::Close,
-            Message::Ping(_) | Message::Pong(_) => return Step::Continue,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
         };
-        if text.len() > self.app.ws.max_frame_bytes {
-            let error = ApiError::invalid(format!(
-                "frame of {} bytes is larger than the limit of {} bytes",
-                text.len(),
-                self.app.ws.max_frame_bytes
-            ));
+        if let Err(error) = check_size(&text, self.app.ws.max_frame_bytes) {
             return self.close_with(error, close_code::TOO_BIG).await;
         }
         match self.on_action(&text).await {

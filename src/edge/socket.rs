@@ -1,0 +1,322 @@
+//! A client's WebSocket: the handshake (HTTP/1.1 `Upgrade`, and HTTP/2
+//! extended `CONNECT`) and the socket the sessions of `ws.rs` and
+//! `dialect.rs` talk through.
+//!
+//! Why not axum's `WebSocket`: fan-out writes the same event frame to
+//! thousands of sockets, and through a `Message` each write costs a buffer
+//! clone, a UTF-8 check of the frame and a copy by tungstenite's framing.
+//! [`ClientSocket`] also takes whole frames encoded once per event
+//! ([`put_frame_header`]) and writes them to the connection directly, next
+//! to tungstenite, which still reads, answers pings and writes everything
+//! else.
+
+use super::errors::ApiError;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
+use axum::response::Response;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// How long closing may wait for the socket. A client that stopped reading
+/// would hold it until the write deadline; its connection has already left
+/// the engine, so the goodbye is best effort.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Per-connection read buffer. Clients send small actions, so a small buffer
+/// keeps idle connections cheap (tungstenite's default is 128 KiB).
+const READ_BUFFER: usize = 1024;
+
+/// A request to open a WebSocket, checked; [`Upgrade::accept`] answers it.
+pub struct Upgrade {
+    /// `Sec-WebSocket-Key` (HTTP/1.1); HTTP/2 has none.
+    key: Option<HeaderValue>,
+    on_upgrade: OnUpgrade,
+}
+
+/// Why a request is not a WebSocket handshake.
+#[derive(Debug)]
+pub struct NotAnUpgrade(pub &'static str);
+
+/// 426 with `{"error": {"code": "upgrade_required", "message"}}`.
+impl axum::response::IntoResponse for NotAnUpgrade {
+    fn into_response(self) -> Response {
+        let message = format!("this endpoint speaks WebSocket only: {}", self.0);
+        let body = serde_json::json!({"error": {"code": "upgrade_required", "message": message}});
+        (StatusCode::UPGRADE_REQUIRED, axum::Json(body)).into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = NotAnUpgrade;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, NotAnUpgrade> {
+        let headers = &parts.headers;
+        let key = if parts.version <= Version::HTTP_11 {
+            if parts.method != Method::GET {
+                return Err(NotAnUpgrade("a WebSocket handshake is a GET"));
+            }
+            if !has_token(headers, header::CONNECTION, "upgrade")
+                || !has_token(headers, header::UPGRADE, "websocket")
+            {
+                return Err(NotAnUpgrade(
+                    "expected `Connection: upgrade` and `Upgrade: websocket`",
+                ));
+            }
+            let key = headers
+                .get(header::SEC_WEBSOCKET_KEY)
+                .ok_or(NotAnUpgrade("missing Sec-WebSocket-Key"))?;
+            Some(key.clone())
+        } else {
+            let websocket = parts
+                .extensions
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str() == "websocket");
+            if parts.method != Method::CONNECT || !websocket {
+                return Err(NotAnUpgrade(
+                    "over HTTP/2 a WebSocket is a CONNECT with :protocol websocket",
+                ));
+            }
+            None
+        };
+        if !has_token(headers, header::SEC_WEBSOCKET_VERSION, "13") {
+            return Err(NotAnUpgrade("only WebSocket version 13 is supported"));
+        }
+        let on_upgrade = parts
+            .extensions
+            .remove::<OnUpgrade>()
+            .ok_or(NotAnUpgrade("this connection cannot be upgraded"))?;
+        Ok(Upgrade { key, on_upgrade })
+    }
+}
+
+impl Upgrade {
+    /// Answers the handshake and runs `session` on `runtime` with the
+    /// socket once the client has it. Frames above `max_frame_bytes` are
+    /// refused by the session with a clear error; above twice that,
+    /// tungstenite drops them unread.
+    pub fn accept<F, Fut>(
+        self,
+        max_frame_bytes: usize,
+        runtime: &tokio::runtime::Handle,
+        session: F,
+    ) -> Response
+    where
+        F: FnOnce(ClientSocket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let on_upgrade = self.on_upgrade;
+        let hard_limit = max_frame_bytes.saturating_mul(2).max(1024);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .max_message_size(Some(hard_limit))
+            .max_frame_size(Some(hard_limit));
+        runtime.spawn(async move {
+            // A client gone before the upgrade completed: nothing to serve.
+            if let Ok(upgraded) = on_upgrade.await {
+                let io = TokioIo::new(upgraded);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                session(ClientSocket {
+                    ws,
+                    encoded: Vec::new(),
+                    written: 0,
+                })
+                .await;
+            }
+        });
+        let mut response = Response::new(axum::body::Body::empty());
+        if let Some(key) = self.key {
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            let accept = derive_accept_key(key.as_bytes());
+            headers.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                HeaderValue::from_str(&accept).expect("base64 is a header value"),
+            );
+        }
+        response
+    }
+}
+
+/// A client's WebSocket, for tungstenite messages and for frames encoded
+/// beforehand.
+pub struct ClientSocket {
+    ws: WebSocketStream<TokioIo<Upgraded>>,
+    /// Whole frames encoded beforehand, of which `written` bytes are out.
+    encoded: Vec<u8>,
+    written: usize,
+}
+
+impl ClientSocket {
+    /// The next message from the client; `None` once it is gone.
+    pub async fn next(&mut self) -> Option<Result<Message, tungstenite::Error>> {
+        self.ws.next().await
+    }
+
+    /// Where to put whole frames (see [`put_frame_header`]) for
+    /// [`ClientSocket::write_encoded`] to write.
+    pub fn encoded(&mut self) -> &mut Vec<u8> {
+        &mut self.encoded
+    }
+
+    /// Writes what [`ClientSocket::encoded`] holds. Cancel-safe: a write
+    /// cut short goes on where it stopped at the next write or send, so
+    /// frames are never cut in two.
+    pub async fn write_encoded(&mut self) -> std::io::Result<()> {
+        if self.encoded.is_empty() {
+            return Ok(());
+        }
+        // Whatever tungstenite holds (a pong, say) goes first, whole.
+        self.ws.flush().await.map_err(std::io::Error::other)?;
+        let io = self.ws.get_mut();
+        while self.written < self.encoded.len() {
+            match io.write(&self.encoded[self.written..]).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => self.written += n,
+            }
+        }
+        io.flush().await?;
+        self.encoded.clear();
+        self.written = 0;
+        // A big batch leaves a big buffer: give it back.
+        if self.encoded.capacity() > 64 * 1024 {
+            self.encoded = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Queues a message without flushing (after any encoded frames).
+    pub async fn feed(&mut self, message: Message) -> Result<(), tungstenite::Error> {
+        self.write_encoded().await?;
+        self.ws.feed(message).await
+    }
+
+    /// Writes out everything queued.
+    pub async fn flush(&mut self) -> Result<(), tungstenite::Error> {
+        self.write_encoded().await?;
+        self.ws.flush().await
+    }
+
+    /// Sends a message (after any encoded frames).
+    pub async fn send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
+        self.write_encoded().await?;
+        self.ws.send(message).await
+    }
+
+    /// Sends `last` (an error message) and a close frame with `code` and
+    /// `reason`, within [`CLOSE_GRACE`].
+    pub async fn close_with(&mut self, last: Message, code: u16, reason: &str) {
+        let close = Message::Close(Some(CloseFrame {
+            code: code.into(),
+            reason: reason.chars().take(120).collect::<String>().into(),
+        }));
+        let goodbye = async {
+            let _ = self.feed(last).await;
+            let _ = self.send(close).await;
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
+    }
+
+    /// Ends the WebSocket (a close frame, if none was sent), within
+    /// [`CLOSE_GRACE`].
+    pub async fn close(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.close(None)).await;
+    }
+}
+
+/// A frame over the size limit, as the error a client gets; `None` for a
+/// read error that just ends the connection.
+pub fn oversized(error: &tungstenite::Error, max_frame_bytes: usize) -> Option<ApiError> {
+    matches!(error, tungstenite::Error::Capacity(_))
+        .then(|| ApiError::invalid(format!("frame larger than {max_frame_bytes} bytes")))
+}
+
+/// A text message over the size limit, as the error a client gets.
+pub fn check_size(text: &str, max_frame_bytes: usize) -> Result<(), ApiError> {
+    if text.len() > max_frame_bytes {
+        return Err(ApiError::invalid(format!(
+            "frame of {} bytes is larger than the limit of {max_frame_bytes} bytes",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether header `name` lists `token` (comma-separated, any case).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// The header of an unmasked, final server frame of `opcode` carrying
+/// `len` bytes (RFC 6455 §5.2), appended to `out`.
+pub fn put_frame_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+    out.push(0x80 | opcode);
+    match len {
+        0..=125 => out.push(len as u8),
+        126..=0xffff => {
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+}
+
+/// The length of the header of `frame`, a frame [`put_frame_header`] began.
+pub fn frame_header_len(frame: &[u8]) -> usize {
+    match frame[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    }
+}
+
+/// The opcode of a text frame.
+pub const TEXT: u8 = 0x1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_headers_use_the_shortest_length_form() {
+        let header = |len| {
+            let mut out = Vec::new();
+            put_frame_header(&mut out, TEXT, len);
+            out
+        };
+        assert_eq!(header(5), [0x81, 5]);
+        assert_eq!(header(125), [0x81, 125]);
+        assert_eq!(header(126), [0x81, 126, 0, 126]);
+        assert_eq!(header(65_535), [0x81, 126, 0xff, 0xff]);
+        assert_eq!(header(65_536), [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+        for len in [5, 126, 65_536] {
+            assert_eq!(frame_header_len(&header(len)), header(len).len());
+        }
+    }
+
+    #[test]
+    fn header_tokens_are_listed_in_any_case() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(has_token(&headers, header::CONNECTION, "upgrade"));
+        assert!(!has_token(&headers, header::UPGRADE, "websocket"));
+    }
+}
