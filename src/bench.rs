@@ -193,7 +193,7 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
             .into_iter()
             .map(Feed::WebSocket)
             .collect(),
-        "grpc" => open_grpc(&args.server, args.subscribers, &collection).await?,
+        "grpc" => open_grpc(&args.server, args.subscribers, args.sampled, &collection).await?,
         other => bail!("unknown transport {other:?}: use websocket or grpc"),
     };
     let after = args.server_pid.map(rss_kib).transpose()?;
@@ -333,7 +333,7 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
 /// A subscriber's stream, whatever the transport.
 enum Feed {
     WebSocket(Socket),
-    Grpc(tonic::Streaming<proto::SubscribeResponse>),
+    Grpc(tonic::Streaming<Counted>),
 }
 
 enum Next {
@@ -365,12 +365,11 @@ impl Feed {
                 _ => Next::Closed,
             },
             Feed::Grpc(stream) => match stream.message().await {
-                Ok(Some(proto::SubscribeResponse {
-                    kind: Some(proto::subscribe_response::Kind::Event(event)),
-                })) => {
-                    let sent = parse
-                        .then_some(event.data.as_ref())
-                        .flatten()
+                Ok(Some(Counted::Event(event))) => {
+                    let sent = event
+                        .as_ref()
+                        .filter(|_| parse)
+                        .and_then(|event| event.data.as_ref())
                         .and_then(|data| data.fields.get("t"))
                         .and_then(|t| match t.kind {
                             Some(prost_types::value::Kind::NumberValue(n)) => Some(n as u64),
@@ -385,24 +384,107 @@ impl Feed {
     }
 }
 
-/// Opens `count` Subscribe streams, 100 per HTTP/2 connection.
-async fn open_grpc(server: &str, count: usize, collection: &str) -> Result<Vec<Feed>> {
+/// Opens `count` Subscribe streams, 100 per HTTP/2 connection; the first
+/// `sampled` decode their events, the others only count them.
+async fn open_grpc(
+    server: &str,
+    count: usize,
+    sampled: usize,
+    collection: &str,
+) -> Result<Vec<Feed>> {
     let mut feeds = Vec::with_capacity(count);
-    let mut client = None;
+    let mut channel = None;
     for i in 0..count {
         if i % 100 == 0 {
-            client = Some(RealtimeClient::connect(server.to_owned()).await?);
+            let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())?;
+            channel = Some(endpoint.connect().await?);
         }
-        let client = client.as_mut().expect("a client");
+        let mut client = tonic::client::Grpc::new(channel.clone().expect("a channel"));
+        client.ready().await?;
         let request = proto::SubscribeRequest {
             collection: collection.to_owned(),
             ..Default::default()
         };
-        let mut stream = client.subscribe(request).await?.into_inner();
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/strom.v1.Realtime/Subscribe");
+        let codec = CountingCodec {
+            decode: i < sampled,
+        };
+        let mut stream = client
+            .server_streaming(tonic::Request::new(request), path, codec)
+            .await?
+            .into_inner();
         stream.message().await?.context("no subscribed message")?;
         feeds.push(Feed::Grpc(stream));
     }
     Ok(feeds)
+}
+
+/// A Subscribe message as the bench reads it.
+enum Counted {
+    /// An event; decoded when the stream is sampled.
+    Event(Option<Box<proto::Event>>),
+    Other,
+}
+
+/// The client side of Subscribe for many streams: a sampled stream decodes
+/// its messages, the others only look at which kind each is (its first
+/// byte, the protobuf tag of `SubscribeResponse.kind`), so decoding does not
+/// make the generator the bottleneck.
+#[derive(Clone, Copy)]
+struct CountingCodec {
+    decode: bool,
+}
+
+/// The tag of `SubscribeResponse.event` (field 2, length-delimited).
+const EVENT_TAG: u8 = (2 << 3) | 2;
+
+impl tonic::codec::Codec for CountingCodec {
+    type Encode = proto::SubscribeRequest;
+    type Decode = Counted;
+    type Encoder = tonic_prost::ProstEncoder<proto::SubscribeRequest>;
+    type Decoder = CountingCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic::codec::Codec::encoder(&mut tonic_prost::ProstCodec::<
+            proto::SubscribeRequest,
+            proto::SubscribeResponse,
+        >::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl tonic::codec::Decoder for CountingCodec {
+    type Item = Counted;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Counted>, tonic::Status> {
+        use bytes::Buf;
+        use prost::Message as _;
+        if self.decode {
+            let response = proto::SubscribeResponse::decode(buf)
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            return Ok(Some(match response.kind {
+                Some(proto::subscribe_response::Kind::Event(event)) => {
+                    Counted::Event(Some(Box::new(event)))
+                }
+                _ => Counted::Other,
+            }));
+        }
+        let is_event = buf.chunk().first() == Some(&EVENT_TAG);
+        buf.advance(buf.remaining());
+        Ok(Some(if is_event {
+            Counted::Event(None)
+        } else {
+            Counted::Other
+        }))
+    }
 }
 
 async fn idle(args: IdleArgs) -> Result<()> {

@@ -78,14 +78,16 @@ fn frame(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
 }
 
 fn event_frame(delivery: &Delivery) -> Bytes {
-    delivery.event.encoded(Wire::Sse, delivery.view, || {
-        let event = &delivery.event.event;
-        // Presence events (seq 0) are not in the log: no `id:`, so they do
-        // not move the browser's resume position.
-        let id = Some(event.seq).filter(|seq| *seq > 0);
-        frame(event.event_type.as_str(), id, &event_json(delivery))
-    })
-    .clone()
+    delivery
+        .event
+        .encoded(Wire::Sse, delivery.view, || {
+            let event = &delivery.event.event;
+            // Presence events (seq 0) are not in the log: no `id:`, so they do
+            // not move the browser's resume position.
+            let id = Some(event.seq).filter(|seq| *seq > 0);
+            frame(event.event_type.as_str(), id, &event_json(delivery))
+        })
+        .clone()
 }
 
 async fn open(

@@ -9,6 +9,10 @@
 //! oversized frame, an idle client, an overflow or shutdown close it.
 
 use super::errors::{ApiError, ErrorKind, close_code};
+use super::socket::{
+    ClientSocket, NotAnUpgrade, TEXT, Upgrade, check_size, frame_header_len, oversized,
+    put_frame_header,
+};
 use super::{AppState, check_origin, connected_data, event_json};
 use crate::auth::Principal;
 use crate::engine::{
@@ -16,10 +20,6 @@ use crate::engine::{
 };
 use crate::event::{Event, EventType, Wire, format_timestamp};
 use crate::filter::Filter;
-use super::socket::{
-    ClientSocket, NotAnUpgrade, TEXT, Upgrade, check_size, frame_header_len, oversized,
-    put_frame_header,
-};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
