@@ -13,6 +13,7 @@
 //! Shutdown stops accepting, asks every connection to finish its requests
 //! (HTTP/2 `GOAWAY`, HTTP/1.1 close after the response) and waits for them.
 
+use crate::sse_front::{self, Sniffed};
 use axum::body::Body;
 use axum::serve::Listener;
 use hyper::body::Incoming;
@@ -211,10 +212,7 @@ pub async fn serve<L>(
                 continue;
             }
         };
-        let service = TowerToHyperService::new(
-            app.clone()
-                .map_request(|request: axum::extract::Request<Incoming>| request.map(Body::new)),
-        );
+        let app = app.clone();
         let header_timeout = census.limits.header_timeout;
         let mut stopping = stopping.clone();
         let io = Counted {
@@ -222,6 +220,13 @@ pub async fn serve<L>(
             _admitted: admitted,
         };
         connections.spawn(async move {
+            let io = match sse_front::sniff(io, header_timeout).await {
+                Sniffed::Sse(request, io) => return sse_front::serve(app, request, io).await,
+                Sniffed::Other(io) => io,
+            };
+            let service = TowerToHyperService::new(
+                app.map_request(|request: axum::extract::Request<Incoming>| request.map(Body::new)),
+            );
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()

@@ -33,6 +33,7 @@ pub mod engine;
 pub mod event;
 pub mod filter;
 pub mod server;
+pub mod sse_front;
 pub mod write_deadline;
 
 /// Code generated from `proto/strom/v1/realtime.proto`.
