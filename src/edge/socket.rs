@@ -227,10 +227,11 @@ impl ClientSocket {
         let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
     }
 
-    /// Ends the WebSocket (a close frame, if none was sent), within
-    /// [`CLOSE_GRACE`].
+    /// Ends the WebSocket within [`CLOSE_GRACE`]: sends a close frame, or
+    /// the answer to the client's (the sink's `close`; the stream's own
+    /// `close` refuses to write once the client has closed).
     pub async fn close(&mut self) {
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.close(None)).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, SinkExt::close(&mut self.ws)).await;
     }
 }
 
