@@ -1,5 +1,6 @@
 //! Shared test harness: real strom servers on free ports, a real
-//! nats-server process, and small clients for raw HTTP and gRPC.
+//! nats-server process, and clients: hyper for HTTP, `eventsource-stream`
+//! for SSE, tungstenite for WebSocket, tonic for gRPC.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -10,7 +11,7 @@ use std::time::Duration;
 use strom::proto;
 use strom::proto::realtime_client::RealtimeClient;
 use strom::server::{ServerConfig, run};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -163,7 +164,8 @@ impl Drop for TestServer {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection; returns status and body.
+/// One HTTP/1.1 request on a fresh connection (hyper's client); returns
+/// status and body.
 pub async fn http(
     addr: SocketAddr,
     method: &str,
@@ -172,6 +174,54 @@ pub async fn http(
 ) -> std::io::Result<(u16, String)> {
     let (status, _, body) = http_with(addr, method, path, "", body).await?;
     Ok((status, body))
+}
+
+/// Sends `request` on a fresh connection to `addr` and returns the
+/// response, its body not yet read.
+async fn send(
+    addr: SocketAddr,
+    request: hyper::Request<http_body_util::Full<bytes::Bytes>>,
+) -> std::io::Result<hyper::Response<hyper::body::Incoming>> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+    tokio::spawn(connection);
+    sender
+        .send_request(request)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// A request for `path` with extra header lines (`Name: value\r\n` each).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> hyper::http::request::Builder {
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        // One request per connection, closed by the server once answered,
+        // so the next test step never races this connection's end.
+        .header("connection", "close");
+    for line in headers.split("\r\n").filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':').expect("a header line");
+        request = request.header(name.trim(), value.trim());
+    }
+    request
+}
+
+/// The status line and headers of `response`, lower case, a line each.
+fn head_of<B>(response: &hyper::Response<B>) -> String {
+    let mut head = format!("http/1.1 {}\r\n", response.status());
+    for (name, value) in response.headers() {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap_or("")));
+    }
+    head.to_ascii_lowercase()
 }
 
 /// Like [`http`], with extra header lines (each ending in `\r\n`);
@@ -183,44 +233,25 @@ pub async fn http_with(
     headers: &str,
     body: &str,
 ) -> std::io::Result<(u16, String, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let head = head.to_ascii_lowercase();
-    let body = if head.contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, head, body))
+    use http_body_util::BodyExt;
+    let request = request(addr, method, path, headers)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .map_err(std::io::Error::other)?;
+    let response = send(addr, request).await?;
+    let (status, head) = (response.status().as_u16(), head_of(&response));
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-    out
-}
-
-/// A server-sent event as read off the wire.
+/// A server-sent event as the client library parsed it.
 #[derive(Debug, Default, Clone)]
 pub struct SseEvent {
     pub event: String,
@@ -228,83 +259,56 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// Reads an SSE stream over a raw HTTP/1.1 connection.
+/// A response body as it arrives, chunk by chunk.
+pub type RawBody =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, hyper::Error>> + Send>>;
+
+/// Opens an SSE stream: its status, head (lowercase) and raw body.
+pub async fn sse_body(addr: SocketAddr, path: &str, headers: &str) -> (u16, String, RawBody) {
+    use http_body_util::BodyExt;
+    let request = request(addr, "GET", path, headers)
+        .header("accept", "text/event-stream")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = within("SSE response headers", send(addr, request))
+        .await
+        .unwrap();
+    let (status, head) = (response.status().as_u16(), head_of(&response));
+    (
+        status,
+        head,
+        Box::pin(response.into_body().into_data_stream()),
+    )
+}
+
+/// An SSE stream read with hyper's client and the `eventsource-stream`
+/// parser.
 pub struct SseReader {
-    lines: tokio::io::Lines<tokio::io::BufReader<TcpStream>>,
+    events: eventsource_stream::EventStream<RawBody>,
     pub status: u16,
     pub head: String,
 }
 
 impl SseReader {
     pub async fn open(addr: SocketAddr, path: &str, headers: &str) -> SseReader {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{headers}\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut lines = tokio::io::BufReader::new(stream).lines();
-        let mut head = String::new();
-        loop {
-            let line = within("SSE response headers", lines.next_line())
-                .await
-                .unwrap()
-                .expect("headers");
-            if line.is_empty() {
-                break;
-            }
-            head.push_str(&line);
-            head.push('\n');
-        }
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        use eventsource_stream::Eventsource;
+        let (status, head, body) = sse_body(addr, path, headers).await;
         SseReader {
-            lines,
+            events: body.eventsource(),
             status,
             head,
         }
     }
 
-    /// The next event (comments and chunk framing skipped); `None` at the end.
+    /// The next event; `None` at the end of the stream.
     pub async fn next(&mut self) -> Option<SseEvent> {
-        let mut event = SseEvent::default();
-        let mut seen = false;
-        loop {
-            let line = within("an SSE event", self.lines.next_line())
-                .await
-                .ok()??;
-            if line.is_empty() {
-                if seen {
-                    return Some(event);
-                }
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix("event: ") {
-                event.event = rest.to_owned();
-                seen = true;
-            } else if let Some(rest) = line.strip_prefix("id: ") {
-                event.id = Some(rest.to_owned());
-                seen = true;
-            } else if let Some(rest) = line.strip_prefix("data: ") {
-                event.data = rest.to_owned();
-                seen = true;
-            } else if line == "0" {
-                // The final chunk of a chunked body.
-                return None;
-            }
-            // Anything else is chunk-size framing or a ": comment".
-        }
-    }
-
-    /// The next comment line (`: ...`), skipping everything else.
-    pub async fn next_comment(&mut self) -> String {
-        loop {
-            let line = within("an SSE comment", self.lines.next_line())
-                .await
-                .unwrap()
-                .expect("the stream goes on");
-            if line.starts_with(':') {
-                return line;
-            }
-        }
+        use futures_util::StreamExt;
+        let event = within("an SSE event", self.events.next()).await?.ok()?;
+        Some(SseEvent {
+            event: event.event,
+            id: Some(event.id).filter(|id| !id.is_empty()),
+            data: event.data,
+        })
     }
 
     /// The next event of type `kind`, skipping others.
