@@ -13,12 +13,12 @@
 //! how its frames read and look.
 
 use super::errors::{ApiError, ErrorKind, close_code};
-use super::socket::{ClientSocket, NotAnUpgrade, Upgrade, check_size, oversized};
+use super::socket::{self, ClientSocket, NotAnUpgrade, Step, Upgrade};
 use super::ws::MAX_BATCH;
 use super::{AppState, check_origin};
 use crate::engine::presence::PRESENCE_COLLECTION;
 use crate::engine::presence::PresenceUser;
-use crate::engine::{Connection, EndReason, Received, SubscriptionSpec, Transport};
+use crate::engine::{Connection, Received, SubscriptionSpec, Transport};
 use crate::event::{Event, EventType, View};
 use crate::filter::Filter;
 use axum::Json;
@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 /// What a client asks, in any dialect.
 #[derive(Debug, PartialEq)]
@@ -160,7 +160,7 @@ pub(super) async fn upgrade<D: Dialect>(
     let delivery = app.engine.delivery().clone();
     let max_frame_bytes = app.ws.max_frame_bytes;
     upgrade.accept(max_frame_bytes, &delivery, move |socket| {
-        tracker.track_future(Session::<D>::run(app, socket, connection))
+        tracker.track_future(Session::<D>::start(app, socket, connection))
     })
 }
 
@@ -187,11 +187,6 @@ struct Session<D: Dialect> {
     dialect: PhantomData<D>,
 }
 
-enum Step {
-    Continue,
-    Close,
-}
-
 impl<D: Dialect> Drop for Session<D> {
     fn drop(&mut self) {
         for channel in self.channels.keys() {
@@ -205,10 +200,9 @@ fn text(frame: Value) -> Message {
 }
 
 impl<D: Dialect> Session<D> {
-    async fn run(app: AppState, socket: ClientSocket, connection: Connection) {
-        let mut heartbeat = tokio::time::interval(app.ws.ping_interval);
-        heartbeat.tick().await;
-        let mut session = Session::<D> {
+    async fn start(app: AppState, socket: ClientSocket, connection: Connection) {
+        let heartbeat_every = app.ws.ping_interval;
+        let session = Session::<D> {
             app,
             connection,
             socket,
@@ -217,94 +211,13 @@ impl<D: Dialect> Session<D> {
             owners: HashMap::new(),
             dialect: PhantomData,
         };
-        loop {
-            let step = tokio::select! {
-                incoming = session.socket.next() => match incoming {
-                    Some(Ok(frame)) => {
-                        session.last_heard = Instant::now();
-                        Box::pin(session.on_frame(frame)).await
-                    }
-                    Some(Err(e)) => Box::pin(session.on_read_error(e)).await,
-                    None => Step::Close,
-                },
-                delivery = session.connection.recv() => match delivery {
-                    Ok(received) => Box::pin(session.write_received(received)).await,
-                    Err(reason) => Box::pin(session.end(reason)).await,
-                },
-                _ = heartbeat.tick() => Box::pin(session.heartbeat()).await,
-            };
-            if let Step::Close = step {
-                break;
-            }
-        }
-        session.socket.close().await;
+        socket::run(session, heartbeat_every).await;
     }
 
     async fn send(&mut self, frame: Value) -> Step {
         match self.socket.send(text(D::stamp(frame))).await {
             Ok(()) => Step::Continue,
             Err(_) => Step::Close,
-        }
-    }
-
-    async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
-        let last = text(D::stamp(D::error(&error.message)));
-        self.socket.close_with(last, code, &error.message).await;
-        Step::Close
-    }
-
-    async fn end(&mut self, reason: EndReason) -> Step {
-        let error = ApiError::from(reason);
-        let code = error.close_code();
-        self.close_with(error, code).await
-    }
-
-    /// Ends a silent client; else sends the dialect's heartbeat, if it
-    /// sends its own.
-    async fn heartbeat(&mut self) -> Step {
-        let idle = self.last_heard.elapsed();
-        if idle >= D::idle_timeout(&self.app) {
-            let error = ApiError::new(
-                ErrorKind::Unavailable,
-                format!("no message from the client for {} s", idle.as_secs()),
-            );
-            return self.close_with(error, close_code::IDLE).await;
-        }
-        if D::SENDS_HEARTBEATS {
-            return self.send(D::heartbeat()).await;
-        }
-        Step::Continue
-    }
-
-    async fn on_read_error(&mut self, error: tungstenite::Error) -> Step {
-        match oversized(&error, self.app.ws.max_frame_bytes) {
-            Some(error) => self.close_with(error, close_code::TOO_BIG).await,
-            None => Step::Close,
-        }
-    }
-
-    /// A bad frame gets the dialect's error and the connection goes on.
-    async fn on_frame(&mut self, frame: Message) -> Step {
-        let text = match frame {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                return self
-                    .send(D::error("binary frames are not supported: send JSON text"))
-                    .await;
-            }
-            Message::Close(_) => return Step::Close,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
-        };
-        if let Err(error) = check_size(&text, self.app.ws.max_frame_bytes) {
-            return self.close_with(error, close_code::TOO_BIG).await;
-        }
-        let reply = match D::parse(&text) {
-            Ok(action) => self.on_action(action).await,
-            Err(message) => Some(D::error(&message)),
-        };
-        match reply {
-            Some(frame) => self.send(frame).await,
-            None => Step::Continue,
         }
     }
 
@@ -450,6 +363,38 @@ impl<D: Dialect> Session<D> {
             })
             .collect()
     }
+}
+
+impl<D: Dialect> socket::Session for Session<D> {
+    fn parts(&mut self) -> (&mut ClientSocket, &mut Connection) {
+        (&mut self.socket, &mut self.connection)
+    }
+
+    /// A bad frame gets the dialect's error and the connection goes on.
+    async fn on_frame(&mut self, frame: Message) -> Step {
+        self.last_heard = Instant::now();
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                return self
+                    .send(D::error("binary frames are not supported: send JSON text"))
+                    .await;
+            }
+            Message::Close(_) => return Step::Close,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
+        };
+        if let Err(error) = self.socket.check_size(&text) {
+            return self.close_with(error, close_code::TOO_BIG).await;
+        }
+        let reply = match D::parse(&text) {
+            Ok(action) => self.on_action(action).await,
+            Err(message) => Some(D::error(&message)),
+        };
+        match reply {
+            Some(frame) => self.send(frame).await,
+            None => Step::Continue,
+        }
+    }
 
     /// Writes `first` and whatever else is at hand, then flushes once; an
     /// eviction while the socket is blocked abandons the batch.
@@ -469,13 +414,30 @@ impl<D: Dialect> Session<D> {
             }
             socket.flush().await
         };
-        tokio::select! {
-            written = write => match written {
-                Ok(()) => Step::Continue,
-                Err(_) => Step::Close,
-            },
-            _ = self.connection.evicted() => Step::Continue,
+        socket::unless_evicted(write, self.connection.evicted()).await
+    }
+
+    /// Ends a silent client; else sends the dialect's heartbeat, if it
+    /// sends its own.
+    async fn heartbeat(&mut self) -> Step {
+        let idle = self.last_heard.elapsed();
+        if idle >= D::idle_timeout(&self.app) {
+            let error = ApiError::new(
+                ErrorKind::Unavailable,
+                format!("no message from the client for {} s", idle.as_secs()),
+            );
+            return self.close_with(error, close_code::IDLE).await;
         }
+        if D::SENDS_HEARTBEATS {
+            return self.send(D::heartbeat()).await;
+        }
+        Step::Continue
+    }
+
+    async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
+        let last = text(D::stamp(D::error(&error.message)));
+        self.socket.close_with(last, code, &error.message).await;
+        Step::Close
     }
 }
 

@@ -10,7 +10,8 @@
 //! to tungstenite, which still reads, answers pings and writes everything
 //! else.
 
-use super::errors::ApiError;
+use super::errors::{ApiError, close_code};
+use crate::engine::{Connection, Received};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
@@ -128,6 +129,7 @@ impl Upgrade {
                     ws,
                     encoded: Vec::new(),
                     written: 0,
+                    max_frame_bytes,
                 })
                 .await;
             }
@@ -155,6 +157,8 @@ pub struct ClientSocket {
     /// Whole frames encoded beforehand, of which `written` bytes are out.
     encoded: Vec<u8>,
     written: usize,
+    /// The largest text frame a client may send.
+    max_frame_bytes: usize,
 }
 
 impl ClientSocket {
@@ -235,22 +239,112 @@ impl ClientSocket {
     }
 }
 
-/// A frame over the size limit, as the error a client gets; `None` for a
-/// read error that just ends the connection.
-pub fn oversized(error: &tungstenite::Error, max_frame_bytes: usize) -> Option<ApiError> {
-    matches!(error, tungstenite::Error::Capacity(_))
-        .then(|| ApiError::invalid(format!("frame larger than {max_frame_bytes} bytes")))
+impl ClientSocket {
+    /// A text message over the size limit, as the error its client gets.
+    pub fn check_size(&self, text: &str) -> Result<(), ApiError> {
+        if text.len() > self.max_frame_bytes {
+            return Err(ApiError::invalid(format!(
+                "frame of {} bytes is larger than the limit of {} bytes",
+                text.len(),
+                self.max_frame_bytes
+            )));
+        }
+        Ok(())
+    }
 }
 
-/// A text message over the size limit, as the error a client gets.
-pub fn check_size(text: &str, max_frame_bytes: usize) -> Result<(), ApiError> {
-    if text.len() > max_frame_bytes {
-        return Err(ApiError::invalid(format!(
-            "frame of {} bytes is larger than the limit of {max_frame_bytes} bytes",
-            text.len()
-        )));
+/// Whether a session goes on after handling something.
+pub enum Step {
+    Continue,
+    Close,
+}
+
+/// A WebSocket session of one protocol: how it answers what happens on its
+/// connection. [`run`] is the loop every session shares.
+pub trait Session: Send {
+    /// The socket and the engine connection, to wait on both at once.
+    fn parts(&mut self) -> (&mut ClientSocket, &mut Connection);
+    /// A message from the client (a sign of life).
+    fn on_frame(&mut self, frame: Message) -> impl Future<Output = Step> + Send;
+    /// Deliveries to write: `first`, and what else is at hand.
+    fn write_received(&mut self, first: Received) -> impl Future<Output = Step> + Send;
+    /// The heartbeat timer fired.
+    fn heartbeat(&mut self) -> impl Future<Output = Step> + Send;
+    /// Sends the protocol's error message, then a close frame with `code`.
+    fn close_with(&mut self, error: ApiError, code: u16) -> impl Future<Output = Step> + Send;
+}
+
+/// Awaits `write` unless the connection is `evicted` meanwhile
+/// (`Connection::evicted`): a client that blocks the write is then let go.
+/// What it had queued goes with it, and `recv` ends with the reason.
+pub async fn unless_evicted<E>(
+    write: impl Future<Output = Result<(), E>>,
+    evicted: impl Future<Output = ()>,
+) -> Step {
+    tokio::select! {
+        written = write => match written {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Close,
+        },
+        () = evicted => Step::Continue,
     }
-    Ok(())
+}
+
+/// What happened on a session's connection.
+enum Happening {
+    Frame(Message),
+    ReadError(tungstenite::Error),
+    Gone,
+    Delivery(Received),
+    Ended(crate::engine::EndReason),
+    Tick,
+}
+
+/// Serves `session` until either side ends it: messages from the client,
+/// deliveries and the end of deliveries (overflow, shutdown, an expired
+/// token) from the engine, and a heartbeat every `heartbeat_every`. Each
+/// is handled in a boxed future: they are rare next to waiting, and their
+/// state would otherwise make every idle connection's task large.
+pub async fn run<S: Session>(mut session: S, heartbeat_every: Duration) {
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    heartbeat.tick().await;
+    loop {
+        let happened = {
+            let (socket, connection) = session.parts();
+            tokio::select! {
+                incoming = socket.next() => match incoming {
+                    Some(Ok(frame)) => Happening::Frame(frame),
+                    Some(Err(error)) => Happening::ReadError(error),
+                    None => Happening::Gone,
+                },
+                delivery = connection.recv() => match delivery {
+                    Ok(received) => Happening::Delivery(received),
+                    Err(reason) => Happening::Ended(reason),
+                },
+                _ = heartbeat.tick() => Happening::Tick,
+            }
+        };
+        let step = match happened {
+            Happening::Frame(frame) => Box::pin(session.on_frame(frame)).await,
+            Happening::ReadError(tungstenite::Error::Capacity(_)) => {
+                let limit = session.parts().0.max_frame_bytes;
+                let error = ApiError::invalid(format!("frame larger than {limit} bytes"));
+                Box::pin(session.close_with(error, close_code::TOO_BIG)).await
+            }
+            Happening::ReadError(_) | Happening::Gone => Step::Close,
+            Happening::Delivery(received) => Box::pin(session.write_received(received)).await,
+            Happening::Ended(reason) => {
+                let error = ApiError::from(reason);
+                let code = error.close_code();
+                Box::pin(session.close_with(error, code)).await
+            }
+            Happening::Tick => Box::pin(session.heartbeat()).await,
+        };
+        if let Step::Close = step {
+            break;
+        }
+    }
+    session.parts().0.close().await;
 }
 
 /// Whether header `name` lists `token` (comma-separated, any case).

@@ -10,14 +10,11 @@
 
 use super::errors::{ApiError, ErrorKind, close_code};
 use super::socket::{
-    ClientSocket, NotAnUpgrade, TEXT, Upgrade, check_size, frame_header_len, oversized,
-    put_frame_header,
+    self, ClientSocket, NotAnUpgrade, Step, TEXT, Upgrade, frame_header_len, put_frame_header,
 };
 use super::{AppState, check_origin, connected_data, event_json};
 use crate::auth::Principal;
-use crate::engine::{
-    Connection, Delivery, EndReason, Received, ResetNotice, SubscriptionSpec, Transport,
-};
+use crate::engine::{Connection, Delivery, Received, ResetNotice, SubscriptionSpec, Transport};
 use crate::event::{Event, EventType, Wire, format_timestamp};
 use crate::filter::Filter;
 use axum::extract::{Query, State};
@@ -81,7 +78,7 @@ pub async fn upgrade(
     let delivery = app.engine.delivery().clone();
     let max_frame_bytes = app.ws.max_frame_bytes;
     Ok(upgrade.accept(max_frame_bytes, &delivery, move |socket| {
-        tracker.track_future(Session::run(app, socket, connection, presence))
+        tracker.track_future(Session::start(app, socket, connection, presence))
     }))
 }
 
@@ -134,13 +131,8 @@ struct Session {
     last_heard: Instant,
 }
 
-enum Step {
-    Continue,
-    Close,
-}
-
 impl Session {
-    async fn run(
+    async fn start(
         app: AppState,
         socket: ClientSocket,
         mut connection: Connection,
@@ -157,33 +149,8 @@ impl Session {
         if session.send(message("connected", greeting)).await.is_err() {
             return;
         }
-        let mut ping = tokio::time::interval(session.app.ws.ping_interval);
-        ping.tick().await;
-        loop {
-            let step = tokio::select! {
-                incoming = session.socket.next() => match incoming {
-                    Some(Ok(frame)) => {
-                        session.last_heard = Instant::now();
-                        // Boxed: actions are rare, and their futures would
-                        // otherwise make every idle connection's task large.
-                        Box::pin(session.on_frame(frame)).await
-                    }
-                    Some(Err(e)) => Box::pin(session.on_read_error(e)).await,
-                    None => Step::Close,
-                },
-                delivery = session.connection.recv() => match delivery {
-                    // Boxed too: its state would otherwise size every idle
-                    // connection's task; one allocation per written batch.
-                    Ok(received) => Box::pin(session.write_received(received)).await,
-                    Err(reason) => Box::pin(session.end(reason)).await,
-                },
-                _ = ping.tick() => Box::pin(session.heartbeat()).await,
-            };
-            if let Step::Close = step {
-                break;
-            }
-        }
-        session.socket.close().await;
+        let heartbeat_every = session.app.ws.ping_interval;
+        socket::run(session, heartbeat_every).await;
     }
 
     async fn send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
@@ -195,49 +162,6 @@ impl Session {
         match self.send(message).await {
             Ok(()) => Step::Continue,
             Err(_) => Step::Close,
-        }
-    }
-
-    async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
-        self.socket
-            .close_with(error_message(&error), code, &error.message)
-            .await;
-        Step::Close
-    }
-
-    /// Writes `first` and whatever else is at hand, then flushes once. An
-    /// eviction while the socket is blocked abandons the batch: the client
-    /// resumes from what it did receive.
-    async fn write_received(&mut self, first: Received) -> Step {
-        let name_subscriptions = self.connection.subscriptions().nth(1).is_some();
-        let mut taken = 0;
-        let mut next = Some(first);
-        while let Some(received) = next {
-            match received {
-                Received::Event(delivery) => {
-                    put_event_frame(self.socket.encoded(), &delivery, name_subscriptions);
-                }
-                Received::Reset(notice) => {
-                    let reset = self.reset_message(&notice);
-                    put_text_frame(self.socket.encoded(), &reset);
-                }
-            }
-            taken += 1;
-            next = if taken < MAX_BATCH {
-                self.connection.try_recv()
-            } else {
-                None
-            };
-        }
-        let write = self.socket.write_encoded();
-        tokio::select! {
-            written = write => match written {
-                Ok(()) => Step::Continue,
-                Err(_) => Step::Close,
-            },
-            // What is queued is dropped the same way; then `recv` ends
-            // with the reason.
-            _ = self.connection.evicted() => Step::Continue,
         }
     }
 
@@ -256,56 +180,6 @@ impl Session {
             "first_available_seq": notice.first_available,
         });
         json!({"type": "reset", "data": data}).to_string()
-    }
-
-    async fn end(&mut self, reason: EndReason) -> Step {
-        let error = ApiError::from(reason);
-        let code = error.close_code();
-        self.close_with(error, code).await
-    }
-
-    async fn heartbeat(&mut self) -> Step {
-        let idle = self.last_heard.elapsed();
-        if idle >= self.app.ws.idle_timeout {
-            let error = ApiError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "no message from the client for {} s; answer ping with pong",
-                    idle.as_secs()
-                ),
-            );
-            return self.close_with(error, close_code::IDLE).await;
-        }
-        let now = format_timestamp(SystemTime::now());
-        self.reply(message("ping", json!({ "timestamp": now })))
-            .await
-    }
-
-    async fn on_read_error(&mut self, error: tungstenite::Error) -> Step {
-        match oversized(&error, self.app.ws.max_frame_bytes) {
-            Some(error) => self.close_with(error, close_code::TOO_BIG).await,
-            None => Step::Close,
-        }
-    }
-
-    async fn on_frame(&mut self, frame: Message) -> Step {
-        let text = match frame {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                let error = ApiError::invalid("binary frames are not supported: send JSON text");
-                return self.reply(error_message(&error)).await;
-            }
-            Message::Close(_) => return Step::Close,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
-        };
-        if let Err(error) = check_size(&text, self.app.ws.max_frame_bytes) {
-            return self.close_with(error, close_code::TOO_BIG).await;
-        }
-        match self.on_action(&text).await {
-            Ok(Some(reply)) => self.reply(reply).await,
-            Ok(None) => Step::Continue,
-            Err(error) => self.reply(error_message(&error)).await,
-        }
     }
 
     async fn on_action(&mut self, text: &str) -> Result<Option<Message>, ApiError> {
@@ -458,6 +332,84 @@ impl Session {
             let _ = self.connection.unsubscribe(id);
         }
         Ok(message("unsubscribed", json!({ "collection": collection })))
+    }
+}
+
+impl socket::Session for Session {
+    fn parts(&mut self) -> (&mut ClientSocket, &mut Connection) {
+        (&mut self.socket, &mut self.connection)
+    }
+
+    async fn on_frame(&mut self, frame: Message) -> Step {
+        self.last_heard = Instant::now();
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                let error = ApiError::invalid("binary frames are not supported: send JSON text");
+                return self.reply(error_message(&error)).await;
+            }
+            Message::Close(_) => return Step::Close,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
+        };
+        if let Err(error) = self.socket.check_size(&text) {
+            return self.close_with(error, close_code::TOO_BIG).await;
+        }
+        match self.on_action(&text).await {
+            Ok(Some(reply)) => self.reply(reply).await,
+            Ok(None) => Step::Continue,
+            Err(error) => self.reply(error_message(&error)).await,
+        }
+    }
+
+    /// Writes `first` and whatever else is at hand, then flushes once. An
+    /// eviction while the socket is blocked abandons the batch: the client
+    /// resumes from what it did receive.
+    async fn write_received(&mut self, first: Received) -> Step {
+        let name_subscriptions = self.connection.subscriptions().nth(1).is_some();
+        let mut taken = 0;
+        let mut next = Some(first);
+        while let Some(received) = next {
+            match received {
+                Received::Event(delivery) => {
+                    put_event_frame(self.socket.encoded(), &delivery, name_subscriptions);
+                }
+                Received::Reset(notice) => {
+                    let reset = self.reset_message(&notice);
+                    put_text_frame(self.socket.encoded(), &reset);
+                }
+            }
+            taken += 1;
+            next = if taken < MAX_BATCH {
+                self.connection.try_recv()
+            } else {
+                None
+            };
+        }
+        socket::unless_evicted(self.socket.write_encoded(), self.connection.evicted()).await
+    }
+
+    async fn heartbeat(&mut self) -> Step {
+        let idle = self.last_heard.elapsed();
+        if idle >= self.app.ws.idle_timeout {
+            let error = ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "no message from the client for {} s; answer ping with pong",
+                    idle.as_secs()
+                ),
+            );
+            return self.close_with(error, close_code::IDLE).await;
+        }
+        let now = format_timestamp(SystemTime::now());
+        self.reply(message("ping", json!({ "timestamp": now })))
+            .await
+    }
+
+    async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
+        self.socket
+            .close_with(error_message(&error), code, &error.message)
+            .await;
+        Step::Close
     }
 }
 
