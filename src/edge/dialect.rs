@@ -200,7 +200,12 @@ fn text(frame: Value) -> Message {
 }
 
 impl<D: Dialect> Session<D> {
-    async fn start(app: AppState, socket: ClientSocket, connection: Connection) {
+    /// The session's whole life, as one future (see `ws::Session::start`).
+    fn start(
+        app: AppState,
+        socket: ClientSocket,
+        connection: Connection,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let heartbeat_every = app.ws.ping_interval;
         let session = Session::<D> {
             app,
@@ -211,7 +216,7 @@ impl<D: Dialect> Session<D> {
             owners: HashMap::new(),
             dialect: PhantomData,
         };
-        socket::run(session, heartbeat_every).await;
+        socket::run(session, heartbeat_every)
     }
 
     async fn send(&mut self, frame: Value) -> Step {

@@ -125,13 +125,14 @@ impl Upgrade {
             if let Ok(upgraded) = on_upgrade.await {
                 let io = TokioIo::new(upgraded);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                session(ClientSocket {
+                // A task of its own: this one's state (the handshake, what
+                // `session` captured) is freed instead of living as long.
+                tokio::spawn(session(ClientSocket {
                     ws,
                     encoded: Vec::new(),
                     written: 0,
                     max_frame_bytes,
-                })
-                .await;
+                }));
             }
         });
         let mut response = Response::new(axum::body::Body::empty());
@@ -264,6 +265,10 @@ pub enum Step {
 pub trait Session: Send {
     /// The socket and the engine connection, to wait on both at once.
     fn parts(&mut self) -> (&mut ClientSocket, &mut Connection);
+    /// What the client gets first, if anything.
+    fn greet(&mut self) -> impl Future<Output = Step> + Send {
+        async { Step::Continue }
+    }
     /// A message from the client (a sign of life).
     fn on_frame(&mut self, frame: Message) -> impl Future<Output = Step> + Send;
     /// Deliveries to write: `first`, and what else is at hand.
@@ -306,6 +311,9 @@ enum Happening {
 /// is handled in a boxed future: they are rare next to waiting, and their
 /// state would otherwise make every idle connection's task large.
 pub async fn run<S: Session>(mut session: S, heartbeat_every: Duration) {
+    if let Step::Close = Box::pin(session.greet()).await {
+        return;
+    }
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.tick().await;
     loop {

@@ -132,25 +132,23 @@ struct Session {
 }
 
 impl Session {
-    async fn start(
+    /// The session's whole life, as one future (no wrapper around it: a
+    /// wrapper's state would add to every connection's task).
+    fn start(
         app: AppState,
         socket: ClientSocket,
         mut connection: Connection,
         presence: Option<(String, Option<String>)>,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static {
         connection.join_presence(presence);
-        let mut session = Session {
+        let heartbeat_every = app.ws.ping_interval;
+        let session = Session {
             connection,
             socket,
             last_heard: Instant::now(),
             app,
         };
-        let greeting = connected_data(&session.connection);
-        if session.send(message("connected", greeting)).await.is_err() {
-            return;
-        }
-        let heartbeat_every = session.app.ws.ping_interval;
-        socket::run(session, heartbeat_every).await;
+        socket::run(session, heartbeat_every)
     }
 
     async fn send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
@@ -338,6 +336,12 @@ impl Session {
 impl socket::Session for Session {
     fn parts(&mut self) -> (&mut ClientSocket, &mut Connection) {
         (&mut self.socket, &mut self.connection)
+    }
+
+    /// `{"type":"connected","data":{"connection_id","server_time"}}`.
+    async fn greet(&mut self) -> Step {
+        let greeting = connected_data(&self.connection);
+        self.reply(message("connected", greeting)).await
     }
 
     async fn on_frame(&mut self, frame: Message) -> Step {
