@@ -27,8 +27,32 @@ use strom::server::{Server, ServerConfig};
     about = "Realtime service: live data over gRPC, WebSocket and SSE"
 )]
 struct Cli {
+    /// How log lines look on stderr: `text` (coloured only on a terminal)
+    /// or `json` (one object per line, for log shippers).
+    #[arg(long, global = true, env = "STROM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr at `STROM_LOG` (default `info`) in `format`.
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("STROM_LOG").unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -356,15 +380,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STROM_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
-    match Cli::parse().command {
+    match cli.command {
         Command::Serve(args) => {
             // Fan-out and WebSocket sessions get threads of their own (see
             // `EngineConfig::delivery`); requests are served on `runtime`.

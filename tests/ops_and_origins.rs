@@ -1,6 +1,7 @@
 //! What browsers and operators meet at the edge: stats and metrics behind
 //! a credential unless the server is open, CORS that names the headers it
-//! allows, and WebSocket handshakes checked against the allowed origins.
+//! allows, WebSocket handshakes checked against the allowed origins, and
+//! log lines a log shipper can read.
 
 mod common;
 
@@ -163,4 +164,51 @@ async fn websocket_handshakes_from_other_origins_are_refused_when_origins_are_se
     );
     let open = TestServer::memory().await;
     assert_eq!(handshake(&open, Some("http://evil.test")).await, Ok(()));
+}
+
+/// The first line `strom serve` writes to stderr (a pipe, not a terminal)
+/// with `args`: the open-mode warning.
+fn first_log_line(args: &[&str]) -> String {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strom"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("STROM_LOG", "warn")
+        .env_remove("STROM_LOG_FORMAT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start strom");
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stderr).read_line(&mut line);
+        let _ = line_tx.send(line);
+    });
+    let line = line_rx.recv_timeout(PATIENCE).expect("a log line");
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
+
+#[test]
+fn logs_are_plain_text_off_a_terminal_or_json_on_request() {
+    let text = first_log_line(&[]);
+    assert!(text.contains("open mode"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "no colour codes in a pipe: {text:?}"
+    );
+
+    let json = first_log_line(&["--log-format", "json"]);
+    let line: serde_json::Value = serde_json::from_str(&json).expect("a JSON object");
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert!(
+        line["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("open mode"),
+        "{line}"
+    );
 }
