@@ -604,11 +604,31 @@ pub struct CompareArgs {
     pinned: bool,
 }
 
-impl CompareArgs {
+/// Which record each event goes to under `--pinned` (a copy for each
+/// publisher task).
+#[derive(Clone, Copy)]
+struct Pinning {
+    pinned: bool,
+    subscribers: u64,
+}
+
+impl Pinning {
     /// The record event `n` goes to when subscribers are pinned.
+    fn record_of(self, n: u64) -> Option<String> {
+        self.pinned.then(|| format!("r{}", n % self.subscribers))
+    }
+}
+
+impl CompareArgs {
+    fn pinning(&self) -> Pinning {
+        Pinning {
+            pinned: self.pinned,
+            subscribers: self.subscribers.max(1) as u64,
+        }
+    }
+
     fn record_of(&self, n: u64) -> Option<String> {
-        self.pinned
-            .then(|| format!("r{}", n % self.subscribers.max(1) as u64))
+        self.pinning().record_of(n)
     }
 
     /// The NATS subject event `n` is published on.
@@ -1264,8 +1284,7 @@ async fn publish_rest(
             args.payload,
             args.rate as f64,
         );
-        let (pinned, subscribers) = (args.pinned, args.subscribers.max(1) as u64);
-        let record_of = move |n: u64| pinned.then(|| format!("r{}", n % subscribers));
+        let pinning = args.pinning();
         tasks.push(tokio::spawn(async move {
             let mut conn = Http::connect(addr).await?;
             let (mut sent, mut errors) = (0u64, 0u64);
@@ -1279,7 +1298,7 @@ async fn publish_rest(
                     "collection": collection,
                     "data": strom_data(payload),
                 });
-                if let Some(record) = record_of(next) {
+                if let Some(record) = pinning.record_of(next) {
                     body["record_id"] = json!(record);
                 }
                 let body = body.to_string();

@@ -12,8 +12,8 @@
 //! report. Each dialect ([`super::fluxbase`], [`super::better_query`]) says
 //! how its frames read and look.
 
-use super::errors::{ApiError, ErrorKind, close_code};
-use super::socket::{self, ClientSocket, NotAnUpgrade, Step, Upgrade};
+use super::errors::ApiError;
+use super::socket::{self, ClientSocket, Liveness, NotAnUpgrade, Step, Upgrade};
 use super::ws::MAX_BATCH;
 use super::{AppState, check_origin};
 use crate::engine::presence::PRESENCE_COLLECTION;
@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 /// What a client asks, in any dialect.
@@ -181,7 +181,6 @@ struct Session<D: Dialect> {
     app: AppState,
     connection: Connection,
     socket: ClientSocket,
-    last_heard: Instant,
     channels: HashMap<String, Held>,
     owners: HashMap<u64, Owner>,
     dialect: PhantomData<D>,
@@ -206,17 +205,19 @@ impl<D: Dialect> Session<D> {
         socket: ClientSocket,
         connection: Connection,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let heartbeat_every = app.ws.ping_interval;
+        let liveness = Liveness {
+            heartbeat_every: app.ws.ping_interval,
+            idle_after: D::idle_timeout(&app),
+        };
         let session = Session::<D> {
             app,
             connection,
             socket,
-            last_heard: Instant::now(),
             channels: HashMap::new(),
             owners: HashMap::new(),
             dialect: PhantomData,
         };
-        socket::run(session, heartbeat_every)
+        socket::run(session, liveness)
     }
 
     async fn send(&mut self, frame: Value) -> Step {
@@ -375,23 +376,13 @@ impl<D: Dialect> socket::Session for Session<D> {
         (&mut self.socket, &mut self.connection)
     }
 
+    fn error_message(&self, error: &ApiError) -> Message {
+        text(D::stamp(D::error(&error.message)))
+    }
+
     /// A bad frame gets the dialect's error and the connection goes on.
-    async fn on_frame(&mut self, frame: Message) -> Step {
-        self.last_heard = Instant::now();
-        let text = match frame {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                return self
-                    .send(D::error("binary frames are not supported: send JSON text"))
-                    .await;
-            }
-            Message::Close(_) => return Step::Close,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
-        };
-        if let Err(error) = self.socket.check_size(&text) {
-            return self.close_with(error, close_code::TOO_BIG).await;
-        }
-        let reply = match D::parse(&text) {
+    async fn on_text(&mut self, text: &str) -> Step {
+        let reply = match D::parse(text) {
             Ok(action) => self.on_action(action).await,
             Err(message) => Some(D::error(&message)),
         };
@@ -422,27 +413,12 @@ impl<D: Dialect> socket::Session for Session<D> {
         socket::unless_evicted(write, self.connection.evicted()).await
     }
 
-    /// Ends a silent client; else sends the dialect's heartbeat, if it
-    /// sends its own.
+    /// Sends the dialect's heartbeat, if it sends its own.
     async fn heartbeat(&mut self) -> Step {
-        let idle = self.last_heard.elapsed();
-        if idle >= D::idle_timeout(&self.app) {
-            let error = ApiError::new(
-                ErrorKind::Unavailable,
-                format!("no message from the client for {} s", idle.as_secs()),
-            );
-            return self.close_with(error, close_code::IDLE).await;
-        }
         if D::SENDS_HEARTBEATS {
             return self.send(D::heartbeat()).await;
         }
         Step::Continue
-    }
-
-    async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
-        let last = text(D::stamp(D::error(&error.message)));
-        self.socket.close_with(last, code, &error.message).await;
-        Step::Close
     }
 }
 

@@ -10,7 +10,7 @@
 //! to tungstenite, which still reads, answers pings and writes everything
 //! else.
 
-use super::errors::{ApiError, close_code};
+use super::errors::{ApiError, ErrorKind, close_code};
 use crate::engine::{Connection, Received};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -240,43 +240,38 @@ impl ClientSocket {
     }
 }
 
-impl ClientSocket {
-    /// A text message over the size limit, as the error its client gets.
-    pub fn check_size(&self, text: &str) -> Result<(), ApiError> {
-        if text.len() > self.max_frame_bytes {
-            return Err(ApiError::invalid(format!(
-                "frame of {} bytes is larger than the limit of {} bytes",
-                text.len(),
-                self.max_frame_bytes
-            )));
-        }
-        Ok(())
-    }
-}
-
 /// Whether a session goes on after handling something.
 pub enum Step {
     Continue,
     Close,
 }
 
-/// A WebSocket session of one protocol: how it answers what happens on its
-/// connection. [`run`] is the loop every session shares.
+/// A WebSocket session of one protocol: what it says, and how it answers
+/// the client. [`run`] is the loop every session shares, and does the rest
+/// (non-text frames, sizes, idle clients, closing).
 pub trait Session: Send {
+    /// Added to the error that closes an idle client.
+    const IDLE_HINT: &'static str = "";
     /// The socket and the engine connection, to wait on both at once.
     fn parts(&mut self) -> (&mut ClientSocket, &mut Connection);
+    /// The protocol's error message for `error`.
+    fn error_message(&self, error: &ApiError) -> Message;
     /// What the client gets first, if anything.
     fn greet(&mut self) -> impl Future<Output = Step> + Send {
         async { Step::Continue }
     }
-    /// A message from the client (a sign of life).
-    fn on_frame(&mut self, frame: Message) -> impl Future<Output = Step> + Send;
+    /// A text message from the client, within the size limit.
+    fn on_text(&mut self, text: &str) -> impl Future<Output = Step> + Send;
     /// Deliveries to write: `first`, and what else is at hand.
     fn write_received(&mut self, first: Received) -> impl Future<Output = Step> + Send;
-    /// The heartbeat timer fired.
+    /// The heartbeat timer fired and the client is not idle.
     fn heartbeat(&mut self) -> impl Future<Output = Step> + Send;
-    /// Sends the protocol's error message, then a close frame with `code`.
-    fn close_with(&mut self, error: ApiError, code: u16) -> impl Future<Output = Step> + Send;
+}
+
+/// When a session beats, and when it gives up on a silent client.
+pub struct Liveness {
+    pub heartbeat_every: Duration,
+    pub idle_after: Duration,
 }
 
 /// Awaits `write` unless the connection is `evicted` meanwhile
@@ -295,6 +290,49 @@ pub async fn unless_evicted<E>(
     }
 }
 
+/// Sends `message` and says whether the session goes on.
+async fn send<S: Session>(session: &mut S, message: Message) -> Step {
+    match session.parts().0.send(message).await {
+        Ok(()) => Step::Continue,
+        Err(_) => Step::Close,
+    }
+}
+
+/// Sends the protocol's error for `error`, then a close frame with `code`.
+async fn close_with<S: Session>(session: &mut S, error: ApiError, code: u16) -> Step {
+    let last = session.error_message(&error);
+    session
+        .parts()
+        .0
+        .close_with(last, code, &error.message)
+        .await;
+    Step::Close
+}
+
+/// Handles a message from the client: text within the size limit goes to
+/// the session; binary gets an error; oversized text closes.
+async fn on_frame<S: Session>(session: &mut S, frame: Message) -> Step {
+    let text = match frame {
+        Message::Text(text) => text,
+        Message::Binary(_) => {
+            let error = ApiError::invalid("binary frames are not supported: send JSON text");
+            let message = session.error_message(&error);
+            return send(session, message).await;
+        }
+        Message::Close(_) => return Step::Close,
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
+    };
+    let limit = session.parts().0.max_frame_bytes;
+    if text.len() > limit {
+        let error = ApiError::invalid(format!(
+            "frame of {} bytes is larger than the limit of {limit} bytes",
+            text.len()
+        ));
+        return close_with(session, error, close_code::TOO_BIG).await;
+    }
+    session.on_text(&text).await
+}
+
 /// What happened on a session's connection.
 enum Happening {
     Frame(Message),
@@ -307,15 +345,17 @@ enum Happening {
 
 /// Serves `session` until either side ends it: messages from the client,
 /// deliveries and the end of deliveries (overflow, shutdown, an expired
-/// token) from the engine, and a heartbeat every `heartbeat_every`. Each
-/// is handled in a boxed future: they are rare next to waiting, and their
-/// state would otherwise make every idle connection's task large.
-pub async fn run<S: Session>(mut session: S, heartbeat_every: Duration) {
+/// token) from the engine, and a heartbeat, or the end of a client silent
+/// for too long. Each is handled in a boxed future: they are rare next to
+/// waiting, and their state would otherwise make every idle connection's
+/// task large.
+pub async fn run<S: Session>(mut session: S, liveness: Liveness) {
     if let Step::Close = Box::pin(session.greet()).await {
         return;
     }
-    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    let mut heartbeat = tokio::time::interval(liveness.heartbeat_every);
     heartbeat.tick().await;
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         let happened = {
             let (socket, connection) = session.parts();
@@ -333,18 +373,32 @@ pub async fn run<S: Session>(mut session: S, heartbeat_every: Duration) {
             }
         };
         let step = match happened {
-            Happening::Frame(frame) => Box::pin(session.on_frame(frame)).await,
+            Happening::Frame(frame) => {
+                last_heard = tokio::time::Instant::now();
+                Box::pin(on_frame(&mut session, frame)).await
+            }
             Happening::ReadError(tungstenite::Error::Capacity(_)) => {
                 let limit = session.parts().0.max_frame_bytes;
                 let error = ApiError::invalid(format!("frame larger than {limit} bytes"));
-                Box::pin(session.close_with(error, close_code::TOO_BIG)).await
+                Box::pin(close_with(&mut session, error, close_code::TOO_BIG)).await
             }
             Happening::ReadError(_) | Happening::Gone => Step::Close,
             Happening::Delivery(received) => Box::pin(session.write_received(received)).await,
             Happening::Ended(reason) => {
                 let error = ApiError::from(reason);
                 let code = error.close_code();
-                Box::pin(session.close_with(error, code)).await
+                Box::pin(close_with(&mut session, error, code)).await
+            }
+            Happening::Tick if last_heard.elapsed() >= liveness.idle_after => {
+                let error = ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "no message from the client for {} s{}",
+                        last_heard.elapsed().as_secs(),
+                        S::IDLE_HINT
+                    ),
+                );
+                Box::pin(close_with(&mut session, error, close_code::IDLE)).await
             }
             Happening::Tick => Box::pin(session.heartbeat()).await,
         };

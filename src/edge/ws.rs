@@ -8,9 +8,10 @@
 //! A bad action gets an `error` message and the connection goes on; only an
 //! oversized frame, an idle client, an overflow or shutdown close it.
 
-use super::errors::{ApiError, ErrorKind, close_code};
+use super::errors::{ApiError, ErrorKind};
 use super::socket::{
-    self, ClientSocket, NotAnUpgrade, Step, TEXT, Upgrade, frame_header_len, put_frame_header,
+    self, ClientSocket, Liveness, NotAnUpgrade, Step, TEXT, Upgrade, frame_header_len,
+    put_frame_header,
 };
 use super::{AppState, check_origin, connected_data, event_json};
 use crate::auth::Principal;
@@ -22,7 +23,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use tokio_tungstenite::tungstenite::{self, Message};
 
 #[derive(Debug, Clone)]
@@ -128,7 +129,6 @@ struct Session {
     app: AppState,
     connection: Connection,
     socket: ClientSocket,
-    last_heard: Instant,
 }
 
 impl Session {
@@ -141,14 +141,16 @@ impl Session {
         presence: Option<(String, Option<String>)>,
     ) -> impl Future<Output = ()> + Send + 'static {
         connection.join_presence(presence);
-        let heartbeat_every = app.ws.ping_interval;
+        let liveness = Liveness {
+            heartbeat_every: app.ws.ping_interval,
+            idle_after: app.ws.idle_timeout,
+        };
         let session = Session {
             connection,
             socket,
-            last_heard: Instant::now(),
             app,
         };
-        socket::run(session, heartbeat_every)
+        socket::run(session, liveness)
     }
 
     async fn send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
@@ -334,8 +336,14 @@ impl Session {
 }
 
 impl socket::Session for Session {
+    const IDLE_HINT: &'static str = "; answer ping with pong";
+
     fn parts(&mut self) -> (&mut ClientSocket, &mut Connection) {
         (&mut self.socket, &mut self.connection)
+    }
+
+    fn error_message(&self, error: &ApiError) -> Message {
+        error_message(error)
     }
 
     /// `{"type":"connected","data":{"connection_id","server_time"}}`.
@@ -344,21 +352,8 @@ impl socket::Session for Session {
         self.reply(message("connected", greeting)).await
     }
 
-    async fn on_frame(&mut self, frame: Message) -> Step {
-        self.last_heard = Instant::now();
-        let text = match frame {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                let error = ApiError::invalid("binary frames are not supported: send JSON text");
-                return self.reply(error_message(&error)).await;
-            }
-            Message::Close(_) => return Step::Close,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
-        };
-        if let Err(error) = self.socket.check_size(&text) {
-            return self.close_with(error, close_code::TOO_BIG).await;
-        }
-        match self.on_action(&text).await {
+    async fn on_text(&mut self, text: &str) -> Step {
+        match self.on_action(text).await {
             Ok(Some(reply)) => self.reply(reply).await,
             Ok(None) => Step::Continue,
             Err(error) => self.reply(error_message(&error)).await,
@@ -393,27 +388,9 @@ impl socket::Session for Session {
     }
 
     async fn heartbeat(&mut self) -> Step {
-        let idle = self.last_heard.elapsed();
-        if idle >= self.app.ws.idle_timeout {
-            let error = ApiError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "no message from the client for {} s; answer ping with pong",
-                    idle.as_secs()
-                ),
-            );
-            return self.close_with(error, close_code::IDLE).await;
-        }
         let now = format_timestamp(SystemTime::now());
         self.reply(message("ping", json!({ "timestamp": now })))
             .await
-    }
-
-    async fn close_with(&mut self, error: ApiError, code: u16) -> Step {
-        self.socket
-            .close_with(error_message(&error), code, &error.message)
-            .await;
-        Step::Close
     }
 }
 
