@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use std::fmt;
 use std::sync::OnceLock;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 use thiserror::Error;
 
 /// The eight event types of the systems strom replaces.
@@ -296,6 +296,8 @@ impl View {
 #[derive(Debug)]
 pub struct SharedEvent {
     pub event: Event,
+    /// When the bus handed it to this node (for the fan-out latency).
+    pub arrived: Instant,
     /// Encodings per wire format and [`View`].
     encodings: [OnceLock<Bytes>; WIRE_SLOTS * View::SLOTS],
 }
@@ -304,6 +306,7 @@ impl SharedEvent {
     pub fn new(event: Event) -> Self {
         SharedEvent {
             event,
+            arrived: Instant::now(),
             encodings: Default::default(),
         }
     }

@@ -18,6 +18,7 @@
 //! - [`event`]: the event model and the per-wire-format encoding cache.
 //! - [`codec`]: the JSON spelling of events, shared by the JSON edges and
 //!   the NATS bus body.
+//! - [`metrics`]: the process's counters and histograms for `/metrics`.
 //! - [`server`]: wires it all onto one listener, whose sockets get a
 //!   [`write_deadline`]; [`proto`]: generated code;
 //!   [`client`]: a small Rust client over the generated one.
@@ -32,6 +33,7 @@ pub mod edge;
 pub mod engine;
 pub mod event;
 pub mod filter;
+pub mod metrics;
 pub mod server;
 pub mod sse_front;
 pub mod write_deadline;

@@ -184,10 +184,18 @@ fn app(
 ) -> Result<axum::Router, ServerError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let realtime = RealtimeServer::new(RealtimeService::new(engine.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl speaks v1, some clients (Python's
+    // grpcio-reflection) only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .expect("the embedded descriptors are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .expect("the embedded descriptors are valid");
     tokio::spawn(async move {
         health_reporter
@@ -196,7 +204,8 @@ fn app(
     });
     let grpc = tonic::service::Routes::new(realtime)
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .prepare()
         .into_axum_router();
     let grpc = tonic_web::GrpcWebLayer::new().layer(grpc);

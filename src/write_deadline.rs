@@ -12,6 +12,7 @@
 //! The clock only runs while a write is blocked: a write that completes (even
 //! partly) disarms it, so a slow but moving client is never cut off by it.
 
+use crate::metrics::{Eviction, METRICS};
 use axum::serve::Listener;
 use std::io;
 use std::pin::Pin;
@@ -54,6 +55,8 @@ pub struct DeadlineIo<T> {
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether `timer` measures the current blocked write.
     armed: bool,
+    /// Whether a write has timed out already (counted once per socket).
+    missed: bool,
 }
 
 impl<T> DeadlineIo<T> {
@@ -63,6 +66,7 @@ impl<T> DeadlineIo<T> {
             timeout,
             timer: None,
             armed: false,
+            missed: false,
         }
     }
 
@@ -83,6 +87,9 @@ impl<T> DeadlineIo<T> {
         }
         ready!(timer.as_mut().poll(cx));
         self.armed = false;
+        if !std::mem::replace(&mut self.missed, true) {
+            METRICS.evicted(Eviction::WriteTimeout);
+        }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(

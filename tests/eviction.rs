@@ -147,6 +147,10 @@ where
     F: FnOnce(SocketAddr) -> Fut,
     Fut: Future<Output = H>,
 {
+    let reason = match stall {
+        Stall::Overflow => "overflow",
+        Stall::WriteDeadline => "write_timeout",
+    };
     let server = server(stall).await;
     let mut healthy = WsClient::connect(server.addr, "").await.unwrap();
     healthy.subscribe("posts").await;
@@ -159,6 +163,13 @@ where
 
     assert_eq!(received, (1..=EVENTS).collect::<Vec<_>>());
     wait_until_evicted(&server).await;
+    let (_, metrics) = server.get("/metrics").await;
+    let series = format!("strom_evictions_total{{reason=\"{reason}\"}} ");
+    let evicted: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+        .expect("the eviction counter");
+    assert!(evicted >= 1, "{metrics}");
     drop(stalled);
 }
 

@@ -315,7 +315,7 @@ async fn health_and_reflection_are_served() {
             "strom.v1.Realtime".into(),
         )),
     };
-    let mut responses = ServerReflectionClient::new(channel)
+    let mut responses = ServerReflectionClient::new(channel.clone())
         .server_reflection_info(futures_util::stream::iter([request]))
         .await
         .unwrap()
@@ -336,6 +336,28 @@ async fn health_and_reflection_are_served() {
         methods,
         ["Publish", "Subscribe", "GetPresence", "WatchPresence"]
     );
+
+    // v1alpha too, for clients that speak only it (Python's grpcio-reflection).
+    use tonic_reflection::pb::v1alpha;
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut responses = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .expect("v1alpha is served")
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("expected the service list, got {response:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"strom.v1.Realtime"), "{names:?}");
 }
 
 #[tokio::test]

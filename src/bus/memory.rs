@@ -77,6 +77,11 @@ impl MemoryBus {
         }
     }
 
+    /// Events retained for resuming subscribers.
+    pub fn retained(&self) -> usize {
+        self.log.lock().expect("log lock").history.len()
+    }
+
     pub fn head(&self) -> u64 {
         self.log.lock().expect("log lock").last_seq
     }

@@ -86,6 +86,18 @@ pub struct Receipt {
     pub duplicates: Vec<usize>,
 }
 
+/// How the bus is, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusState {
+    /// Whether the node is connected to the bus (always, in memory).
+    pub connected: bool,
+    /// JetStream consumers on the stream, cluster-wide (`None`: in memory,
+    /// or JetStream did not answer).
+    pub consumers: Option<usize>,
+    /// Events retained for resuming subscribers (`None`: unknown now).
+    pub history_events: Option<u64>,
+}
+
 /// The retained events a resuming subscription missed.
 pub struct Replay {
     /// Events after the resume position, in seq order, up to `head`.
@@ -142,6 +154,17 @@ impl Bus {
                 duplicates: Vec::new(),
             }),
             Bus::Nats(bus) => bus.publish(events).await,
+        }
+    }
+
+    pub async fn state(&self) -> BusState {
+        match self {
+            Bus::Memory(bus) => BusState {
+                connected: true,
+                consumers: None,
+                history_events: Some(bus.retained() as u64),
+            },
+            Bus::Nats(bus) => bus.state().await,
         }
     }
 

@@ -15,7 +15,7 @@
 //! returned is never missed.
 
 use super::presence_sync::{self, PresenceState, PresenceTiming};
-use super::{Audience, BusError, History, Inbox, Receipt, Replay, Retention};
+use super::{Audience, BusError, BusState, History, Inbox, Receipt, Replay, Retention};
 use crate::codec::{decode_event, encode_bus_body};
 use crate::event::{Event, SharedEvent, WILDCARD};
 use async_nats::jetstream::{self, consumer, stream};
@@ -61,11 +61,15 @@ impl NatsConfig {
     }
 }
 
+/// How long `/metrics` waits for the stream's state.
+const STATE_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct NatsBus {
     inner: Arc<Inner>,
 }
 
 struct Inner {
+    client: async_nats::Client,
     js: jetstream::Context,
     /// See [`NatsConfig::timeout`].
     timeout: Duration,
@@ -244,10 +248,11 @@ impl NatsBus {
         presence_sync::start(client.clone(), presence, config.presence)
             .await
             .map_err(|e| BusError::Presence(e.to_string()))?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let stream = open_stream(&js, &config, retention).await?;
         Ok(NatsBus {
             inner: Arc::new(Inner {
+                client,
                 js,
                 timeout: config.timeout,
                 stream,
@@ -291,6 +296,24 @@ impl NatsBus {
             }
         }
         Ok(receipt)
+    }
+
+    /// Whether the client is connected, and what the stream holds (unknown
+    /// while JetStream does not answer).
+    pub async fn state(&self) -> BusState {
+        let connected =
+            self.inner.client.connection_state() == async_nats::connection::State::Connected;
+        // Short of the NATS timeout: a scrape should not outwait Prometheus.
+        let info = tokio::time::timeout(STATE_TIMEOUT, self.inner.stream.get_info()).await;
+        let stream = match info {
+            Ok(Ok(info)) => Some((info.state.consumer_count, info.state.messages)),
+            _ => None,
+        };
+        BusState {
+            connected,
+            consumers: stream.map(|(consumers, _)| consumers),
+            history_events: stream.map(|(_, messages)| messages),
+        }
     }
 
     /// The stream's last sequence number.

@@ -8,6 +8,7 @@ use crate::bus::BusError;
 use crate::codec::CodecError;
 use crate::engine::{EndReason, EngineError};
 use crate::filter::FilterError;
+use crate::metrics::{AuthFailure, METRICS};
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -147,6 +148,18 @@ impl From<BusError> for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
+        let failure = match &error {
+            AuthError::InvalidToken(_) => Some(AuthFailure::InvalidToken),
+            AuthError::Expired => Some(AuthFailure::Expired),
+            AuthError::UnknownApiKey => Some(AuthFailure::UnknownApiKey),
+            AuthError::Unauthenticated(_) => Some(AuthFailure::Unauthenticated),
+            AuthError::Forbidden(_) => Some(AuthFailure::Forbidden),
+            AuthError::NotConfigured => Some(AuthFailure::NotConfigured),
+            AuthError::Config(_) => None,
+        };
+        if let Some(failure) = failure {
+            METRICS.auth_failed(failure);
+        }
         let kind = match &error {
             AuthError::Forbidden(_) => ErrorKind::PermissionDenied,
             AuthError::Config(_) => ErrorKind::Internal,

@@ -56,6 +56,8 @@ pub fn http_routes(state: AppState) -> Router {
         .route("/api/v1/broadcast", post(rest::broadcast))
         .route("/api/v1/stats", get(rest::stats))
         .route("/api/v1/presence", get(rest::presence))
+        .route("/", get(rest::dashboard))
+        .route("/api/v1/openapi.json", get(rest::openapi))
         .route("/healthz", get(rest::healthz))
         .route("/metrics", get(rest::metrics))
         .route("/realtime", get(dialect::upgrade::<fluxbase::Fluxbase>))

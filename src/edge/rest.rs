@@ -6,14 +6,14 @@ use crate::auth::Principal;
 use crate::codec::{decode_event, event_from_value};
 use crate::engine::Transport;
 use crate::event::{Event, EventType, format_timestamp};
+use crate::metrics::{self, AuthFailure, Eviction, METRICS, render_family, render_one};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::fmt::Write;
 use std::time::SystemTime;
 
 #[derive(Deserialize)]
@@ -139,6 +139,8 @@ pub async fn stats(
         "subscriptions": stats.subscriptions,
         "connections_by_transport": stats.per_transport,
         "head_seq": stats.head_seq,
+        "events_published_total": app.engine.published_total(),
+        "deliveries_total": Transport::ALL.iter().map(|&t| METRICS.deliveries.get(t as usize)).sum::<u64>(),
     })))
 }
 
@@ -174,35 +176,155 @@ pub async fn presence(
     ))
 }
 
+/// `GET /`: the live dashboard, one static page. It holds no data: what it
+/// shows comes from stats, presence and an SSE stream, each checking the
+/// credential the page sends.
+pub async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+/// `GET /api/v1/openapi.json`: the REST API in OpenAPI 3.1.
+pub async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+}
+
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /metrics` in the Prometheus text format.
+/// `GET /metrics` in the Prometheus text format: the process's counters
+/// and histograms (see [`crate::metrics`]) and this server's state.
 pub async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> Response {
     if let Err(refused) = check_ops_access(&app, &headers) {
         return refused.into_response();
     }
     let stats = app.engine.stats();
+    let bus = app.engine.bus_state().await;
+    let m = &METRICS;
     let mut out = String::new();
-    let _ = writeln!(out, "# TYPE strom_connections gauge");
-    for transport in Transport::ALL.map(Transport::as_str) {
-        let count = stats.per_transport.get(transport).copied().unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "strom_connections{{transport=\"{transport}\"}} {count}"
+    let by_transport = |family: &metrics::PerTransport| {
+        Transport::ALL.map(|t| (t.as_str(), family.get(t as usize)))
+    };
+    let open = Transport::ALL.map(|t| {
+        let count = stats.per_transport.get(t.as_str()).copied().unwrap_or(0);
+        (t.as_str(), count as u64)
+    });
+    render_family(
+        &mut out,
+        "strom_connections",
+        "gauge",
+        "Open connections.",
+        "transport",
+        open,
+    );
+    let subscriptions: usize = stats.subscriptions.values().map(Vec::len).sum();
+    render_one(
+        &mut out,
+        "strom_subscriptions",
+        "gauge",
+        "Open subscriptions.",
+        subscriptions as u64,
+    );
+    render_one(
+        &mut out,
+        "strom_queue_depth",
+        "gauge",
+        "Deliveries queued for connections, not yet taken by their writers.",
+        stats.queued as u64,
+    );
+    render_one(
+        &mut out,
+        "strom_head_seq",
+        "gauge",
+        "The newest event's seq.",
+        stats.head_seq,
+    );
+    render_one(
+        &mut out,
+        "strom_nats_connected",
+        "gauge",
+        "1 while connected to the bus (always 1 on the in-memory bus).",
+        u64::from(bus.connected),
+    );
+    if let Some(consumers) = bus.consumers {
+        render_one(
+            &mut out,
+            "strom_jetstream_consumers",
+            "gauge",
+            "JetStream consumers on the event stream, cluster-wide.",
+            consumers as u64,
         );
     }
-    let subscriptions: usize = stats.subscriptions.values().map(Vec::len).sum();
-    let _ = writeln!(out, "# TYPE strom_subscriptions gauge");
-    let _ = writeln!(out, "strom_subscriptions {subscriptions}");
-    let _ = writeln!(out, "# TYPE strom_head_seq gauge");
-    let _ = writeln!(out, "strom_head_seq {}", stats.head_seq);
-    let _ = writeln!(out, "# TYPE strom_events_published_total counter");
-    let _ = writeln!(
-        out,
-        "strom_events_published_total {}",
-        app.engine.published_total()
+    if let Some(events) = bus.history_events {
+        render_one(
+            &mut out,
+            "strom_history_events",
+            "gauge",
+            "Events retained for resuming subscribers.",
+            events,
+        );
+    }
+    render_one(
+        &mut out,
+        "strom_events_published_total",
+        "counter",
+        "Events published through this node.",
+        app.engine.published_total(),
+    );
+    render_family(
+        &mut out,
+        "strom_deliveries_total",
+        "counter",
+        "Events handed to clients.",
+        "transport",
+        by_transport(&m.deliveries),
+    );
+    render_family(
+        &mut out,
+        "strom_connections_opened_total",
+        "counter",
+        "Connections opened.",
+        "transport",
+        by_transport(&m.connections_opened),
+    );
+    render_family(
+        &mut out,
+        "strom_connections_closed_total",
+        "counter",
+        "Connections closed.",
+        "transport",
+        by_transport(&m.connections_closed),
+    );
+    let evictions = Eviction::ALL.map(|e| (e.as_str(), m.evictions.get(e as usize)));
+    render_family(
+        &mut out,
+        "strom_evictions_total",
+        "counter",
+        "Connections the server ended, by reason.",
+        "reason",
+        evictions,
+    );
+    let failures = AuthFailure::ALL.map(|f| (f.as_str(), m.auth_failures.get(f as usize)));
+    render_family(
+        &mut out,
+        "strom_auth_failures_total",
+        "counter",
+        "Refused credentials and requests, by reason.",
+        "reason",
+        failures,
+    );
+    m.publish_duration.render(
+        &mut out,
+        "strom_publish_duration_seconds",
+        "From a publish request to the bus's acknowledgement.",
+    );
+    m.fanout_latency.render(
+        &mut out,
+        "strom_fanout_latency_seconds",
+        "From the bus to a connection's writer, per batch taken (its oldest event).",
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

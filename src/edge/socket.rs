@@ -12,6 +12,7 @@
 
 use super::errors::{ApiError, ErrorKind, close_code};
 use crate::engine::{Connection, Received};
+use crate::metrics::{Eviction, METRICS};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
@@ -390,6 +391,7 @@ pub async fn run<S: Session>(mut session: S, liveness: Liveness) {
                 Box::pin(close_with(&mut session, error, code)).await
             }
             Happening::Tick if last_heard.elapsed() >= liveness.idle_after => {
+                METRICS.evicted(Eviction::Idle);
                 let error = ApiError::new(
                     ErrorKind::Unavailable,
                     format!(

@@ -125,6 +125,11 @@ impl Mailbox {
 
     /// Moves everything queued to the end of `out` (one lock, and no copy
     /// when `out` is empty); `false` if nothing was queued.
+    /// Deliveries queued and not yet taken.
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("mailbox lock").queued.len()
+    }
+
     pub fn take_all(&self, out: &mut VecDeque<Delivery>) -> bool {
         let mut inner = self.inner.lock().expect("mailbox lock");
         self.moved(inner.move_into(out))

@@ -12,11 +12,12 @@ pub mod router;
 
 use crate::auth::{Auth, AuthError, Principal};
 use crate::bus::presence_sync::PresenceState;
-use crate::bus::{Bus, BusError, History, Inbox, Interest, Receipt};
+use crate::bus::{Bus, BusError, BusState, History, Inbox, Interest, Receipt};
 use crate::event::{
     Event, EventError, MAX_RECORD_ID, SharedEvent, View, WILDCARD, validate_collection,
 };
 use crate::filter::Filter;
+use crate::metrics::METRICS;
 use presence::{PRESENCE_COLLECTION, Presence, PresenceUser};
 use router::{ConnShared, Gate, Membership, Router, SubEntry};
 use std::collections::{HashMap, VecDeque};
@@ -275,6 +276,8 @@ pub struct Stats {
     /// Connection name → the collections it subscribes to.
     pub subscriptions: HashMap<String, Vec<String>>,
     pub head_seq: u64,
+    /// Deliveries queued for connections and not yet taken by their edges.
+    pub queued: usize,
 }
 
 impl Engine {
@@ -323,6 +326,11 @@ impl Engine {
 
     pub fn backend(&self) -> &'static str {
         self.bus.backend()
+    }
+
+    /// The bus's connection and history, for `/metrics`.
+    pub async fn bus_state(&self) -> BusState {
+        self.bus.state().await
     }
 
     /// Who is online, on `channel` or at all, over the whole cluster. A
@@ -393,7 +401,9 @@ impl Engine {
         }
         self.spend_budget(principal, events.len())?;
         self.router.admit().await;
+        let started = std::time::Instant::now();
         let receipt = self.bus.publish(events).await?;
+        METRICS.publish_duration.observe(started.elapsed());
         let fresh = receipt.seqs.len() - receipt.duplicates.len();
         self.published.fetch_add(fresh as u64, Ordering::Relaxed);
         Ok(receipt)
@@ -458,6 +468,7 @@ impl Engine {
         ));
         *shared.user_id.lock().expect("user lock") = principal.user_id();
         self.router.register(Arc::clone(&shared));
+        METRICS.connections_opened.add(transport as usize, 1);
         let mut connection = Connection {
             engine: self.clone(),
             shared,
@@ -503,6 +514,7 @@ impl Engine {
         };
         let mut users = std::collections::HashSet::new();
         for conn in connections.values() {
+            stats.queued += conn.mailbox.len();
             *stats
                 .per_transport
                 .entry(conn.transport.as_str())
@@ -973,6 +985,7 @@ impl Connection {
                     && wanted
                     && let Some(view) = open.entry.classify(&event)
                 {
+                    METRICS.deliveries.add(self.shared.transport as usize, 1);
                     self.ready.push_back(Received::Event(Delivery::new(
                         catch_up.subscription,
                         event,
@@ -1115,6 +1128,15 @@ impl Connection {
     }
 
     fn sort_incoming(&mut self) {
+        if let Some(oldest) = self.incoming.front() {
+            METRICS
+                .fanout_latency
+                .observe(oldest.event.arrived.elapsed());
+            let taken = self.incoming.len() as u64;
+            METRICS
+                .deliveries
+                .add(self.shared.transport as usize, taken);
+        }
         while let Some(delivery) = self.incoming.pop_front() {
             self.take_live(delivery);
         }
@@ -1137,6 +1159,7 @@ fn retire(router: &Router, presence: &Presence, conn: &ConnShared) {
             return;
         }
         membership.retired = true;
+        METRICS.connections_closed.add(conn.transport as usize, 1);
         for (id, (collection, record_id)) in std::mem::take(&mut membership.subscriptions) {
             router.remove(&collection, record_id.as_deref(), id);
             count_in_channel(presence, &membership, &collection, -1);

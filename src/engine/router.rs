@@ -19,6 +19,7 @@ use crate::bus::{Audience, Inbox};
 use crate::event::{SharedEvent, View, WILDCARD};
 use crate::filter::Filter;
 use crate::filter::index::MatchIndex;
+use crate::metrics::{Eviction, METRICS};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -80,8 +81,17 @@ impl ConnShared {
 
     /// Ends the connection's delivery; the first reason wins.
     pub fn end(&self, reason: EndReason) -> bool {
+        let eviction = match &reason {
+            EndReason::Overflow { .. } => Some(Eviction::Overflow),
+            EndReason::TokenExpired => Some(Eviction::TokenExpired),
+            EndReason::History(_) => Some(Eviction::History),
+            EndReason::Shutdown => None,
+        };
         let first = self.ended.set(reason).is_ok();
         if first {
+            if let Some(eviction) = eviction {
+                METRICS.evicted(eviction);
+            }
             self.end_signal.notify_one();
         }
         first
