@@ -244,6 +244,8 @@ pub async fn serve<L>(
             let _ = connection.await;
         });
     }
+    // New connections are refused from now on, not left waiting.
+    drop(listener);
     drop(stop);
     connections.close();
     connections.wait().await;

@@ -592,8 +592,14 @@ async fn sse_stream_ends_when_the_token_expires() {
     )
     .await;
     assert_eq!(sse.next().await.unwrap().event, "connected");
-    let error = sse.next_of("error").await;
+    let error = sse.next_of("stream_error").await;
     assert!(error.data.contains("expired"), "{}", error.data);
+    let deprecated = sse.next().await.unwrap();
+    assert_eq!(
+        (deprecated.event.as_str(), deprecated.data),
+        ("error", error.data),
+        "then the same under the deprecated name"
+    );
     assert!(sse.next().await.is_none(), "then the stream closes");
 }
 

@@ -299,13 +299,15 @@ async fn auth_without_configuration_is_an_error() {
 }
 
 #[tokio::test]
-async fn shutdown_closes_with_going_away() {
+async fn shutdown_asks_clients_to_reconnect_and_closes_with_service_restart() {
     let mut server = TestServer::memory().await;
     let mut client = WsClient::connect(server.addr, "").await.unwrap();
     client
         .subscribe_with(json!({"action": "subscribe", "collection": "posts"}))
         .await;
     server.begin_stop();
-    client.expect_error("shutting down").await;
-    assert_eq!(client.expect_close().await, 1001);
+    let hint = client.reply().await;
+    assert_eq!(hint["type"], "reconnect", "{hint}");
+    assert_eq!(hint["data"]["since"], Value::Null, "nothing was received");
+    assert_eq!(client.expect_close().await, 1012);
 }

@@ -36,6 +36,8 @@ pub struct ApiError {
 pub mod close_code {
     /// The server is going away (shutdown).
     pub const GOING_AWAY: u16 = 1001;
+    /// The server is restarting (a drain): reconnect, to another node.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// A frame over the size limit.
     pub const TOO_BIG: u16 = 1009;
     /// The client missed heartbeats.

@@ -4,7 +4,7 @@
 use super::errors::ApiError;
 use crate::auth::Principal;
 use crate::engine::presence::{PRESENCE_COLLECTION, PresenceUser};
-use crate::engine::{Engine, Received, SubscriptionSpec, Transport};
+use crate::engine::{Connection, EndReason, Engine, Received, SubscriptionSpec, Transport};
 use crate::event::{Event, EventType, Wire};
 use crate::filter::{Condition, Filter, Op, Operand, Scalar};
 use crate::proto;
@@ -114,7 +114,7 @@ impl generated::realtime_server::Realtime for RealtimeService {
             let mut connection = connection?;
             match connection.recv().await {
                 Ok(received) => Some((Ok(response(received)), Some(connection))),
-                Err(reason) => Some((Err(ApiError::from(reason).grpc_status()), None)),
+                Err(reason) => Some((Err(ending_status(&connection, reason)), None)),
             }
         });
         let stream = futures_util::stream::once(async { Ok(first) });
@@ -551,6 +551,21 @@ fn condition_from_proto(c: proto::Condition) -> Result<Condition, ApiError> {
     };
     Ok(Condition::new(&c.field, op, operand)?)
 }
+
+/// The status a subscription ends with: a draining server's `UNAVAILABLE`
+/// carries the position to resume after in `strom-resume-since`.
+fn ending_status(connection: &Connection, reason: EndReason) -> Status {
+    let drained = reason == EndReason::Shutdown;
+    let mut status = ApiError::from(reason).grpc_status();
+    if let Some(since) = connection.resume_position().filter(|_| drained) {
+        let value = tonic::metadata::MetadataValue::from(since);
+        status.metadata_mut().insert(RESUME_SINCE, value);
+    }
+    status
+}
+
+/// The trailer naming where a drained subscription resumes.
+pub const RESUME_SINCE: &str = "strom-resume-since";
 
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {

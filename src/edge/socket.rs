@@ -11,7 +11,7 @@
 //! else.
 
 use super::errors::{ApiError, ErrorKind, close_code};
-use crate::engine::{Connection, Received};
+use crate::engine::{Connection, EndReason, Received};
 use crate::metrics::{Eviction, METRICS};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -267,6 +267,13 @@ pub trait Session: Send {
     fn write_received(&mut self, first: Received) -> impl Future<Output = Step> + Send;
     /// The heartbeat timer fired and the client is not idle.
     fn heartbeat(&mut self) -> impl Future<Output = Step> + Send;
+    /// What tells the client, when the server drains, to reconnect and
+    /// resume after `since`; protocols without such a message send their
+    /// error, and the close code says the rest.
+    fn reconnect_message(&self, since: Option<u64>) -> Option<Message> {
+        let _ = since;
+        None
+    }
 }
 
 /// When a session beats, and when it gives up on a silent client.
@@ -310,6 +317,22 @@ async fn close_with<S: Session>(session: &mut S, error: ApiError, code: u16) -> 
     Step::Close
 }
 
+/// Says goodbye to a client of a draining server: reconnect (elsewhere) and
+/// resume after the last event received here, then close 1012.
+async fn drain<S: Session>(session: &mut S) -> Step {
+    let since = session.parts().1.resume_position();
+    let error = ApiError::from(EndReason::Shutdown);
+    let last = session
+        .reconnect_message(since)
+        .unwrap_or_else(|| session.error_message(&error));
+    session
+        .parts()
+        .0
+        .close_with(last, close_code::SERVICE_RESTART, &error.message)
+        .await;
+    Step::Close
+}
+
 /// Handles a message from the client: text within the size limit goes to
 /// the session; binary gets an error; oversized text closes.
 async fn on_frame<S: Session>(session: &mut S, frame: Message) -> Step {
@@ -340,7 +363,7 @@ enum Happening {
     ReadError(tungstenite::Error),
     Gone,
     Delivery(Received),
-    Ended(crate::engine::EndReason),
+    Ended(EndReason),
     Tick,
 }
 
@@ -385,6 +408,7 @@ pub async fn run<S: Session>(mut session: S, liveness: Liveness) {
             }
             Happening::ReadError(_) | Happening::Gone => Step::Close,
             Happening::Delivery(received) => Box::pin(session.write_received(received)).await,
+            Happening::Ended(EndReason::Shutdown) => Box::pin(drain(&mut session)).await,
             Happening::Ended(reason) => {
                 let error = ApiError::from(reason);
                 let code = error.close_code();

@@ -4,12 +4,14 @@
 //! 400 with a JSON error before any stream starts. The stream opens with a
 //! `connected` event; each event has `event:` = its type, `id:` = its seq and
 //! `data:` = the event JSON; comment lines keep idle proxies from closing it.
-//! When the server ends the stream (overflow, shutdown) it sends an `error`
-//! event saying why, then closes.
+//! When the server ends the stream (overflow, an expired token) it sends a
+//! `stream_error` event saying why, then the same as `error` (deprecated:
+//! it collides with `EventSource`'s own `error` event), then closes. A
+//! draining server sends `reconnect` with the position to resume after.
 
 use super::errors::ApiError;
 use super::{AppState, connected_data, event_json};
-use crate::engine::{Connection, Delivery, Received, SubscriptionSpec, Transport};
+use crate::engine::{Connection, Delivery, EndReason, Received, SubscriptionSpec, Transport};
 use crate::event::{WILDCARD, Wire};
 use crate::filter::Filter;
 use axum::body::Body;
@@ -155,10 +157,21 @@ impl Stream {
                         .to_string()
                         .as_bytes(),
                 ),
+                Err(EndReason::Shutdown) => {
+                    let since = connection.resume_position();
+                    self.connection = None;
+                    let reason = EndReason::Shutdown.to_string();
+                    let hint = json!({"reason": reason, "since": since}).to_string();
+                    frame("reconnect", None, hint.as_bytes())
+                }
                 Err(reason) => {
                     self.connection = None;
-                    let error = ApiError::from(reason);
-                    frame("error", None, error.body().to_string().as_bytes())
+                    let body = ApiError::from(reason).body().to_string();
+                    // `stream_error`, and for older clients `error` (which
+                    // collides with EventSource's own error event, so
+                    // `onerror` never sees its data): deprecated.
+                    let ending = ["stream_error", "error"].map(|name| frame(name, None, body.as_bytes()));
+                    Bytes::from(ending.concat())
                 }
             },
             _ = self.keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),

@@ -15,7 +15,9 @@ use super::socket::{
 };
 use super::{AppState, check_origin, connected_data, event_json};
 use crate::auth::Principal;
-use crate::engine::{Connection, Delivery, Received, ResetNotice, SubscriptionSpec, Transport};
+use crate::engine::{
+    Connection, Delivery, EndReason, Received, ResetNotice, SubscriptionSpec, Transport,
+};
 use crate::event::{Event, EventType, Wire, format_timestamp};
 use crate::filter::Filter;
 use axum::extract::{Query, State};
@@ -391,6 +393,15 @@ impl socket::Session for Session {
         let now = format_timestamp(SystemTime::now());
         self.reply(message("ping", json!({ "timestamp": now })))
             .await
+    }
+
+    /// `{"type":"reconnect","data":{"reason","since"}}`.
+    fn reconnect_message(&self, since: Option<u64>) -> Option<Message> {
+        let reason = EndReason::Shutdown.to_string();
+        Some(message(
+            "reconnect",
+            json!({ "reason": reason, "since": since }),
+        ))
     }
 }
 

@@ -104,7 +104,9 @@ impl std::fmt::Display for EndReason {
                 f,
                 "subscriber too slow: its queue of {capacity} events overflowed; reconnect and resume from the last seq received"
             ),
-            EndReason::Shutdown => f.write_str("server is shutting down"),
+            EndReason::Shutdown => f.write_str(
+                "server is shutting down; reconnect (another node will answer) and resume from the last seq received",
+            ),
             EndReason::History(e) => write!(f, "{e}; resume again from the last seq received"),
             EndReason::TokenExpired => f.write_str(
                 "the token has expired; reconnect with a fresh token (refresh it with `auth` before it expires to stay connected)",
@@ -479,6 +481,7 @@ impl Engine {
             subscriptions: IdMap::default(),
             catch_ups: VecDeque::new(),
             ready: VecDeque::new(),
+            last_seq: 0,
             _slot: slot,
         };
         connection.join_presence(None);
@@ -614,6 +617,8 @@ pub struct Connection {
     subscriptions: IdMap<OpenSubscription>,
     catch_ups: VecDeque<CatchUp>,
     ready: VecDeque<Received>,
+    /// The seq of the newest event handed out (0: none yet).
+    last_seq: u64,
     /// The user's count of open connections, given back on drop.
     _slot: Option<UserSlot>,
 }
@@ -1037,7 +1042,7 @@ impl Connection {
     /// the reason.
     pub async fn recv(&mut self) -> Result<Received, EndReason> {
         loop {
-            if let Some(item) = self.ready.pop_front() {
+            if let Some(item) = self.pop_ready() {
                 return Ok(item);
             }
             if self.take_incoming() {
@@ -1105,7 +1110,7 @@ impl Connection {
     pub fn try_recv(&mut self) -> Option<Received> {
         use futures_util::FutureExt;
         loop {
-            if let Some(item) = self.ready.pop_front() {
+            if let Some(item) = self.pop_ready() {
                 return Some(item);
             }
             if let Some(catch_up) = self.catch_ups.front_mut()
@@ -1118,6 +1123,22 @@ impl Connection {
                 return None;
             }
         }
+    }
+
+    fn pop_ready(&mut self) -> Option<Received> {
+        let item = self.ready.pop_front()?;
+        if let Received::Event(delivery) = &item {
+            self.last_seq = self.last_seq.max(delivery.event.event.seq);
+        }
+        Some(item)
+    }
+
+    /// Where a client that reconnects elsewhere resumes: the seq of the
+    /// newest event handed out on this connection (`None`: none was). Exact
+    /// for subscriptions to one collection (or `*`), whose events arrive in
+    /// seq order; with several, each subscription's own last seq is.
+    pub fn resume_position(&self) -> Option<u64> {
+        (self.last_seq > 0).then_some(self.last_seq)
     }
 
     /// Takes what the mailbox holds and sorts it; `false` if it was empty.

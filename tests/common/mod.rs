@@ -623,6 +623,17 @@ impl StromProcess {
         StromProcess { child, addr }
     }
 
+    /// SIGTERM: the node drains (see `docs/protocol.md`).
+    pub fn terminate(&self) {
+        // SAFETY: signals our own child, which has not been reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits for the process to exit, and says whether it exited cleanly.
+    pub fn wait(&mut self) -> bool {
+        self.child.wait().is_ok_and(|status| status.success())
+    }
+
     /// SIGKILL: no goodbye to anyone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
