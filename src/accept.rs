@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
@@ -182,12 +183,13 @@ impl Census {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then waits for
-/// open connections to finish.
+/// Serves `app` on `listener` (over TLS, with `tls`) until `shutdown`
+/// completes, then waits for open connections to finish.
 pub async fn serve<L>(
     mut listener: L,
     app: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) where
     L: Listener<Addr = SocketAddr>,
@@ -214,34 +216,22 @@ pub async fn serve<L>(
         };
         let app = app.clone();
         let header_timeout = census.limits.header_timeout;
-        let mut stopping = stopping.clone();
+        let stopping = stopping.clone();
         let io = Counted {
             io,
             _admitted: admitted,
         };
+        let tls = tls.clone();
         connections.spawn(async move {
-            let io = match sse_front::sniff(io, header_timeout).await {
-                Sniffed::Sse(request, io) => return sse_front::serve(app, request, io).await,
-                Sniffed::Other(io) => io,
+            let Some(tls) = tls else {
+                return serve_connection(io, app, header_timeout, stopping).await;
             };
-            let service = TowerToHyperService::new(
-                app.map_request(|request: axum::extract::Request<Incoming>| request.map(Body::new)),
-            );
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            // The CONNECT protocol carries WebSockets over HTTP/2.
-            builder.http2().enable_connect_protocol();
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = stopping.changed() => {}
+            // The handshake shares the header's deadline.
+            match tokio::time::timeout(header_timeout, tls.accept(io)).await {
+                Ok(Ok(io)) => serve_connection(io, app, header_timeout, stopping).await,
+                Ok(Err(error)) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
         });
     }
     // New connections are refused from now on, not left waiting.
@@ -249,6 +239,40 @@ pub async fn serve<L>(
     drop(stop);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection: an SSE stream here, anything else with hyper,
+/// until it ends or, once `stopping` changes, gracefully.
+async fn serve_connection<T>(
+    io: T,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stopping: watch::Receiver<()>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = match sse_front::sniff(io, header_timeout).await {
+        Sniffed::Sse(request, io) => return sse_front::serve(app, request, io).await,
+        Sniffed::Other(io) => io,
+    };
+    let service = TowerToHyperService::new(
+        app.map_request(|request: axum::extract::Request<Incoming>| request.map(Body::new)),
+    );
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    // The CONNECT protocol carries WebSockets over HTTP/2.
+    builder.http2().enable_connect_protocol();
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = stopping.changed() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
 }
 
 /// Answers a refused connection once, plainly, and closes it (reading what

@@ -20,7 +20,7 @@
 //!   the NATS bus body.
 //! - [`metrics`]: the process's counters and histograms for `/metrics`.
 //! - [`server`]: wires it all onto one listener, whose sockets get a
-//!   [`write_deadline`]; [`proto`]: generated code;
+//!   [`write_deadline`] and, when configured, [`tls`]; [`proto`]: generated code;
 //!   [`client`]: a small Rust client over the generated one.
 
 pub mod accept;
@@ -36,6 +36,7 @@ pub mod filter;
 pub mod metrics;
 pub mod server;
 pub mod sse_front;
+pub mod tls;
 pub mod write_deadline;
 
 /// Code generated from `proto/strom/v1/realtime.proto`.

@@ -19,6 +19,7 @@ use strom::edge::ws::WsConfig;
 use strom::engine::EngineConfig;
 use strom::event::{Event, EventType, View};
 use strom::server::{Server, ServerConfig};
+use strom::tls::TlsFiles;
 
 #[derive(Parser)]
 #[command(
@@ -187,9 +188,17 @@ struct ServeArgs {
     /// transport (then 429 / RESOURCE_EXHAUSTED).
     #[arg(long, env = "STROM_MAX_CONNECTIONS_PER_USER", default_value_t = EngineConfig::default().max_connections_per_user)]
     max_connections_per_user: usize,
-    /// The longest a client may take to send an HTTP request's header.
+    /// The longest a client may take to send an HTTP request's header (and,
+    /// with TLS, to finish its handshake).
     #[arg(long, env = "STROM_HEADER_TIMEOUT", default_value_t = Span(ConnectionLimits::default().header_timeout))]
     header_timeout: Span,
+    /// Serve TLS (HTTP/2 by ALPN, so gRPC works) with this PEM certificate
+    /// chain; needs `--tls-key`.
+    #[arg(long, env = "STROM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "STROM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(flatten)]
     auth: AuthArgs,
     /// Capture changes of this PostgreSQL database (tables enabled with
@@ -448,6 +457,10 @@ async fn serve(args: ServeArgs, delivery: tokio::runtime::Handle) -> Result<()> 
             per_ip: args.max_connections_per_ip,
             header_timeout: args.header_timeout.0,
         },
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| TlsFiles { cert, key }),
         auth: args.auth.settings(),
         postgres: args.postgres_url.map(|url| PostgresConfig {
             slot: args.postgres_slot,
@@ -463,11 +476,16 @@ async fn serve(args: ServeArgs, delivery: tokio::runtime::Handle) -> Result<()> 
         "memory"
     };
     let address = listener.local_addr()?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::info!(%address, backend, "strom starting");
     let server = Server::start(config).await.context("cannot start strom")?;
     // Announced once the bus is up, so scripts can wait for this line.
     let mut stdout = std::io::stdout();
-    writeln!(stdout, "listening on http://{address}")?;
+    writeln!(stdout, "listening on {scheme}://{address}")?;
     stdout.flush()?;
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("strom stopped");

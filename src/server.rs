@@ -18,6 +18,7 @@ use crate::edge::grpc::{RealtimeService, generated::realtime_server::RealtimeSer
 use crate::edge::{AppState, http_routes, ws::WsConfig};
 use crate::engine::{Engine, EngineConfig};
 use crate::proto;
+use crate::tls::{self, TlsError, TlsFiles};
 use crate::write_deadline::WriteDeadline;
 use axum::http::HeaderValue;
 use axum::response::IntoResponse;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::{Layer, ServiceExt};
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -54,6 +56,8 @@ pub struct ServerConfig {
     /// A socket write blocked this long fails, and its connection closes
     /// (see [`crate::write_deadline`]).
     pub write_timeout: Duration,
+    /// Serve TLS with this certificate and key (`None`: plain TCP).
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             ops_token: None,
             connections: ConnectionLimits::default(),
             write_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -84,18 +89,22 @@ pub enum ServerError {
     Capture(#[from] CaptureError),
     #[error("invalid CORS origin {0:?}")]
     Cors(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A server whose bus is connected, ready to serve.
 pub struct Server {
     engine: Engine,
     config: ServerConfig,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Server {
     /// Connects the bus (NATS, when configured).
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let auth = Auth::from_settings(&config.auth)?;
+        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         if let Some(postgres) = &config.postgres {
             postgres::prepare(postgres).await?;
         }
@@ -112,7 +121,11 @@ impl Server {
             })
         })
         .await?;
-        Ok(Server { engine, config })
+        Ok(Server {
+            engine,
+            config,
+            tls,
+        })
     }
 
     /// Serves on `listener` until `shutdown` completes.
@@ -147,7 +160,7 @@ impl Server {
             );
             limits.total = fitted;
         }
-        accept::serve(listener, app, limits, async move {
+        accept::serve(listener, app, limits, self.tls, async move {
             shutdown.await;
             stopping.shutdown();
         })
