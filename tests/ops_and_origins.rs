@@ -212,3 +212,59 @@ fn logs_are_plain_text_off_a_terminal_or_json_on_request() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn every_log_line_about_a_connection_names_it() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strom"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("STROM_LOG", "strom=debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start strom");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = stdout.next().expect("the address line").unwrap();
+    let addr = line
+        .strip_prefix("listening on http://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let line = serde_json::from_str(&line).expect("every line is JSON");
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut client = WsClient::connect(addr, "").await.unwrap();
+    let id = client.greeting["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    client.subscribe("posts").await;
+    client.close().await;
+
+    let mut seen = Vec::new();
+    while !seen.contains(&"connection closed".to_owned()) {
+        let line = line_rx.recv_timeout(PATIENCE).expect("a log line");
+        let fields = &line["fields"];
+        let message = fields["message"].as_str().unwrap_or_default().to_owned();
+        if message.contains("connection") || message.contains("subscribed") {
+            assert_eq!(fields["connection"], id.as_str(), "{line}");
+            seen.push(message);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        seen,
+        ["connection opened", "subscribed", "connection closed"],
+        "the connection's life, each line naming it"
+    );
+}

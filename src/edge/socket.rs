@@ -416,6 +416,8 @@ pub async fn run<S: Session>(mut session: S, liveness: Liveness) {
             }
             Happening::Tick if last_heard.elapsed() >= liveness.idle_after => {
                 METRICS.evicted(Eviction::Idle);
+                let connection = session.parts().1.name();
+                tracing::info!(connection, "connection ended by the server: idle");
                 let error = ApiError::new(
                     ErrorKind::Unavailable,
                     format!(

@@ -471,6 +471,12 @@ impl Engine {
         *shared.user_id.lock().expect("user lock") = principal.user_id();
         self.router.register(Arc::clone(&shared));
         METRICS.connections_opened.add(transport as usize, 1);
+        tracing::debug!(
+            connection = &*shared.name,
+            transport = transport.as_str(),
+            user = principal.user_id().as_deref(),
+            "connection opened"
+        );
         let mut connection = Connection {
             engine: self.clone(),
             shared,
@@ -773,6 +779,13 @@ impl Connection {
         }
         let since = spec.since;
         let collection = spec.collection.clone();
+        tracing::debug!(
+            connection = &*self.shared.name,
+            subscription = id,
+            %collection,
+            since,
+            "subscribed"
+        );
         self.subscriptions.insert(
             id,
             OpenSubscription {
@@ -829,6 +842,11 @@ impl Connection {
             }
         }
         self.forget(id);
+        tracing::debug!(
+            connection = &*self.shared.name,
+            subscription = id,
+            "unsubscribed"
+        );
         Ok(spec)
     }
 
@@ -1181,6 +1199,7 @@ fn retire(router: &Router, presence: &Presence, conn: &ConnShared) {
         }
         membership.retired = true;
         METRICS.connections_closed.add(conn.transport as usize, 1);
+        tracing::debug!(connection = &*conn.name, "connection closed");
         for (id, (collection, record_id)) in std::mem::take(&mut membership.subscriptions) {
             router.remove(&collection, record_id.as_deref(), id);
             count_in_channel(presence, &membership, &collection, -1);

@@ -91,6 +91,8 @@ impl ConnShared {
         if first {
             if let Some(eviction) = eviction {
                 METRICS.evicted(eviction);
+                let reason = self.ended.get().expect("just set");
+                tracing::info!(connection = &*self.name, %reason, "connection ended by the server");
             }
             self.end_signal.notify_one();
         }
