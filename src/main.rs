@@ -103,6 +103,12 @@ struct ServeArgs {
     /// does not answer for a while).
     #[arg(long, env = "STROM_NATS_STARTUP_TIMEOUT", default_value_t = Span(NatsConfig::new("").startup_timeout))]
     nats_startup_timeout: Span,
+    /// Streams to spread collections over (by a hash of their name), past
+    /// one stream's publish ceiling. Every node must use the same count.
+    /// Above 1, `*` subscriptions cannot resume.
+    #[arg(long, env = "STROM_NATS_PARTITIONS", default_value_t = NatsConfig::new("").partitions,
+        value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
+    nats_partitions: usize,
     /// History kept for resuming subscribers, by age (e.g. 24h, 30m).
     #[arg(long, env = "STROM_HISTORY_MAX_AGE", default_value_t = Span(Retention::default().max_age))]
     history_max_age: Span,
@@ -417,6 +423,7 @@ async fn serve(args: ServeArgs, delivery: tokio::runtime::Handle) -> Result<()> 
         replicas: args.nats_replicas,
         timeout: args.nats_timeout.0,
         startup_timeout: args.nats_startup_timeout.0,
+        partitions: args.nats_partitions,
         presence: PresenceTiming {
             heartbeat: args.presence_heartbeat.0,
             timeout: args.presence_timeout.0,

@@ -369,3 +369,109 @@ async fn startup_without_jetstream_says_what_it_waited_for() {
         "{message}"
     );
 }
+
+/// Collections spread over three streams: each collection's events are
+/// numbered by its own stream and resume exactly; `*` hears every stream
+/// live but cannot resume (one seq is no position in three streams); a raw
+/// NATS publish on the partition's subject is captured.
+#[tokio::test]
+async fn partitions_spread_collections_over_streams_and_resume_exactly() {
+    use strom::bus::nats::partition_of;
+    let nats = NatsServer::start();
+    let node = TestServer::start(ServerConfig {
+        nats: Some(NatsConfig {
+            partitions: 3,
+            ..NatsConfig::new(nats.url.clone())
+        }),
+        ..ServerConfig::default()
+    })
+    .await;
+    // Collections on different partitions.
+    let collections: Vec<String> = (0..)
+        .map(|i| format!("c{i}"))
+        .scan(Vec::new(), |seen: &mut Vec<usize>, name| {
+            let partition = partition_of(&name, 3);
+            let new = !seen.contains(&partition);
+            seen.push(partition);
+            Some(new.then_some(name))
+        })
+        .flatten()
+        .take(3)
+        .collect();
+    let mut client = node.grpc().await;
+    let mut everything = grpc_subscribe(&mut client, text_subscription("*", None)).await;
+    let mut published = Vec::new();
+    for round in 0..2 {
+        for collection in &collections {
+            let body = json!({"type": "record.created", "collection": collection,
+                "record_id": format!("r{round}"), "data": {}});
+            published.push((collection.clone(), node.publish_json(body).await));
+        }
+    }
+    // Each stream numbers its own events: 1, 2 in every partition.
+    let mut seqs: Vec<u64> = published.iter().map(|(_, seq)| *seq).collect();
+    seqs.sort();
+    assert_eq!(seqs, [1, 1, 1, 2, 2, 2]);
+    for _ in 0..published.len() {
+        next_event(&mut everything).await;
+    }
+
+    // A collection resumes exactly from its own seq.
+    for collection in &collections {
+        let request = proto::SubscribeRequest {
+            since_seq: Some(1),
+            ..text_subscription(collection, None)
+        };
+        let mut resumed = grpc_subscribe(&mut client, request).await;
+        let event = next_event(&mut resumed).await;
+        assert_eq!(
+            (
+                event.collection.as_str(),
+                event.record_id.as_str(),
+                event.seq
+            ),
+            (collection.as_str(), "r1", 2)
+        );
+    }
+
+    // `*` cannot resume, and says why.
+    let request = proto::SubscribeRequest {
+        since_seq: Some(1),
+        ..text_subscription("*", None)
+    };
+    let status = match client.subscribe(request).await {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("--nats-partitions"), "{status:?}");
+
+    // The streams exist under their names; a raw publish on a partition's
+    // subject reaches subscribers.
+    let raw = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(raw.clone());
+    let target = &collections[0];
+    let partition = partition_of(target, 3);
+    let mut stream = js
+        .get_stream(format!("STROM_EVENTS_{partition}"))
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
+    js.publish(
+        format!("strom.events.{partition}.{target}"),
+        r#"{"type":"record.created","record_id":"raw","data":{}}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let event = next_event(&mut everything).await;
+    assert_eq!(
+        (
+            event.collection.as_str(),
+            event.record_id.as_str(),
+            event.seq
+        ),
+        (target.as_str(), "raw", 3)
+    );
+}

@@ -54,6 +54,10 @@ pub enum BusError {
     History(String),
     #[error("presence over NATS failed to start: {0}")]
     Presence(String),
+    #[error(
+        "a `*` subscription cannot resume here: its events come from {0} NATS streams (--nats-partitions), so no one seq is a position in all of them. Subscribe to `*` without a position, or resume each collection"
+    )]
+    Partitioned(usize),
 }
 
 /// How much history the bus keeps for resuming subscribers.
@@ -168,12 +172,22 @@ impl Bus {
         }
     }
 
-    /// The newest seq in the log: a subscriber that starts now and later
-    /// resumes from this position misses nothing.
-    pub async fn head(&self) -> Result<u64, BusError> {
+    /// The newest seq in the log holding `key` (a collection, or `*`): a
+    /// subscriber that starts now and later resumes from this position
+    /// misses nothing. `None` for `*` over several NATS streams.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, BusError> {
         match self {
-            Bus::Memory(bus) => Ok(bus.head()),
-            Bus::Nats(bus) => bus.head().await,
+            Bus::Memory(bus) => Ok(Some(bus.head())),
+            Bus::Nats(bus) => bus.head(key).await,
+        }
+    }
+
+    /// Streams the collections are spread over (1 but with
+    /// `--nats-partitions`).
+    pub fn partitions(&self) -> usize {
+        match self {
+            Bus::Memory(_) => 1,
+            Bus::Nats(bus) => bus.partitions(),
         }
     }
 

@@ -13,6 +13,16 @@
 //! arrives, deleted when the last leaves. A watch resolves only once its
 //! consumer exists on the server, so an event published after a subscribe
 //! returned is never missed.
+//!
+//! One stream is the ceiling of a cluster's publish rate. With
+//! `--nats-partitions N` (N > 1) collections are spread over N streams,
+//! `<stream>_0` … `<stream>_<N-1>`: a collection's events go to partition
+//! `fnv1a32(collection) % N`, on `<prefix>.<partition>.<collection>`. A
+//! collection lives in one stream, so its events' `seq` (that stream's
+//! sequence) is still one number that orders them and resumes exactly. `*`
+//! reads every stream live; its events come from several sequences, so no
+//! one number is a position in all of them, and a `*` subscription cannot
+//! resume (a clear error says so).
 
 use super::presence_sync::{self, PresenceState, PresenceTiming};
 use super::{Audience, BusError, BusState, History, Inbox, Receipt, Replay, Retention};
@@ -45,6 +55,80 @@ pub struct NatsConfig {
     /// How long startup waits for JetStream to answer: a cluster still
     /// electing its leader does not, for a while.
     pub startup_timeout: Duration,
+    /// Streams the collections are spread over (see the module docs).
+    pub partitions: usize,
+}
+
+/// Where a collection's events live: its stream, its subject.
+#[derive(Debug, Clone)]
+struct Layout {
+    stream: String,
+    prefix: String,
+    partitions: usize,
+}
+
+impl Layout {
+    fn stream_name(&self, partition: usize) -> String {
+        match self.partitions {
+            1 => self.stream.clone(),
+            _ => format!("{}_{partition}", self.stream),
+        }
+    }
+
+    /// The subjects stream `partition` captures.
+    fn stream_subjects(&self, partition: usize) -> String {
+        self.filter(partition, WILDCARD)
+    }
+
+    /// What a consumer of `key` (a collection, or `*`) on stream
+    /// `partition` reads.
+    fn filter(&self, partition: usize, key: &str) -> String {
+        let tail = if key == WILDCARD { ">" } else { key };
+        match self.partitions {
+            1 => format!("{}.{tail}", self.prefix),
+            _ => format!("{}.{partition}.{tail}", self.prefix),
+        }
+    }
+
+    /// The subject an event of `collection` is published on.
+    fn subject(&self, collection: &str) -> String {
+        self.filter(partition_of(collection, self.partitions), collection)
+    }
+
+    /// The collection a stream message's subject names.
+    fn collection<'s>(&self, subject: &'s str) -> &'s str {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or_default();
+        match self.partitions {
+            1 => rest,
+            _ => rest
+                .split_once('.')
+                .map_or("", |(_, collection)| collection),
+        }
+    }
+
+    /// The streams that carry `key`'s events.
+    fn partitions_of(&self, key: &str) -> Vec<usize> {
+        match key {
+            WILDCARD => (0..self.partitions).collect(),
+            collection => vec![partition_of(collection, self.partitions)],
+        }
+    }
+}
+
+/// The partition of `collection` among `partitions` streams: FNV-1a (32
+/// bits) of its name, modulo the count. Publishers that write to NATS
+/// directly compute the same to pick the subject.
+pub fn partition_of(collection: &str, partitions: usize) -> usize {
+    if partitions <= 1 {
+        return 0;
+    }
+    let hash = collection.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
+    (hash % partitions as u32) as usize
 }
 
 impl NatsConfig {
@@ -57,6 +141,7 @@ impl NatsConfig {
             replicas: 1,
             timeout: Duration::from_secs(10),
             startup_timeout: Duration::from_secs(60),
+            partitions: 1,
         }
     }
 }
@@ -73,13 +158,17 @@ struct Inner {
     js: jetstream::Context,
     /// See [`NatsConfig::timeout`].
     timeout: Duration,
-    stream: stream::Stream,
-    prefix: String,
+    /// One per partition.
+    streams: Vec<stream::Stream>,
+    layout: Layout,
     inbox: Arc<dyn Inbox>,
-    /// Per collection (or `*`): how many local subscriptions want it, and
-    /// its consumer.
-    watches: Mutex<HashMap<String, (usize, Arc<WatchState>)>>,
+    /// Per partition and collection (or `*`): how many local subscriptions
+    /// want it, and its consumer.
+    watches: Mutex<HashMap<WatchKey, (usize, Arc<WatchState>)>>,
 }
+
+/// A consumer's stream (partition) and what it reads (a collection or `*`).
+type WatchKey = (usize, String);
 
 #[derive(Default)]
 struct WatchState {
@@ -93,6 +182,7 @@ struct WatchState {
 /// starts after, and how many messages it had pending when created.
 struct Reader {
     messages: jetstream::consumer::pull::Ordered,
+    partition: usize,
     name: String,
     after_seq: u64,
     pending: u64,
@@ -143,7 +233,7 @@ impl HistoryReader {
 
     fn finish(&mut self) {
         if let Some(reader) = self.reader.take() {
-            self.inner.delete_consumer(reader.name);
+            self.inner.delete_consumer(reader.partition, reader.name);
         }
     }
 }
@@ -154,15 +244,18 @@ impl Drop for HistoryReader {
     }
 }
 
-/// Holds a collection's consumer open; the last one dropped stops it.
+/// Holds a collection's consumer open (`*`: one per partition); the last
+/// one dropped stops it.
 pub struct Watch {
     inner: Arc<Inner>,
-    key: String,
+    keys: Vec<WatchKey>,
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        self.inner.release(&self.key);
+        for key in &self.keys {
+            self.inner.release(key);
+        }
     }
 }
 
@@ -173,11 +266,14 @@ impl Drop for Watch {
 async fn open_stream(
     js: &jetstream::Context,
     config: &NatsConfig,
+    layout: &Layout,
+    partition: usize,
     retention: Retention,
 ) -> Result<stream::Stream, BusError> {
-    let subjects = format!("{}.>", config.subject_prefix);
+    let name = layout.stream_name(partition);
+    let subjects = layout.stream_subjects(partition);
     let wanted = stream::Config {
-        name: config.stream.clone(),
+        name: name.clone(),
         subjects: vec![subjects.clone()],
         max_age: retention.max_age,
         max_messages: retention.max_events as i64,
@@ -198,27 +294,27 @@ async fn open_stream(
             };
         if tokio::time::Instant::now() >= deadline {
             return Err(BusError::JetStream(format!(
-                "stream {} at {}, waited {:?}; last error: {error}",
-                config.stream, config.url, config.startup_timeout
+                "stream {name} at {}, waited {:?}; last error: {error}",
+                config.url, config.startup_timeout
             )));
         }
-        tracing::info!(stream = %config.stream, url = %config.url, "waiting for JetStream: {error}");
+        tracing::info!(stream = %name, url = %config.url, "waiting for JetStream: {error}");
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let actual = &stream.cached_info().config;
     if actual.num_replicas.max(1) != config.replicas.max(1) || !actual.subjects.contains(&subjects)
     {
         return Err(BusError::StreamSettings(format!(
-            "stream {} exists with {} replica(s) on subjects {:?}; strom wants {} replica(s) on {subjects:?}. \
-             Change the stream (nats stream edit) or start strom with matching --nats-replicas / --nats-subject-prefix",
-            config.stream, actual.num_replicas, actual.subjects, config.replicas
+            "stream {name} exists with {} replica(s) on subjects {:?}; strom wants {} replica(s) on {subjects:?}. \
+             Change the stream (nats stream edit) or start strom with matching --nats-replicas / --nats-subject-prefix / --nats-partitions",
+            actual.num_replicas, actual.subjects, config.replicas
         )));
     }
     if (actual.max_age, actual.max_messages, actual.max_bytes)
         != (wanted.max_age, wanted.max_messages, wanted.max_bytes)
     {
         tracing::warn!(
-            stream = %config.stream,
+            stream = %name,
             "the stream keeps its own retention (max_age {:?}, max_msgs {}, max_bytes {}), not this node's --history-* flags",
             actual.max_age,
             actual.max_messages,
@@ -249,14 +345,22 @@ impl NatsBus {
             .await
             .map_err(|e| BusError::Presence(e.to_string()))?;
         let js = jetstream::new(client.clone());
-        let stream = open_stream(&js, &config, retention).await?;
+        let layout = Layout {
+            stream: config.stream.clone(),
+            prefix: config.subject_prefix.clone(),
+            partitions: config.partitions.max(1),
+        };
+        let mut streams = Vec::with_capacity(layout.partitions);
+        for partition in 0..layout.partitions {
+            streams.push(open_stream(&js, &config, &layout, partition, retention).await?);
+        }
         Ok(NatsBus {
             inner: Arc::new(Inner {
                 client,
                 js,
                 timeout: config.timeout,
-                stream,
-                prefix: config.subject_prefix,
+                streams,
+                layout,
                 inbox,
                 watches: Mutex::new(HashMap::new()),
             }),
@@ -267,7 +371,7 @@ impl NatsBus {
         let publish_error = |e: &dyn std::fmt::Display| BusError::Publish(e.to_string());
         let mut acks = Vec::with_capacity(events.len());
         for event in &events {
-            let subject = format!("{}.{}", self.inner.prefix, event.collection);
+            let subject = self.inner.layout.subject(&event.collection);
             let body = encode_bus_body(event).into();
             // A source id makes JetStream drop a second copy (within the
             // stream's duplicate window). Ids are the publisher's own: one
@@ -304,11 +408,17 @@ impl NatsBus {
         let connected =
             self.inner.client.connection_state() == async_nats::connection::State::Connected;
         // Short of the NATS timeout: a scrape should not outwait Prometheus.
-        let info = tokio::time::timeout(STATE_TIMEOUT, self.inner.stream.get_info()).await;
-        let stream = match info {
-            Ok(Ok(info)) => Some((info.state.consumer_count, info.state.messages)),
-            _ => None,
-        };
+        let mut stream = Some((0, 0));
+        for partition in &self.inner.streams {
+            let info = tokio::time::timeout(STATE_TIMEOUT, partition.get_info()).await;
+            stream = match (stream, info) {
+                (Some((consumers, messages)), Ok(Ok(info))) => Some((
+                    consumers + info.state.consumer_count,
+                    messages + info.state.messages,
+                )),
+                _ => None,
+            };
+        }
         BusState {
             connected,
             consumers: stream.map(|(consumers, _)| consumers),
@@ -316,24 +426,36 @@ impl NatsBus {
         }
     }
 
-    /// The stream's last sequence number.
-    pub async fn head(&self) -> Result<u64, BusError> {
+    /// The last sequence number of the stream holding `key` (a collection,
+    /// or `*`; `None`: `*` over several streams has no one head).
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, BusError> {
+        let &[partition] = self.inner.layout.partitions_of(key).as_slice() else {
+            return Ok(None);
+        };
         let info = self
             .inner
-            .bounded("stream info", self.inner.stream.get_info())
+            .bounded("stream info", self.inner.streams[partition].get_info())
             .await
             .map_err(BusError::History)?;
         let info = info.map_err(|e| BusError::History(e.to_string()))?;
-        Ok(info.state.last_sequence)
+        Ok(Some(info.state.last_sequence))
+    }
+
+    /// Streams the collections are spread over.
+    pub fn partitions(&self) -> usize {
+        self.inner.layout.partitions
     }
 
     /// The retained events of `key` after `since`, up to the stream's
     /// current last sequence, read through a temporary ordered consumer.
     pub async fn replay(&self, key: &str, since: u64) -> Result<Replay, BusError> {
         let history_error = |e: &dyn std::fmt::Display| BusError::History(e.to_string());
+        let &[partition] = self.inner.layout.partitions_of(key).as_slice() else {
+            return Err(BusError::Partitioned(self.inner.layout.partitions));
+        };
         let info = self
             .inner
-            .bounded("stream info", self.inner.stream.get_info())
+            .bounded("stream info", self.inner.streams[partition].get_info())
             .await
             .map_err(BusError::History)?
             .map_err(|e| history_error(&e))?;
@@ -355,14 +477,17 @@ impl NatsBus {
             };
             let opened = self
                 .inner
-                .bounded("a history consumer", self.inner.consumer(key, policy))
+                .bounded(
+                    "a history consumer",
+                    self.inner.consumer(partition, key, policy),
+                )
                 .await
                 .and_then(|opened| opened)
                 .map_err(BusError::History)?;
             if opened.pending > 0 {
                 reader.reader = Some(opened);
             } else {
-                self.inner.delete_consumer(opened.name);
+                self.inner.delete_consumer(partition, opened.name);
             }
         }
         Ok(Replay {
@@ -374,25 +499,35 @@ impl NatsBus {
 
     /// Makes events of `key` (a collection or `*`) flow to this node.
     pub async fn watch(&self, key: &str) -> Result<Watch, BusError> {
-        let state = {
+        let keys: Vec<WatchKey> = (self.inner.layout.partitions_of(key).into_iter())
+            .map(|partition| (partition, key.to_owned()))
+            .collect();
+        let states: Vec<Arc<WatchState>> = {
             let mut watches = self.inner.watches.lock().expect("watches lock");
-            let entry = watches.entry(key.to_owned()).or_default();
-            entry.0 += 1;
-            Arc::clone(&entry.1)
+            (keys.iter())
+                .map(|key| {
+                    let entry = watches.entry(key.clone()).or_default();
+                    entry.0 += 1;
+                    Arc::clone(&entry.1)
+                })
+                .collect()
         };
+        // Dropped on an error below, giving every key back.
         let watch = Watch {
             inner: Arc::clone(&self.inner),
-            key: key.to_owned(),
+            keys,
         };
-        let inner = Arc::clone(&self.inner);
-        let started = state
-            .started
-            .get_or_init(|| inner.start_consumer(key.to_owned(), Arc::clone(&state)))
-            .await;
-        match started {
-            Ok(_) => Ok(watch),
-            Err(e) => Err(BusError::Subscribe(e.clone())),
+        for (key, state) in watch.keys.iter().zip(states) {
+            let inner = Arc::clone(&self.inner);
+            let started = state
+                .started
+                .get_or_init(|| inner.start_consumer(key.clone(), Arc::clone(&state)))
+                .await;
+            if let Err(e) = started {
+                return Err(BusError::Subscribe(e.clone()));
+            }
         }
+        Ok(watch)
     }
 }
 
@@ -405,7 +540,7 @@ impl Inner {
             .map_err(|_| format!("NATS did not answer for {what} within {:?}", self.timeout))
     }
 
-    fn release(&self, key: &str) {
+    fn release(&self, key: &WatchKey) {
         let mut watches = self.watches.lock().expect("watches lock");
         let Some(entry) = watches.get_mut(key) else {
             return;
@@ -415,7 +550,7 @@ impl Inner {
             if let Some(Ok(task)) = entry.1.started.get() {
                 task.abort();
                 let name = entry.1.consumer.lock().expect("consumer lock").clone();
-                self.delete_consumer(name);
+                self.delete_consumer(key.0, name);
             }
             watches.remove(key);
         }
@@ -423,8 +558,8 @@ impl Inner {
 
     /// Deletes a consumer in the background, rather than leaving it to
     /// expire after its inactivity threshold.
-    fn delete_consumer(&self, name: String) {
-        let stream = self.stream.clone();
+    fn delete_consumer(&self, partition: usize, name: String) {
+        let stream = self.streams[partition].clone();
         tokio::spawn(async move {
             if let Err(e) = stream.delete_consumer(&name).await {
                 tracing::debug!(consumer = %name, "deleting NATS consumer: {e}");
@@ -432,23 +567,15 @@ impl Inner {
         });
     }
 
-    fn filter_subject(&self, key: &str) -> String {
-        if key == WILDCARD {
-            format!("{}.>", self.prefix)
-        } else {
-            format!("{}.{key}", self.prefix)
-        }
-    }
-
     async fn consumer(
         &self,
+        partition: usize,
         key: &str,
         deliver_policy: consumer::DeliverPolicy,
     ) -> Result<Reader, String> {
-        let mut consumer = self
-            .stream
+        let mut consumer = self.streams[partition]
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.filter_subject(key),
+                filter_subject: self.layout.filter(partition, key),
                 deliver_policy,
                 ..Default::default()
             })
@@ -463,6 +590,7 @@ impl Inner {
         let messages = consumer.messages().await.map_err(|e| e.to_string())?;
         Ok(Reader {
             messages,
+            partition,
             name,
             after_seq,
             pending,
@@ -472,13 +600,13 @@ impl Inner {
     /// Creates the consumer, then leaves a task dispatching its messages.
     async fn start_consumer(
         self: Arc<Self>,
-        key: String,
+        (partition, key): WatchKey,
         state: Arc<WatchState>,
     ) -> Result<AbortHandle, String> {
         let reader = self
             .bounded(
                 "a consumer",
-                self.consumer(&key, consumer::DeliverPolicy::New),
+                self.consumer(partition, &key, consumer::DeliverPolicy::New),
             )
             .await??;
         *state.consumer.lock().expect("consumer lock") = reader.name.clone();
@@ -511,7 +639,7 @@ impl Inner {
                 let policy = consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: last_seq + 1,
                 };
-                match self.consumer(&key, policy).await {
+                match self.consumer(reader.partition, &key, policy).await {
                     Ok(next) => {
                         *state.consumer.lock().expect("consumer lock") = next.name.clone();
                         reader = next;
@@ -553,12 +681,7 @@ impl Inner {
     /// decode, which is logged and skipped.
     fn decode(&self, message: &jetstream::Message) -> Option<Arc<SharedEvent>> {
         let info = message.info().ok()?;
-        let collection = message
-            .subject
-            .as_str()
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|rest| rest.strip_prefix('.'))
-            .unwrap_or_default();
+        let collection = self.layout.collection(message.subject.as_str());
         let published: SystemTime = info.published.into();
         match decode_event(&message.payload, Some(collection), published) {
             Ok(mut event) => {
@@ -570,5 +693,42 @@ impl Inner {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_fnv1a_of_the_collection_name() {
+        // FNV-1a 32: "a" → 0xe40c292c, "foobar" → 0xbf9cf968.
+        assert_eq!(partition_of("a", 1000), 0xe40c_292c % 1000);
+        assert_eq!(partition_of("foobar", 1000), 0xbf9c_f968 % 1000);
+        assert_eq!(partition_of("foobar", 1), 0);
+    }
+
+    #[test]
+    fn one_partition_keeps_the_single_stream_layout() {
+        let layout = |partitions| Layout {
+            stream: "STROM_EVENTS".into(),
+            prefix: "strom.events".into(),
+            partitions,
+        };
+        let single = layout(1);
+        assert_eq!(single.stream_name(0), "STROM_EVENTS");
+        assert_eq!(single.stream_subjects(0), "strom.events.>");
+        assert_eq!(single.subject("a.b"), "strom.events.a.b");
+        assert_eq!(single.collection("strom.events.a.b"), "a.b");
+        assert_eq!(single.partitions_of(WILDCARD), [0]);
+
+        let spread = layout(4);
+        let k = partition_of("a.b", 4);
+        assert_eq!(spread.stream_name(k), format!("STROM_EVENTS_{k}"));
+        assert_eq!(spread.stream_subjects(k), format!("strom.events.{k}.>"));
+        assert_eq!(spread.subject("a.b"), format!("strom.events.{k}.a.b"));
+        assert_eq!(spread.collection(&spread.subject("a.b")), "a.b");
+        assert_eq!(spread.partitions_of("a.b"), [k]);
+        assert_eq!(spread.partitions_of(WILDCARD), [0, 1, 2, 3]);
     }
 }

@@ -134,6 +134,7 @@ impl From<EngineError> for ApiError {
             | EngineError::TooManyConnections(_)
             | EngineError::FilterBudget(..) => ErrorKind::ResourceExhausted,
             EngineError::UnknownSubscription(_) => ErrorKind::NotFound,
+            EngineError::Bus(BusError::Partitioned(_)) => ErrorKind::InvalidArgument,
             EngineError::Bus(_) => ErrorKind::Unavailable,
             EngineError::Auth(e) => return ApiError::from(e.clone()),
             EngineError::Ended(reason) => return ApiError::from(reason.clone()),

@@ -95,7 +95,7 @@ impl generated::realtime_server::Realtime for RealtimeService {
             .map_err(|e| ApiError::from(e).grpc_status())?;
         let head_seq = self
             .engine
-            .head_seq()
+            .head_seq(&spec.collection)
             .await
             .map_err(|e| ApiError::from(e).grpc_status())?;
         let subscription_id = connection

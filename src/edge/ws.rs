@@ -258,7 +258,7 @@ impl Session {
             .map(|(id, _)| id)
             .collect();
         // Read before the subscription starts: resuming from it misses nothing.
-        let head_seq = self.app.engine.head_seq().await?;
+        let head_seq = self.app.engine.head_seq(&collection).await?;
         let id = self.connection.replace(&earlier, spec).await?;
         let mut data = json!({
             "collection": collection,

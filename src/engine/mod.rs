@@ -509,9 +509,11 @@ impl Engine {
         })
     }
 
-    /// The newest seq of the event log (the whole cluster's, with NATS).
-    pub async fn head_seq(&self) -> Result<u64, EngineError> {
-        Ok(self.bus.head().await?)
+    /// The newest seq of the log holding `collection` (the whole
+    /// cluster's, with NATS): resuming from it later misses nothing. 0 for
+    /// `*` over several NATS streams, which has no one position.
+    pub async fn head_seq(&self, collection: &str) -> Result<u64, EngineError> {
+        Ok(self.bus.head(collection).await?.unwrap_or(0))
     }
 
     pub fn stats(&self) -> Stats {
@@ -1156,7 +1158,10 @@ impl Connection {
     /// for subscriptions to one collection (or `*`), whose events arrive in
     /// seq order; with several, each subscription's own last seq is.
     pub fn resume_position(&self) -> Option<u64> {
-        (self.last_seq > 0).then_some(self.last_seq)
+        // `*` over several NATS streams mixes their sequences.
+        let mixed = self.engine.bus.partitions() > 1
+            && (self.subscriptions.values()).any(|open| open.spec.collection == WILDCARD);
+        (self.last_seq > 0 && !mixed).then_some(self.last_seq)
     }
 
     /// Takes what the mailbox holds and sorts it; `false` if it was empty.
