@@ -17,7 +17,7 @@ use crate::event::{
     Event, EventError, MAX_RECORD_ID, SharedEvent, View, WILDCARD, validate_collection,
 };
 use crate::filter::Filter;
-use crate::metrics::METRICS;
+use crate::metrics::{DeliveryTally, METRICS};
 use presence::{PRESENCE_COLLECTION, Presence, PresenceUser};
 use router::{ConnShared, Gate, Membership, Router, SubEntry};
 use std::collections::{HashMap, VecDeque};
@@ -488,6 +488,7 @@ impl Engine {
             catch_ups: VecDeque::new(),
             ready: VecDeque::new(),
             last_seq: 0,
+            tally: DeliveryTally::default(),
             _slot: slot,
         };
         connection.join_presence(None);
@@ -627,6 +628,8 @@ pub struct Connection {
     ready: VecDeque<Received>,
     /// The seq of the newest event handed out (0: none yet).
     last_seq: u64,
+    /// Deliveries not yet in the process's counter.
+    tally: DeliveryTally,
     /// The user's count of open connections, given back on drop.
     _slot: Option<UserSlot>,
 }
@@ -1010,7 +1013,7 @@ impl Connection {
                     && wanted
                     && let Some(view) = open.entry.classify(&event)
                 {
-                    METRICS.deliveries.add(self.shared.transport as usize, 1);
+                    self.tally.one();
                     self.ready.push_back(Received::Event(Delivery::new(
                         catch_up.subscription,
                         event,
@@ -1173,13 +1176,8 @@ impl Connection {
 
     fn sort_incoming(&mut self) {
         if let Some(oldest) = self.incoming.front() {
-            METRICS
-                .fanout_latency
-                .observe(oldest.event.arrived.elapsed());
-            let taken = self.incoming.len() as u64;
-            METRICS
-                .deliveries
-                .add(self.shared.transport as usize, taken);
+            let (transport, taken) = (self.shared.transport as usize, self.incoming.len());
+            (self.tally).batch(transport, taken as u64, oldest.event.arrived);
         }
         while let Some(delivery) = self.incoming.pop_front() {
             self.take_live(delivery);
@@ -1189,6 +1187,7 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.tally.flush(self.shared.transport as usize);
         retire(&self.engine.router, &self.engine.presence, &self.shared);
     }
 }
