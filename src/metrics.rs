@@ -165,7 +165,7 @@ impl DeliveryTally {
     /// handed over at `oldest`.
     pub fn batch(&mut self, transport: usize, taken: u64, oldest: Instant) {
         self.unflushed += taken;
-        if self.batches % SAMPLE_EVERY == 0 {
+        if self.batches.is_multiple_of(SAMPLE_EVERY) {
             METRICS.fanout_latency.observe(oldest.elapsed());
             self.flush(transport);
         }

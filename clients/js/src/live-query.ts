@@ -5,14 +5,62 @@ export interface LiveQueryOptions<T> {
   key?: string;
   /** Keep the list sorted with this comparison (default: insertion order). */
   sort?: (a: T, b: T) => number;
+  /**
+   * A field that grows with every change of a record: a version number or an
+   * `updated_at` timestamp. When set, an event never replaces or removes a
+   * record whose version is newer than the event's, so an event that is
+   * older than the loaded rows (one held while they loaded, or one that lags
+   * the database) cannot undo them.
+   */
+  version?: string;
 }
 
-function identity(record: unknown, key: string): string | null {
+/** The value of `record[key]` as a string, or null when there is none. */
+export function recordKey(record: unknown, key: string): string | null {
   if (record && typeof record === 'object') {
     const value = (record as JsonObject)[key];
     if (value !== undefined && value !== null) return String(value);
   }
   return null;
+}
+
+/** The id of the record an event is about: `data[key]`, else `record_id`. */
+export function eventKey(event: StromEvent, key: string): string | null {
+  return recordKey(event.data, key) ?? (event.record_id ? String(event.record_id) : null);
+}
+
+/** Numbers and numeric strings compare as numbers, dates (to the ms) as times. */
+function versionValue(value: unknown): number | string | null {
+  if (typeof value === 'number') return Number.isNaN(value) ? null : value;
+  if (typeof value === 'bigint') return Number(value);
+  if (typeof value !== 'string' || value === '') return null;
+  if (/^\s*-?\d+(\.\d+)?\s*$/.test(value)) return Number(value);
+  const time = Date.parse(value);
+  return Number.isNaN(time) ? value : time;
+}
+
+/**
+ * Compares two versions: positive when `a` is newer, negative when `b` is,
+ * 0 when they are equal or cannot be compared (missing, or of different kinds).
+ */
+export function compareVersions(a: unknown, b: unknown): number {
+  const x = versionValue(a);
+  const y = versionValue(b);
+  if (x === null || y === null || typeof x !== typeof y) return 0;
+  return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/**
+ * Is `current` newer than what the event carries? The event's version is
+ * read from `incoming` (its data, possibly transformed); for a delete, from
+ * `old_data` first (the version that was deleted).
+ */
+export function isNewerThanEvent(current: unknown, event: StromEvent, field: string, incoming: unknown = event.data): boolean {
+  const mine = (current as JsonObject | null)?.[field];
+  const theirs = event.type === 'record.deleted'
+    ? (event.old_data?.[field] ?? (incoming as JsonObject | null)?.[field])
+    : (incoming as JsonObject | null)?.[field];
+  return compareVersions(mine, theirs) > 0;
 }
 
 /**
@@ -24,12 +72,17 @@ function identity(record: unknown, key: string): string | null {
  * - `record.updated` with `left_filter: true`: removed (it left the query);
  * - `record.deleted`: removed;
  * - anything else: no change.
+ *
+ * With `version`, an event older than the record in the list changes nothing.
  */
 export function applyLiveEvent<T extends JsonObject>(records: readonly T[], event: StromEvent, options: LiveQueryOptions<T> = {}): T[] {
   const key = options.key ?? 'id';
-  const id = identity(event.data, key) ?? (event.record_id ? String(event.record_id) : null);
+  const id = eventKey(event, key);
   if (id === null) return records as T[];
-  const index = records.findIndex((record) => identity(record, key) === id);
+  const index = records.findIndex((record) => recordKey(record, key) === id);
+  if (index !== -1 && options.version && isNewerThanEvent(records[index], event, options.version)) {
+    return records as T[];
+  }
   let next: T[];
   switch (event.type) {
     case 'record.created':
@@ -53,5 +106,12 @@ export function applyLiveEvent<T extends JsonObject>(records: readonly T[], even
       return records as T[];
   }
   if (options.sort) next.sort(options.sort);
+  return next;
+}
+
+/** Applies events in order (see `applyLiveEvent`). */
+export function applyLiveEvents<T extends JsonObject>(records: readonly T[], events: readonly StromEvent[], options: LiveQueryOptions<T> = {}): T[] {
+  let next = records as T[];
+  for (const event of events) next = applyLiveEvent(next, event, options);
   return next;
 }

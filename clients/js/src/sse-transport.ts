@@ -207,7 +207,9 @@ class Stream {
       });
       return null;
     }
-    if (message.event === 'error') {
+    // `stream_error` ends a stream; newer servers repeat it as the
+    // deprecated `error`, which older ones send alone.
+    if (message.event === 'stream_error' || message.event === 'error') {
       return errorFromBody(parseJson(message.data));
     }
     if (EVENT_NAMES.has(message.event)) {

@@ -22,6 +22,8 @@ export const CloseCode = {
   NORMAL: 1000,
   GOING_AWAY: 1001,
   TOO_BIG: 1009,
+  /** The server drains (a rolling deploy): reconnect, resuming where each subscription was. */
+  SERVICE_RESTART: 1012,
   IDLE: 4000,
   TOKEN_EXPIRED: 4001,
   TOO_SLOW: 4008,

@@ -15,7 +15,9 @@ import { fileURLToPath } from 'node:url';
 const STARTUP_TIMEOUT_MS = 20_000;
 const STOP_TIMEOUT_MS = 5_000;
 
-const repoRoot = fileURLToPath(new URL('../../../../', import.meta.url));
+// From strings: under the jsdom environment the global URL is jsdom's, which
+// Node's fileURLToPath does not take.
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../..');
 
 export function stromBin(): string {
   const bin = process.env.STROM_BIN ? path.resolve(process.env.STROM_BIN) : path.join(repoRoot, 'target/debug/strom');

@@ -102,7 +102,7 @@ test('every event published during an outage arrives exactly once, in order, on 
   expected.push(...await publishBatch(nodeA.baseUrl, collection, 'after1', 1));
   await until('the live event', () => ws.events.length >= 9 && sse.events.length >= 9);
 
-  // Outage 2: SIGTERM, a clean shutdown (WebSocket close 1001, SSE error event).
+  // Outage 2: SIGTERM, a drain (WebSocket reconnect message and close 1012, SSE reconnect event).
   await nodeA.stop();
   await until('both clients notice the shutdown', () => ws.client.state === 'reconnecting' && sse.client.state === 'reconnecting');
   expected.push(...await publishBatch(nodeB.baseUrl, collection, 'outage2', 4));

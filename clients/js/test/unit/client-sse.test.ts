@@ -130,6 +130,21 @@ test('a dropped stream reconnects after backoff and resumes with since', async (
   expect(client.state).toBe('connected');
 });
 
+test('a stream ending with stream_error, repeated as the deprecated error, reports it once', async () => {
+  const client = sseClient();
+  const errors: Error[] = [];
+  client.onError((e) => errors.push(e));
+  client.subscribe('posts', { onEvent: () => {} });
+  await flush();
+  const body = { code: 'resource_exhausted', message: 'subscriber too slow' };
+  requests[0]!.write(frame('connected', {}) + frame('stream_error', body) + frame('error', body));
+  requests[0]!.end();
+  await flush();
+  expect(client.state).toBe('reconnecting');
+  expect(errors).toHaveLength(1);
+  expect(errors[0]).toMatchObject({ code: 'resource_exhausted', message: 'subscriber too slow' });
+});
+
 test('reset is passed on', async () => {
   const client = sseClient();
   const resets: unknown[] = [];

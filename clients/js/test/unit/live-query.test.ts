@@ -1,6 +1,6 @@
 import { describe, expect, test } from 'vitest';
 
-import { type EventType, type JsonObject, type StromEvent, applyLiveEvent } from '../../src/index.js';
+import { type EventType, type JsonObject, type StromEvent, applyLiveEvent, applyLiveEvents, compareVersions } from '../../src/index.js';
 
 let seq = 0;
 function event(type: EventType, data: JsonObject, extra: Partial<StromEvent> = {}): StromEvent {
@@ -88,5 +88,54 @@ describe('applyLiveEvent', () => {
     applyLiveEvent(frozen, event('record.updated', { id: 'a', title: 'x' }));
     applyLiveEvent(frozen, event('record.deleted', b));
     expect(frozen).toEqual(list);
+  });
+});
+
+describe('applyLiveEvent with a version field', () => {
+  const v = { version: 'v' };
+
+  test('an update older than the record in the list changes nothing', () => {
+    const list = [{ id: 'a', v: 3, title: 'new' }];
+    expect(applyLiveEvent(list, event('record.updated', { id: 'a', v: 2, title: 'old' }), v)).toBe(list);
+  });
+
+  test('an update as new or newer applies', () => {
+    const list = [{ id: 'a', v: 3, title: 'x' }];
+    expect(applyLiveEvent(list, event('record.updated', { id: 'a', v: 3, title: 'same' }), v)).toEqual([{ id: 'a', v: 3, title: 'same' }]);
+    expect(applyLiveEvent(list, event('record.updated', { id: 'a', v: 4, title: 'newer' }), v)).toEqual([{ id: 'a', v: 4, title: 'newer' }]);
+  });
+
+  test('a delete of an older version, or leaving the filter at one, keeps a newer record', () => {
+    const list = [{ id: 'a', v: 5 }];
+    expect(applyLiveEvent(list, event('record.deleted', { id: 'a' }, { old_data: { id: 'a', v: 4 } }), v)).toBe(list);
+    expect(applyLiveEvent(list, event('record.deleted', { id: 'a', v: 4 }), v)).toBe(list);
+    expect(applyLiveEvent(list, event('record.updated', { id: 'a', v: 4 }, { left_filter: true }), v)).toBe(list);
+    expect(applyLiveEvent(list, event('record.deleted', { id: 'a' }, { old_data: { id: 'a', v: 5 } }), v)).toEqual([]);
+  });
+
+  test('events without a version, and records without one, always apply', () => {
+    expect(applyLiveEvent([{ id: 'a', v: 9 }], event('record.updated', { id: 'a', title: 't' }), v)).toEqual([{ id: 'a', title: 't' }]);
+    expect(applyLiveEvent([{ id: 'a' }], event('record.updated', { id: 'a', v: 1 }), v)).toEqual([{ id: 'a', v: 1 }]);
+  });
+
+  test('updated_at timestamps compare as times, numeric strings as numbers', () => {
+    const at = { version: 'updated_at' };
+    const list = [{ id: 'a', updated_at: '2025-01-01T10:00:00.500Z' }];
+    expect(applyLiveEvent(list, event('record.updated', { id: 'a', updated_at: '2025-01-01T11:00:00+01:00' }), at)).toBe(list);
+    expect(applyLiveEvent(list, event('record.updated', { id: 'a', updated_at: '2025-01-01T10:00:01Z' }), at)).toHaveLength(1);
+    expect(compareVersions('10', '9')).toBeGreaterThan(0);
+    expect(compareVersions(10, '9')).toBeGreaterThan(0);
+    expect(compareVersions('b', 'a')).toBeGreaterThan(0);
+    expect(compareVersions('2025-01-02', 'draft')).toBe(0); // a time and a word: not comparable
+    expect(compareVersions(undefined, 1)).toBe(0);
+  });
+
+  test('applyLiveEvents applies in order', () => {
+    const events = [
+      event('record.created', { id: 'x', v: 1 }),
+      event('record.updated', { id: 'x', v: 2 }),
+      event('record.deleted', { id: 'y' }),
+    ];
+    expect(applyLiveEvents([{ id: 'y', v: 1 }], events, v)).toEqual([{ id: 'x', v: 2 }]);
   });
 });

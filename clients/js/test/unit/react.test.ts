@@ -7,7 +7,9 @@ import { type Root, createRoot } from 'react-dom/client';
 import { afterEach, beforeEach, expect, test } from 'vitest';
 
 import { type Filter, type JsonObject, StromClient } from '../../src/index.js';
-import { useLiveQuery, usePresence, useRealtime } from '../../src/react.js';
+import {
+  type RealtimeContextValue, RealtimeProvider, useLiveQuery, usePresence, useRealtime, useRealtimeContext,
+} from '../../src/react.js';
 import { FakeSocket } from '../helpers/fake-socket.js';
 
 (globalThis as { IS_REACT_ACT_ENVIRONMENT?: boolean }).IS_REACT_ACT_ENVIRONMENT = true;
@@ -144,4 +146,144 @@ test('usePresence starts from the snapshot, follows joins and leaves, reloads af
   });
   await tick();
   expect(container.textContent).toBe('carol');
+});
+
+test('RealtimeProvider shares its client: hooks without a client use it, the context carries state and controls', async () => {
+  const client = newClient();
+  let context!: RealtimeContextValue;
+  const received: unknown[] = [];
+  function App() {
+    context = useRealtimeContext();
+    const state = useRealtime();
+    const posts = useLiveQuery<JsonObject>('posts', null, []);
+    const online = usePresence(null);
+    return createElement('p', null, `${state}|${context.isConnected}|${context.enabled}|${posts.map((p) => p.id).join(',')}|${online.length}`);
+  }
+  await act(async () => root.render(createElement(RealtimeProvider, { client }, createElement(App))));
+  await tick();
+  expect(context.client).toBe(client);
+  const { subscribe, send, connect, disconnect } = context;
+  let socket = FakeSocket.last;
+  await act(async () => {
+    socket.accept();
+    socket.confirmSubscriptions();
+  });
+  await tick();
+  expect(container.textContent).toBe('connected|true|true||0');
+  // The functions stay the same across state changes (safe as effect dependencies).
+  expect([context.subscribe, context.send, context.connect, context.disconnect]).toEqual([subscribe, send, connect, disconnect]);
+  expect(socket.actions('subscribe').map((a) => a.collection).sort()).toEqual(['posts', 'presence']);
+  await act(async () => socket.event({ collection: 'posts', seq: 3, type: 'record.created', data: { id: 'p1' } }));
+  expect(container.textContent).toBe('connected|true|true|p1|0');
+
+  // subscribe with a plain callback; send over the socket's publish action.
+  let stop!: () => void;
+  await act(async () => { stop = context.subscribe('chat.room', (event) => received.push(event.data)); });
+  await act(async () => socket.confirmSubscriptions());
+  await act(async () => socket.event({ collection: 'chat.room', seq: 4, type: 'broadcast', record_id: null, data: { text: 'hi' } }));
+  expect(received).toEqual([{ text: 'hi' }]);
+  stop();
+  socket.message('unsubscribed', { collection: 'chat.room' }); // replies come in order
+  let sent!: Promise<number>;
+  act(() => { sent = context.send('chat.room', { text: 'yo' }); });
+  expect(socket.actions('publish')).toEqual([{ action: 'publish', channel: 'chat.room', data: { text: 'yo' }, ack: true }]);
+  socket.message('ack', { channel: 'chat.room', seq: 5 });
+  await expect(sent).resolves.toBe(5);
+
+  // disconnect() switches realtime off; connect() back on, resuming where it stopped.
+  await act(async () => context.disconnect());
+  expect(container.textContent).toBe('disconnected|false|false|p1|0');
+  expect(socket.closedByClient).not.toBeNull();
+  await act(async () => context.connect());
+  await tick();
+  expect(FakeSocket.instances).toHaveLength(2);
+  socket = FakeSocket.last;
+  await act(async () => {
+    socket.accept();
+    socket.confirmSubscriptions();
+  });
+  await tick();
+  expect(container.textContent).toBe('connected|true|true|p1|0');
+  expect(socket.actions('subscribe').find((a) => a.collection === 'posts')).toMatchObject({ since: 3 });
+});
+
+test('the enabled prop closes and reopens the client; a provider with options owns its client', async () => {
+  function Badge() {
+    const { connectionState, enabled } = useRealtimeContext();
+    return createElement('p', null, `${connectionState}|${enabled}`);
+  }
+  const client = new StromClient({ url: 'http://strom.test', transport: 'websocket', WebSocket: FakeSocket, fetch: fakeFetch, autoConnect: false });
+  const render = (enabled: boolean) => act(async () => root.render(createElement(RealtimeProvider, { client, enabled }, createElement(Badge))));
+  await render(false);
+  expect(container.textContent).toBe('disconnected|false');
+  expect(FakeSocket.instances).toHaveLength(0);
+  await render(true);
+  await tick();
+  expect(FakeSocket.instances).toHaveLength(1);
+  await act(async () => FakeSocket.last.accept());
+  expect(container.textContent).toBe('connected|true');
+  await render(false);
+  expect(container.textContent).toBe('disconnected|false');
+  expect(FakeSocket.last.closedByClient).not.toBeNull();
+  act(() => root.unmount());
+  root = createRoot(container);
+
+  // options: the provider creates the client, connects it, and closes it when unmounted.
+  const options = { url: 'http://strom.test', transport: 'websocket' as const, WebSocket: FakeSocket, fetch: fakeFetch };
+  await act(async () => root.render(createElement(RealtimeProvider, { options }, createElement(Badge))));
+  await tick();
+  const owned = FakeSocket.last;
+  await act(async () => owned.accept());
+  expect(container.textContent).toBe('connected|true');
+  act(() => root.unmount());
+  expect(owned.closedByClient).not.toBeNull();
+  root = createRoot(container);
+});
+
+test('hooks without a client outside a provider say what is missing', async () => {
+  const errors: unknown[] = [];
+  function Lonely() {
+    try {
+      useRealtime();
+    } catch (error) {
+      errors.push(error);
+    }
+    return null;
+  }
+  await act(async () => root.render(createElement(Lonely)));
+  expect(String(errors[0])).toMatch(/useRealtime needs a client/);
+});
+
+test('useLiveQuery with load: shows the initial records, then the loaded ones with the held events applied', async () => {
+  const client = newClient();
+  let finishLoad!: (rows: JsonObject[]) => void;
+  let loads = 0;
+  function Orders() {
+    const orders = useLiveQuery<JsonObject>(client, 'orders', { open: true }, [], {
+      version: 'v',
+      load: () => {
+        loads += 1;
+        return new Promise((resolve) => { finishLoad = resolve; });
+      },
+    });
+    return createElement('p', null, orders.map((o) => `${o.id}@${o.v}`).join(','));
+  }
+  await act(async () => root.render(createElement(Orders)));
+  await tick();
+  const socket = FakeSocket.last;
+  await act(async () => socket.accept());
+  expect(loads).toBe(0);
+  await act(async () => socket.confirmSubscriptions(7));
+  expect(loads).toBe(1);
+  await act(async () => {
+    socket.event({ collection: 'orders', seq: 8, type: 'record.updated', data: { id: 'a', v: 2 } });
+    socket.event({ collection: 'orders', seq: 9, type: 'record.updated', data: { id: 'b', v: 1 } });
+  });
+  expect(container.textContent).toBe('');
+  await act(async () => finishLoad([{ id: 'a', v: 1 }, { id: 'b', v: 2 }]));
+  expect(container.textContent).toBe('a@2,b@2');
+  await act(async () => socket.event({ collection: 'orders', seq: 10, type: 'record.updated', data: { id: 'b', v: 1 } }));
+  expect(container.textContent).toBe('a@2,b@2'); // an older version never overwrites
+  await act(async () => socket.event({ collection: 'orders', seq: 11, type: 'record.created', data: { id: 'c', v: 1 } }));
+  expect(container.textContent).toBe('a@2,b@2,c@1');
 });
