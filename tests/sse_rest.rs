@@ -86,6 +86,18 @@ async fn sse_bad_query_is_a_json_400_before_any_stream() {
     );
     let (status, _) = server.get("/api/v1/realtime/bad%20name").await;
     assert_eq!(status, 400);
+    for (path, headers) in [
+        ("/api/v1/realtime/posts?since=-1", ""),
+        ("/api/v1/realtime/posts", "Last-Event-ID: soon\r\n"),
+    ] {
+        let (status, _, body) = http_with(server.addr, "GET", path, headers, "")
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{path}");
+        let error: Value = serde_json::from_str(&body).expect("a JSON error");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("must be an event's seq"), "{message}");
+    }
 }
 
 #[tokio::test]

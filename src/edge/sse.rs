@@ -27,8 +27,9 @@ use tokio::time::Interval;
 #[derive(Debug, Deserialize)]
 pub struct SseParams {
     query: Option<String>,
-    /// Resume after this seq, like a `Last-Event-ID` header (which wins).
-    since: Option<u64>,
+    /// Resume after this seq, like a `Last-Event-ID` header (which wins);
+    /// parsed here, so a bad one gets the JSON error.
+    since: Option<String>,
     token: Option<String>,
     /// Presence of an anonymous client on an open server.
     user_id: Option<String>,
@@ -55,15 +56,15 @@ pub async fn stream_collection(
 /// The resume position: `Last-Event-ID` (sent by browsers when they
 /// reconnect), else `?since=`.
 fn resume_position(params: &SseParams, headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    match headers.get("last-event-id") {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .map(Some)
-            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be an event's seq")),
-        None => Ok(params.since),
-    }
+    let (given, what) = match headers.get("last-event-id") {
+        Some(value) => (Some(value.to_str().unwrap_or("")), "Last-Event-ID"),
+        None => (params.since.as_deref(), "since"),
+    };
+    given.map(|v| v.trim().parse()).transpose().map_err(|_| {
+        ApiError::invalid(format!(
+            "{what} must be an event's seq (a non-negative integer)"
+        ))
+    })
 }
 
 fn frame(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
