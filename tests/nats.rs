@@ -475,3 +475,31 @@ async fn partitions_spread_collections_over_streams_and_resume_exactly() {
         (target.as_str(), "raw", 3)
     );
 }
+
+/// `/metrics` reports the NATS side: the connection, the stream's
+/// consumers (a subscriber's live consumer) and its retained events.
+#[tokio::test]
+async fn metrics_report_the_nats_connection_consumers_and_history() {
+    let nats = NatsServer::start();
+    let server = node(&nats).await;
+    let mut client = server.grpc().await;
+    let mut stream = grpc_subscribe(&mut client, text_subscription("posts", None)).await;
+    server
+        .publish_json(
+            json!({"type": "record.created", "collection": "posts", "record_id": "a", "data": {}}),
+        )
+        .await;
+    next_event(&mut stream).await;
+    let (status, metrics) = server.get("/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|line| line.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        line[name.len() + 1..].parse().unwrap()
+    };
+    assert_eq!(value("strom_nats_connected"), 1.0);
+    assert!(value("strom_jetstream_consumers") >= 1.0, "{metrics}");
+    assert_eq!(value("strom_history_events"), 1.0);
+}
