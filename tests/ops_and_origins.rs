@@ -268,3 +268,22 @@ async fn every_log_line_about_a_connection_names_it() {
         "the connection's life, each line naming it"
     );
 }
+
+#[tokio::test]
+async fn the_ops_token_reads_presence_but_no_events() {
+    let s = Secured::start(
+        POLICY,
+        ServerConfig {
+            ops_token: Some("ops-secret".into()),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let ops = "Authorization: Bearer ops-secret\r\n";
+    let (status, body) = get(&s.server, "/api/v1/presence", ops).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = get(&s.server, "/api/v1/presence", "").await;
+    assert_eq!(status, 401, "presence still needs a credential");
+    let (status, _, _) = sse_body(s.server.addr, "/api/v1/realtime/posts", ops).await;
+    assert_eq!(status, 401, "the ops token is no subscriber's credential");
+}

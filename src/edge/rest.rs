@@ -151,13 +151,17 @@ pub struct PresenceParams {
 }
 
 /// `GET /api/v1/presence[?channel=]`: `{"users": [...], "count": N}` as in
-/// seed 001, for the whole cluster.
+/// seed 001, for the whole cluster. The ops token (`--ops-token`) may read
+/// it too, as an operator's view beside stats (the dashboard's).
 pub async fn presence(
     State(app): State<AppState>,
     Query(params): Query<PresenceParams>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let principal = super::principal(&app.engine, &headers, params.token.as_deref())?;
+    let principal = match &app.ops_token {
+        Some(_) if check_ops_access(&app, &headers).is_ok() => Principal::System("ops"),
+        _ => super::principal(&app.engine, &headers, params.token.as_deref())?,
+    };
     let channel = params.channel.filter(|c| !c.is_empty());
     let users = app.engine.presence(&principal, channel.as_deref())?;
     let users: Vec<Value> = users
