@@ -270,8 +270,7 @@ pub trait Session: Send {
     /// What tells the client, when the server drains, to reconnect and
     /// resume after `since`; protocols without such a message send their
     /// error, and the close code says the rest.
-    fn reconnect_message(&self, since: Option<u64>) -> Option<Message> {
-        let _ = since;
+    fn reconnect_message(&self, _since: Option<u64>) -> Option<Message> {
         None
     }
 }

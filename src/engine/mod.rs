@@ -1163,7 +1163,10 @@ impl Connection {
     pub fn resume_position(&self) -> Option<u64> {
         // `*` over several NATS streams mixes their sequences.
         let mixed = self.engine.bus.partitions() > 1
-            && (self.subscriptions.values()).any(|open| open.spec.collection == WILDCARD);
+            && self
+                .subscriptions
+                .values()
+                .any(|open| open.spec.collection == WILDCARD);
         (self.last_seq > 0 && !mixed).then_some(self.last_seq)
     }
 
@@ -1177,7 +1180,8 @@ impl Connection {
     fn sort_incoming(&mut self) {
         if let Some(oldest) = self.incoming.front() {
             let (transport, taken) = (self.shared.transport as usize, self.incoming.len());
-            (self.tally).batch(transport, taken as u64, oldest.event.arrived);
+            self.tally
+                .batch(transport, taken as u64, oldest.event.arrived);
         }
         while let Some(delivery) = self.incoming.pop_front() {
             self.take_live(delivery);
