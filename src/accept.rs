@@ -223,14 +223,15 @@ pub async fn serve<L>(
         };
         let tls = tls.clone();
         connections.spawn(async move {
-            let Some(tls) = tls else {
-                return serve_connection(io, app, header_timeout, stopping).await;
-            };
-            // The handshake shares the header's deadline.
-            match tokio::time::timeout(header_timeout, tls.accept(io)).await {
-                Ok(Ok(io)) => serve_connection(io, app, header_timeout, stopping).await,
-                Ok(Err(error)) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            match tls {
+                None => serve_connection(io, app, header_timeout, stopping).await,
+                // Boxed: a TLS connection's state is large, and inline it
+                // would size every plain connection's task (an idle SSE
+                // stream lives in this task for hours).
+                Some(tls) => {
+                    let serve = serve_tls(tls, io, peer, app, header_timeout, stopping);
+                    Box::pin(serve).await;
+                }
             }
         });
     }
@@ -239,6 +240,25 @@ pub async fn serve<L>(
     drop(stop);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection over TLS, once its handshake (which shares the
+/// header's deadline) is done.
+async fn serve_tls<T>(
+    tls: TlsAcceptor,
+    io: T,
+    peer: SocketAddr,
+    app: axum::Router,
+    header_timeout: Duration,
+    stopping: watch::Receiver<()>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match tokio::time::timeout(header_timeout, tls.accept(io)).await {
+        Ok(Ok(io)) => serve_connection(io, app, header_timeout, stopping).await,
+        Ok(Err(error)) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
 }
 
 /// Serves one connection: an SSE stream here, anything else with hyper,
