@@ -1,4 +1,4 @@
-import type { JsonObject, StromEvent } from './types.js';
+import type { JsonObject, ResetInfo, StromEvent } from './types.js';
 
 export interface LiveQueryOptions<T> {
   /** The field identifying a record (default `'id'`); the event's `record_id` when the data lacks it. */
@@ -13,6 +13,34 @@ export interface LiveQueryOptions<T> {
    * the database) cannot undo them.
    */
   version?: string;
+}
+
+/** The options of `useLiveQuery`, the same for React and Vue. */
+export interface UseLiveQueryOptions<T extends JsonObject = JsonObject> extends LiveQueryOptions<T> {
+  /** Only this record's events. */
+  recordId?: string | null;
+  /**
+   * The seq the initial records correspond to: events after it are replayed,
+   * so nothing published between loading them and subscribing is missed.
+   * (Not used with `load`, which needs no seq.)
+   */
+  since?: number | null;
+  /**
+   * Loads the records race-free: called once the subscription is live, while
+   * events are held; the held events are then applied on top of its result.
+   * Called again after a reset. The list shows the initial records until then.
+   */
+  load?: () => Promise<readonly T[]> | readonly T[];
+  /**
+   * The server no longer has every event after the resume position: the
+   * list may be incomplete. With `load`, it is reloaded after this; without,
+   * reload it yourself or keep it as it is (the default).
+   */
+  onReset?: (info: ResetInfo) => void;
+  /** A refused subscription, or a failed `load`. */
+  onError?: (error: Error) => void;
+  /** Called with every live event after it was applied. */
+  onEvent?: (event: StromEvent<T>) => void;
 }
 
 /** The value of `record[key]` as a string, or null when there is none. */

@@ -9,7 +9,7 @@ import type { QueryClient } from '@tanstack/query-core';
 
 import { StromClient } from './client.js';
 import { stableStringify } from './filter.js';
-import { applyLiveEvent } from './live-query.js';
+import { type UseLiveQueryOptions, applyLiveEvent } from './live-query.js';
 import { followPresence } from './presence.js';
 import { subscribeAndLoad } from './subscribe-and-load.js';
 import { type CacheStrategy, syncQueryCache } from './tanstack.js';
@@ -149,39 +149,7 @@ export function useRealtime(client?: StromClient | null): ConnectionState {
   return useSyncExternalStore(subscribe, read, read);
 }
 
-export interface UseLiveQueryOptions<T extends JsonObject = JsonObject> {
-  /** The field identifying a record (default `'id'`). */
-  key?: string;
-  /** Only this record's events. */
-  recordId?: string | null;
-  /**
-   * The seq the initial records correspond to: events after it are replayed,
-   * so nothing published between loading them and subscribing is missed.
-   * (Not used with `load`, which needs no seq.)
-   */
-  since?: number | null;
-  /**
-   * Loads the records race-free: called once the subscription is live, while
-   * events are held; the held events are then applied on top of its result.
-   * Called again after a reset. The list shows `initialRecords` until then.
-   */
-  load?: () => Promise<readonly T[]> | readonly T[];
-  /** A version or `updated_at` field: an event never overwrites a newer record. */
-  version?: string;
-  /** Keep the list sorted. */
-  sort?: (a: T, b: T) => number;
-  /**
-   * The server no longer has every event after the resume position: the
-   * list may be incomplete. With `load`, it is reloaded after this; without,
-   * reload it yourself (and pass new `initialRecords`) or keep it as it is
-   * (the default).
-   */
-  onReset?: (info: ResetInfo) => void;
-  /** A refused subscription, or a failed `load`. */
-  onError?: (error: Error) => void;
-  /** Called with every live event after it was applied. */
-  onEvent?: (event: StromEvent<T>) => void;
-}
+export type { UseLiveQueryOptions } from './live-query.js';
 
 /**
  * Keeps a list of records in sync with a collection: created records are

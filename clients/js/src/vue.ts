@@ -10,7 +10,7 @@ import {
 
 import type { StromClient } from './client.js';
 import { stableStringify } from './filter.js';
-import { applyLiveEvent } from './live-query.js';
+import { type UseLiveQueryOptions, applyLiveEvent } from './live-query.js';
 import { followPresence } from './presence.js';
 import { subscribeAndLoad } from './subscribe-and-load.js';
 import type { ConnectionState, Filter, JsonObject, PresenceUser, ResetInfo, StromEvent } from './types.js';
@@ -45,29 +45,7 @@ export function useRealtime(client?: StromClient | null): Readonly<Ref<Connectio
   return computed(() => state.value);
 }
 
-export interface UseLiveQueryOptions<T extends JsonObject = JsonObject> {
-  /** The field identifying a record (default `'id'`). */
-  key?: string;
-  /** Only this record's events. */
-  recordId?: string | null;
-  /** The seq the initial records correspond to (not used with `load`). */
-  since?: number | null;
-  /**
-   * Loads the records race-free: called once the subscription is live, while
-   * events are held; the held events are then applied on top of its result.
-   * Called again after a reset.
-   */
-  load?: () => Promise<readonly T[]> | readonly T[];
-  /** A version or `updated_at` field: an event never overwrites a newer record. */
-  version?: string;
-  sort?: (a: T, b: T) => number;
-  /** Events were lost; with `load` the list is reloaded after this. */
-  onReset?: (info: ResetInfo) => void;
-  /** A refused subscription, or a failed `load`. */
-  onError?: (error: Error) => void;
-  /** Called with every live event after it was applied. */
-  onEvent?: (event: StromEvent<T>) => void;
-}
+export type { UseLiveQueryOptions } from './live-query.js';
 
 /**
  * A list of records kept in sync with a collection (see the React
