@@ -184,14 +184,17 @@ impl Census {
 }
 
 /// Serves `app` on `listener` (over TLS, with `tls`) until `shutdown`
-/// completes, then waits for open connections to finish.
+/// completes, then waits up to `drain_timeout` for open connections to
+/// finish; returns when that drain time ends, for the caller's own waits.
 pub async fn serve<L>(
     mut listener: L,
     app: axum::Router,
     limits: ConnectionLimits,
     tls: Option<TlsAcceptor>,
+    drain_timeout: Duration,
     shutdown: impl Future<Output = ()>,
-) where
+) -> tokio::time::Instant
+where
     L: Listener<Addr = SocketAddr>,
     L::Io: Unpin,
 {
@@ -237,9 +240,19 @@ pub async fn serve<L>(
     }
     // New connections are refused from now on, not left waiting.
     drop(listener);
+    let deadline = tokio::time::Instant::now() + drain_timeout;
     drop(stop);
     connections.close();
-    connections.wait().await;
+    if tokio::time::timeout_at(deadline, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "drain: connections still open after {drain_timeout:?} are cut"
+        );
+    }
+    deadline
 }
 
 /// Serves one connection over TLS, once its handshake (which shares the

@@ -198,6 +198,10 @@ struct ServeArgs {
     /// with TLS, to finish its handshake).
     #[arg(long, env = "STROM_HEADER_TIMEOUT", default_value_t = Span(ConnectionLimits::default().header_timeout))]
     header_timeout: Span,
+    /// How long a drain (SIGTERM) waits for open requests and streams to
+    /// finish before it cuts them and exits.
+    #[arg(long, env = "STROM_DRAIN_TIMEOUT", default_value_t = Span(ServerConfig::default().drain_timeout))]
+    drain_timeout: Span,
     /// Serve TLS (HTTP/2 by ALPN, so gRPC works) with this PEM certificate
     /// chain; needs `--tls-key`.
     #[arg(long, env = "STROM_TLS_CERT", requires = "tls_key")]
@@ -457,6 +461,7 @@ async fn serve(args: ServeArgs, delivery: tokio::runtime::Handle) -> Result<()> 
         },
         sse_keepalive: args.sse_keepalive.0,
         write_timeout: args.write_timeout.0,
+        drain_timeout: args.drain_timeout.0,
         cors_origins: args.cors_origins,
         ops_token: args.ops_token,
         connections: ConnectionLimits {

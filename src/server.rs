@@ -1,9 +1,11 @@
 //! Runs strom: one listener serving gRPC, gRPC-Web, WebSocket, SSE and REST.
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests drive a
-//! real server on a free port. Shutdown ends every subscription stream
-//! cleanly (gRPC UNAVAILABLE, WebSocket close 1001, SSE `error` event),
-//! lets in-flight requests such as publishes finish, then returns.
+//! real server on a free port. Shutdown is a drain: the listener closes,
+//! every subscription stream ends with where to resume (WebSocket
+//! `reconnect` and close 1012, SSE `reconnect`, gRPC UNAVAILABLE with
+//! `strom-resume-since`), in-flight requests such as publishes finish, and
+//! whatever is still open after `--drain-timeout` is cut.
 
 use crate::accept::{self, ConnectionLimits};
 use crate::auth::{Auth, AuthError, AuthSettings};
@@ -58,6 +60,9 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// Serve TLS with this certificate and key (`None`: plain TCP).
     pub tls: Option<TlsFiles>,
+    /// How long a drain (SIGTERM) waits for connections to finish and
+    /// WebSocket clients to be told where to resume; the rest is cut.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +80,7 @@ impl Default for ServerConfig {
             connections: ConnectionLimits::default(),
             write_timeout: Duration::from_secs(5),
             tls: None,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -160,10 +166,17 @@ impl Server {
             );
             limits.total = fitted;
         }
-        accept::serve(listener, app, limits, self.tls, async move {
-            shutdown.await;
-            stopping.shutdown();
-        })
+        let drained_by = accept::serve(
+            listener,
+            app,
+            limits,
+            self.tls,
+            self.config.drain_timeout,
+            async move {
+                shutdown.await;
+                stopping.shutdown();
+            },
+        )
         .await;
         if let Some(mut capture) = capture {
             // Lets it finish the batch at hand (publish, then advance).
@@ -176,7 +189,7 @@ impl Server {
             }
         }
         tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        let _ = tokio::time::timeout_at(drained_by, tasks.wait()).await;
         Ok(())
     }
 }

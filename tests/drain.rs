@@ -113,3 +113,26 @@ async fn grpc_streams_end_unavailable_with_the_resume_position() {
         .expect("the resume position");
     assert_eq!(since.to_str().unwrap(), seq.to_string());
 }
+
+/// A request that never finishes (its body never arrives) holds the drain
+/// only until `drain_timeout`; then the server stops anyway.
+#[tokio::test]
+async fn a_request_that_never_finishes_holds_the_drain_only_until_its_timeout() {
+    use strom::server::ServerConfig;
+    use tokio::io::AsyncWriteExt;
+    let mut server = TestServer::start(ServerConfig {
+        drain_timeout: std::time::Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut stuck = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stuck
+        .write_all(b"POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    // The request is in: the server answers other clients meanwhile.
+    assert_eq!(server.get("/healthz").await.0, 200);
+    server.begin_stop();
+    server.wait_stopped().await;
+    drop(stuck);
+}

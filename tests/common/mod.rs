@@ -137,6 +137,11 @@ impl TestServer {
         }
     }
 
+    /// Waits until a stop begun with [`TestServer::begin_stop`] is done.
+    pub async fn wait_stopped(&mut self) {
+        within("the server to stop", &mut self.task).await.unwrap();
+    }
+
     async fn try_get(&self, path: &str) -> std::io::Result<(u16, String)> {
         http(self.addr, "GET", path, "").await
     }
