@@ -502,4 +502,31 @@ async fn metrics_report_the_nats_connection_consumers_and_history() {
     assert_eq!(value("strom_nats_connected"), 1.0);
     assert!(value("strom_jetstream_consumers") >= 1.0, "{metrics}");
     assert_eq!(value("strom_history_events"), 1.0);
+
+    // The Grafana dashboard asks only for series this serves.
+    let dashboard = include_str!("../deploy/grafana-dashboard.json");
+    let mut asked: Vec<&str> = dashboard
+        .match_indices("strom_")
+        .map(|(at, _)| {
+            let name = &dashboard[at..];
+            let end = name
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(name.len());
+            &name[..end]
+        })
+        .collect();
+    asked.sort_unstable();
+    asked.dedup();
+    assert!(asked.len() > 10, "{asked:?}");
+    for name in asked {
+        // A histogram's own name stands for its `_bucket` series.
+        let served = metrics.lines().any(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']) || rest.starts_with("_bucket{"))
+        });
+        assert!(
+            served,
+            "the dashboard asks for {name}, which /metrics lacks"
+        );
+    }
 }
