@@ -31,7 +31,6 @@ use crate::event::{Event, SharedEvent, WILDCARD};
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::OnceCell;
@@ -177,9 +176,6 @@ struct WatchState {
     /// The consumer's current name (it changes when the client recreates
     /// it), so the last release can delete it rather than leave it to expire.
     consumer: Mutex<String>,
-    /// The stream sequence of the last message handed to the inbox (at
-    /// first, where the consumer started): see [`Watch::live_after`].
-    handed: AtomicU64,
 }
 
 /// A consumer ready to read: its messages, name, the stream sequence it
@@ -253,21 +249,6 @@ impl Drop for HistoryReader {
 pub struct Watch {
     inner: Arc<Inner>,
     keys: Vec<WatchKey>,
-    states: Vec<Arc<WatchState>>,
-}
-
-impl Watch {
-    /// Read once a subscription is in the router: every event after this
-    /// seq reaches it live, without asking NATS. The consumer counts a
-    /// message before handing it to the router, so one with a later seq is
-    /// handed, and so dispatched, after the subscription was in place.
-    /// `None` for `*` over several streams.
-    pub fn live_after(&self) -> Option<u64> {
-        match &self.states[..] {
-            [state] => Some(state.handed.load(Ordering::SeqCst)),
-            _ => None,
-        }
-    }
 }
 
 impl Drop for Watch {
@@ -445,6 +426,21 @@ impl NatsBus {
         }
     }
 
+    /// The last sequence number of the stream holding `key` (a collection,
+    /// or `*`; `None`: `*` over several streams has no one head).
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, BusError> {
+        let &[partition] = self.inner.layout.partitions_of(key).as_slice() else {
+            return Ok(None);
+        };
+        let info = self
+            .inner
+            .bounded("stream info", self.inner.streams[partition].get_info())
+            .await
+            .map_err(BusError::History)?;
+        let info = info.map_err(|e| BusError::History(e.to_string()))?;
+        Ok(Some(info.state.last_sequence))
+    }
+
     /// Streams the collections are spread over.
     pub fn partitions(&self) -> usize {
         self.inner.layout.partitions
@@ -520,13 +516,12 @@ impl NatsBus {
         let watch = Watch {
             inner: Arc::clone(&self.inner),
             keys,
-            states,
         };
-        for (key, state) in watch.keys.iter().zip(&watch.states) {
+        for (key, state) in watch.keys.iter().zip(states) {
             let inner = Arc::clone(&self.inner);
             let started = state
                 .started
-                .get_or_init(|| inner.start_consumer(key.clone(), Arc::clone(state)))
+                .get_or_init(|| inner.start_consumer(key.clone(), Arc::clone(&state)))
                 .await;
             if let Err(e) = started {
                 return Err(BusError::Subscribe(e.clone()));
@@ -615,7 +610,6 @@ impl Inner {
             )
             .await??;
         *state.consumer.lock().expect("consumer lock") = reader.name.clone();
-        state.handed.fetch_max(reader.after_seq, Ordering::SeqCst);
         let task = tokio::spawn(async move { self.run_consumer(key, reader, state).await });
         Ok(task.abort_handle())
     }
@@ -676,10 +670,6 @@ impl Inner {
             *consumer = info.consumer.to_owned();
         }
         drop(consumer);
-        // Counted before it is handed on: see `Watch::live_after`.
-        state
-            .handed
-            .fetch_max(info.stream_sequence, Ordering::SeqCst);
         if let Some(event) = self.decode(message) {
             self.inbox.deliver(event, audience);
         }
