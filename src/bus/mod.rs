@@ -172,17 +172,13 @@ impl Bus {
         }
     }
 
-    /// Read once a subscription holding `interest` is in the router: every
-    /// event after this seq reaches it live, so resuming from it later
-    /// misses nothing. Known locally, without asking NATS (the memory log's
-    /// head; the last seq the watch's consumer handed over). `None` for `*`
-    /// over several NATS streams, which has no one position.
-    pub fn live_after(&self, interest: &Interest) -> Option<u64> {
-        match (self, interest) {
-            (Bus::Memory(bus), _) => Some(bus.head()),
-            (Bus::Nats(_), Interest::Nats(watch)) => watch.live_after(),
-            // Not a NATS watch: no NATS bus hands these out.
-            (Bus::Nats(_), Interest::Always) => None,
+    /// The newest seq in the log holding `key` (a collection, or `*`): a
+    /// subscriber that starts now and later resumes from this position
+    /// misses nothing. `None` for `*` over several NATS streams.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, BusError> {
+        match self {
+            Bus::Memory(bus) => Ok(Some(bus.head())),
+            Bus::Nats(bus) => bus.head(key).await,
         }
     }
 
@@ -196,21 +192,10 @@ impl Bus {
     }
 
     /// The retained events of `collection` (`*`: all) after `since`.
-    /// `interest` is the subscription's: with NATS the replay reads at
-    /// least as far as its watch has dispatched.
-    pub async fn replay(
-        &self,
-        collection: &str,
-        since: u64,
-        interest: &Interest,
-    ) -> Result<Replay, BusError> {
-        match (self, interest) {
-            (Bus::Memory(bus), _) => Ok(bus.replay(collection, since)),
-            (Bus::Nats(bus), Interest::Nats(watch)) => {
-                bus.replay(collection, since, watch.dispatched_through())
-                    .await
-            }
-            (Bus::Nats(bus), Interest::Always) => bus.replay(collection, since, 0).await,
+    pub async fn replay(&self, collection: &str, since: u64) -> Result<Replay, BusError> {
+        match self {
+            Bus::Memory(bus) => Ok(bus.replay(collection, since)),
+            Bus::Nats(bus) => bus.replay(collection, since).await,
         }
     }
 

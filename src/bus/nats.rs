@@ -31,7 +31,6 @@ use crate::event::{Event, SharedEvent, WILDCARD};
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::OnceCell;
@@ -177,12 +176,6 @@ struct WatchState {
     /// The consumer's current name (it changes when the client recreates
     /// it), so the last release can delete it rather than leave it to expire.
     consumer: Mutex<String>,
-    /// The stream sequence of the last message handed to the inbox (at
-    /// first, where the consumer started): see [`Watch::live_after`].
-    handed: AtomicU64,
-    /// The stream sequence of the last message handed to the inbox, of
-    /// this key's subject: see [`Watch::dispatched_through`].
-    last_message: AtomicU64,
 }
 
 /// A consumer ready to read: its messages, name, the stream sequence it
@@ -201,9 +194,6 @@ pub struct HistoryReader {
     inner: Arc<Inner>,
     reader: Option<Reader>,
     until: u64,
-    /// Whether "nothing pending" ends the history early (it does not when
-    /// the stream's info lagged: the message at `until` is still to come).
-    trust_pending: bool,
 }
 
 impl HistoryReader {
@@ -232,7 +222,7 @@ impl HistoryReader {
                 self.finish();
                 return None;
             }
-            if seq == self.until || (pending == 0 && self.trust_pending) {
+            if seq == self.until || pending == 0 {
                 self.finish();
             }
             if let Some(event) = self.inner.decode(&message) {
@@ -259,33 +249,6 @@ impl Drop for HistoryReader {
 pub struct Watch {
     inner: Arc<Inner>,
     keys: Vec<WatchKey>,
-    states: Vec<Arc<WatchState>>,
-}
-
-impl Watch {
-    /// Read once a subscription is in the router: every event after this
-    /// seq reaches it live, without asking NATS. The consumer counts a
-    /// message before handing it to the router, so one with a later seq is
-    /// handed, and so dispatched, after the subscription was in place.
-    /// `None` for `*` over several streams.
-    pub fn live_after(&self) -> Option<u64> {
-        match &self.states[..] {
-            [state] => Some(state.handed.load(Ordering::SeqCst)),
-            _ => None,
-        }
-    }
-
-    /// The seq of the last message of this subject the node has handed to
-    /// its router (0: none). A replay must reach at least this far: those
-    /// messages were dispatched, and a subscription that joined after them
-    /// has them only from history, even when the stream's info lags behind
-    /// (a leader just elected may not have applied all it has committed).
-    pub fn dispatched_through(&self) -> u64 {
-        match &self.states[..] {
-            [state] => state.last_message.load(Ordering::SeqCst),
-            _ => 0,
-        }
-    }
 }
 
 impl Drop for Watch {
@@ -463,6 +426,21 @@ impl NatsBus {
         }
     }
 
+    /// The last sequence number of the stream holding `key` (a collection,
+    /// or `*`; `None`: `*` over several streams has no one head).
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, BusError> {
+        let &[partition] = self.inner.layout.partitions_of(key).as_slice() else {
+            return Ok(None);
+        };
+        let info = self
+            .inner
+            .bounded("stream info", self.inner.streams[partition].get_info())
+            .await
+            .map_err(BusError::History)?;
+        let info = info.map_err(|e| BusError::History(e.to_string()))?;
+        Ok(Some(info.state.last_sequence))
+    }
+
     /// Streams the collections are spread over.
     pub fn partitions(&self) -> usize {
         self.inner.layout.partitions
@@ -470,10 +448,7 @@ impl NatsBus {
 
     /// The retained events of `key` after `since`, up to the stream's
     /// current last sequence, read through a temporary ordered consumer.
-    /// `at_least`: this node dispatched the key's messages through this seq
-    /// (see [`Watch::dispatched_through`]), so the replay reads that far
-    /// even if the stream's info says less.
-    pub async fn replay(&self, key: &str, since: u64, at_least: u64) -> Result<Replay, BusError> {
+    pub async fn replay(&self, key: &str, since: u64) -> Result<Replay, BusError> {
         let history_error = |e: &dyn std::fmt::Display| BusError::History(e.to_string());
         let &[partition] = self.inner.layout.partitions_of(key).as_slice() else {
             return Err(BusError::Partitioned(self.inner.layout.partitions));
@@ -484,22 +459,17 @@ impl NatsBus {
             .await
             .map_err(BusError::History)?
             .map_err(|e| history_error(&e))?;
-        let stream_head = info.state.last_sequence;
-        let head = stream_head.max(at_least);
+        let head = info.state.last_sequence;
         let first_available = if info.state.messages == 0 {
-            stream_head + 1
+            head + 1
         } else {
             info.state.first_sequence
         };
         let start = since.saturating_add(1).max(first_available);
-        // When the info lags what this node dispatched, the stream's
-        // pending counts lag too: read on to `head` itself.
-        let lagging = at_least > stream_head;
         let mut reader = HistoryReader {
             inner: Arc::clone(&self.inner),
             reader: None,
             until: head,
-            trust_pending: !lagging,
         };
         if start <= head {
             let policy = consumer::DeliverPolicy::ByStartSequence {
@@ -514,7 +484,7 @@ impl NatsBus {
                 .await
                 .and_then(|opened| opened)
                 .map_err(BusError::History)?;
-            if opened.pending > 0 || (lagging && start <= at_least) {
+            if opened.pending > 0 {
                 reader.reader = Some(opened);
             } else {
                 self.inner.delete_consumer(partition, opened.name);
@@ -546,13 +516,12 @@ impl NatsBus {
         let watch = Watch {
             inner: Arc::clone(&self.inner),
             keys,
-            states,
         };
-        for (key, state) in watch.keys.iter().zip(&watch.states) {
+        for (key, state) in watch.keys.iter().zip(states) {
             let inner = Arc::clone(&self.inner);
             let started = state
                 .started
-                .get_or_init(|| inner.start_consumer(key.clone(), Arc::clone(state)))
+                .get_or_init(|| inner.start_consumer(key.clone(), Arc::clone(&state)))
                 .await;
             if let Err(e) = started {
                 return Err(BusError::Subscribe(e.clone()));
@@ -641,7 +610,6 @@ impl Inner {
             )
             .await??;
         *state.consumer.lock().expect("consumer lock") = reader.name.clone();
-        state.handed.fetch_max(reader.after_seq, Ordering::SeqCst);
         let task = tokio::spawn(async move { self.run_consumer(key, reader, state).await });
         Ok(task.abort_handle())
     }
@@ -702,10 +670,6 @@ impl Inner {
             *consumer = info.consumer.to_owned();
         }
         drop(consumer);
-        // Counted before it is handed on: see `Watch::live_after`.
-        let seq = info.stream_sequence;
-        state.handed.fetch_max(seq, Ordering::SeqCst);
-        state.last_message.fetch_max(seq, Ordering::SeqCst);
         if let Some(event) = self.decode(message) {
             self.inbox.deliver(event, audience);
         }

@@ -93,11 +93,15 @@ impl generated::realtime_server::Realtime for RealtimeService {
             .engine
             .connect(Transport::Grpc, principal)
             .map_err(|e| ApiError::from(e).grpc_status())?;
+        let head_seq = self
+            .engine
+            .head_seq(&spec.collection)
+            .await
+            .map_err(|e| ApiError::from(e).grpc_status())?;
         let subscription_id = connection
             .subscribe(spec)
             .await
             .map_err(|e| ApiError::from(e).grpc_status())?;
-        let head_seq = connection.head_seq(subscription_id);
         let first = EncodedResponse::of(&proto::SubscribeResponse {
             kind: Some(proto::subscribe_response::Kind::Subscribed(
                 proto::Subscribed {

@@ -257,8 +257,9 @@ impl Session {
             .filter(|(_, s)| s.collection == collection && s.record_id == record_id)
             .map(|(id, _)| id)
             .collect();
+        // Read before the subscription starts: resuming from it misses nothing.
+        let head_seq = self.app.engine.head_seq(&collection).await?;
         let id = self.connection.replace(&earlier, spec).await?;
-        let head_seq = self.connection.head_seq(id);
         let mut data = json!({
             "collection": collection,
             "filter": filter_json,

@@ -510,6 +510,13 @@ impl Engine {
         })
     }
 
+    /// The newest seq of the log holding `collection` (the whole
+    /// cluster's, with NATS): resuming from it later misses nothing. 0 for
+    /// `*` over several NATS streams, which has no one position.
+    pub async fn head_seq(&self, collection: &str) -> Result<u64, EngineError> {
+        Ok(self.bus.head(collection).await?.unwrap_or(0))
+    }
+
     pub fn stats(&self) -> Stats {
         let connections = self.router.connections.lock().expect("connections lock");
         let mut stats = Stats {
@@ -558,11 +565,8 @@ struct OpenSubscription {
     /// seq up to this one (still being dispatched when the subscription
     /// began) came through the replay already.
     replayed_through: u64,
-    /// Every event after this seq reaches the subscription live (see
-    /// [`Connection::head_seq`]).
-    live_after: u64,
     /// Keeps the bus delivering this collection to the node.
-    interest: Interest,
+    _interest: Interest,
 }
 
 /// A resuming subscription's catch-up: retained events up to the
@@ -778,8 +782,6 @@ impl Connection {
         for id in &old {
             self.forget(*id);
         }
-        // Read now that the subscription is in the router: see `live_after`.
-        let live_after = self.engine.bus.live_after(&interest).unwrap_or(0);
         let since = spec.since;
         let collection = spec.collection.clone();
         tracing::debug!(
@@ -795,14 +797,12 @@ impl Connection {
                 spec,
                 entry,
                 replayed_through: 0,
-                live_after,
-                interest,
+                _interest: interest,
             },
         );
         if let Some(since) = since {
             // Read after the subscription is live: see `CatchUp`.
-            let interest = &self.subscriptions[&id].interest;
-            let replay = match self.engine.bus.replay(&collection, since, interest).await {
+            let replay = match self.engine.bus.replay(&collection, since).await {
                 Ok(replay) => replay,
                 Err(e) => {
                     let _ = self.unsubscribe(id);
@@ -827,16 +827,6 @@ impl Connection {
             });
         }
         Ok(id)
-    }
-
-    /// The newest seq that came before subscription `id` began: every
-    /// later event reaches it live, so a client that resumes from here
-    /// misses nothing. Known locally (no bus round trip); 0 for `*` over
-    /// several NATS streams, which has no one position.
-    pub fn head_seq(&self, id: u64) -> u64 {
-        self.subscriptions
-            .get(&id)
-            .map_or(0, |open| open.live_after)
     }
 
     pub fn unsubscribe(&mut self, id: u64) -> Result<SubscriptionSpec, EngineError> {
@@ -1048,10 +1038,7 @@ impl Connection {
         let id = self.catch_ups[0].subscription;
         let open = &self.subscriptions[&id];
         let (collection, since) = (open.spec.collection.clone(), open.replayed_through);
-        let replay = match (self.engine.bus)
-            .replay(&collection, since, &open.interest)
-            .await
-        {
+        let replay = match self.engine.bus.replay(&collection, since).await {
             Ok(replay) => replay,
             Err(e) => {
                 self.shared.end(EndReason::History(e.to_string()));

@@ -152,25 +152,3 @@ async fn a_position_older_than_the_history_gets_a_reset_first() {
     let seen = receive_through(&mut connection, *retained.last().unwrap()).await;
     assert_eq!(seen, retained);
 }
-
-#[tokio::test]
-async fn head_seq_is_where_live_delivery_begins() {
-    let engine = engine(64).await;
-    let before = publish(&engine, 4).await;
-    let mut connection = engine
-        .connect(Transport::WebSocket, Principal::Anonymous)
-        .unwrap();
-    let live = SubscriptionSpec {
-        since: None,
-        ..resume(0)
-    };
-    let id = connection.subscribe(live).await.unwrap();
-    let head = connection.head_seq(id);
-    assert!(head >= *before.last().unwrap(), "{head} after {before:?}");
-    // Events after the head arrive live, and only those.
-    let after = publish(&engine, 4).await;
-    let seen = receive_through(&mut connection, *after.last().unwrap()).await;
-    assert!(seen.iter().all(|seq| *seq > head), "{seen:?} after {head}");
-    assert_eq!(seen, after);
-    assert_eq!(connection.head_seq(id + 1000), 0, "an unknown subscription");
-}
