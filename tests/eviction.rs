@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{TestServer, WsClient, within};
+use common::{TestServer, WsClient, metric_series, within};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -164,12 +164,9 @@ where
     assert_eq!(received, (1..=EVENTS).collect::<Vec<_>>());
     wait_until_evicted(&server).await;
     let (_, metrics) = server.get("/metrics").await;
-    let series = format!("strom_evictions_total{{reason=\"{reason}\"}} ");
-    let evicted: u64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
-        .expect("the eviction counter");
-    assert!(evicted >= 1, "{metrics}");
+    let series = format!("strom_evictions_total{{reason=\"{reason}\"}}");
+    let evicted = metric_series(&metrics)[&series];
+    assert!(evicted >= 1.0, "{metrics}");
     drop(stalled);
 }
 

@@ -492,13 +492,8 @@ async fn metrics_report_the_nats_connection_consumers_and_history() {
     next_event(&mut stream).await;
     let (status, metrics) = server.get("/metrics").await;
     assert_eq!(status, 200);
-    let value = |name: &str| -> f64 {
-        let line = metrics
-            .lines()
-            .find(|line| line.starts_with(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in {metrics}"));
-        line[name.len() + 1..].parse().unwrap()
-    };
+    let series = metric_series(&metrics);
+    let value = |name: &str| series[name];
     assert_eq!(value("strom_nats_connected"), 1.0);
     assert!(value("strom_jetstream_consumers") >= 1.0, "{metrics}");
     assert_eq!(value("strom_history_events"), 1.0);

@@ -8,21 +8,10 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use strom::server::ServerConfig;
 
-fn event(collection: &str, record_id: &str, data: Value) -> Value {
-    json!({"type": "record.created", "collection": collection, "record_id": record_id, "data": data})
-}
-
-/// The series of a `/metrics` answer: `name{labels}` → value.
 async fn scrape(server: &TestServer) -> HashMap<String, f64> {
     let (status, body) = server.get("/metrics").await;
     assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').expect("a series and its value");
-            (series.to_owned(), value.parse().expect("a number"))
-        })
-        .collect()
+    metric_series(&body)
 }
 
 /// How much `series` grew between two scrapes (counters are per process,
@@ -40,7 +29,9 @@ async fn metrics_count_deliveries_connections_latencies_and_state() {
     let mut client = WsClient::connect(server.addr, "").await.unwrap();
     client.subscribe("posts").await;
     for id in ["a", "b", "c"] {
-        server.publish_json(event("posts", id, json!({}))).await;
+        server
+            .publish_json(created_json("posts", id, json!({})))
+            .await;
     }
     for _ in 0..3 {
         let message = client.next().await.expect("an event");
@@ -105,21 +96,16 @@ subscribe = []
             .await
             .unwrap();
         assert_eq!(status, 200, "{body}");
-        body
+        metric_series(&body)
     };
-    let count = |body: &str, reason: &str| -> f64 {
-        let series = format!("strom_auth_failures_total{{reason=\"{reason}\"}} ");
-        let line = body
-            .lines()
-            .find(|l| l.starts_with(&series))
-            .expect(&series);
-        line[series.len()..].parse().unwrap()
+    let count = |series: &HashMap<String, f64>, reason: &str| -> f64 {
+        series[&format!("strom_auth_failures_total{{reason=\"{reason}\"}}")]
     };
     let before = scrape().await;
     let publish = |headers: String| {
         let addr = s.server.addr;
         async move {
-            let body = event("posts", "a", json!({})).to_string();
+            let body = created_json("posts", "a", json!({})).to_string();
             http_with(addr, "POST", "/api/v1/publish", &headers, &body)
                 .await
                 .unwrap()
@@ -139,7 +125,7 @@ subscribe = []
     ] {
         assert!(
             count(&after, reason) > count(&before, reason),
-            "{reason}: {after}"
+            "{reason}: {after:?}"
         );
     }
 }

@@ -7,10 +7,6 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use strom::server::ServerConfig;
 
-fn event(collection: &str, record_id: &str, data: Value) -> Value {
-    json!({"type": "record.created", "collection": collection, "record_id": record_id, "data": data})
-}
-
 #[tokio::test]
 async fn sse_stream_of_a_collection_with_a_query() {
     let server = TestServer::memory().await;
@@ -32,13 +28,13 @@ async fn sse_stream_of_a_collection_with_a_query() {
     assert!(data["connection_id"].is_string());
 
     server
-        .publish_json(event("products", "cheap", json!({"price": 5})))
+        .publish_json(created_json("products", "cheap", json!({"price": 5})))
         .await;
     server
-        .publish_json(event("posts", "other", json!({"price": 500})))
+        .publish_json(created_json("posts", "other", json!({"price": 500})))
         .await;
     let seq = server
-        .publish_json(event("products", "dear", json!({"price": 500})))
+        .publish_json(created_json("products", "dear", json!({"price": 500})))
         .await;
     let got = sse.next().await.unwrap();
     assert_eq!(got.event, "record.created");
@@ -55,7 +51,7 @@ async fn sse_all_collections_with_seed_style_query_and_event_types() {
     let mut sse = SseReader::open(server.addr, "/api/v1/realtime?query=status=published", "").await;
     assert_eq!(sse.next().await.unwrap().event, "connected");
     server
-        .publish_json(event("posts", "draft", json!({"status": "draft"})))
+        .publish_json(created_json("posts", "draft", json!({"status": "draft"})))
         .await;
     server
         .publish_json(
@@ -124,13 +120,15 @@ async fn sse_keepalive_comments_flow_while_idle() {
 #[tokio::test]
 async fn rest_publish_validates_and_returns_seqs() {
     let server = TestServer::memory().await;
-    let first = server.publish_json(event("posts", "a", json!({}))).await;
+    let first = server
+        .publish_json(created_json("posts", "a", json!({})))
+        .await;
     let (status, body) = server
         .post(
             "/api/v1/publish",
             &json!([
-                event("posts", "b", json!({})),
-                event("posts", "c", json!({}))
+                created_json("posts", "b", json!({})),
+                created_json("posts", "c", json!({}))
             ])
             .to_string(),
         )
@@ -168,7 +166,9 @@ async fn rest_publish_validates_and_returns_seqs() {
     }
     // Nothing bad was published: the next seq follows the good ones.
     assert_eq!(
-        server.publish_json(event("posts", "d", json!({}))).await,
+        server
+            .publish_json(created_json("posts", "d", json!({})))
+            .await,
         first + 3
     );
 }
@@ -178,7 +178,9 @@ async fn health_metrics_and_unknown_paths() {
     let server = TestServer::memory().await;
     let (status, body) = server.get("/healthz").await;
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
-    server.publish_json(event("posts", "a", json!({}))).await;
+    server
+        .publish_json(created_json("posts", "a", json!({})))
+        .await;
     let (status, body) = server.get("/metrics").await;
     assert_eq!(status, 200);
     assert!(body.contains("strom_events_published_total 1"), "{body}");

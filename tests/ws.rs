@@ -9,10 +9,6 @@ use std::time::Duration;
 use strom::edge::ws::WsConfig;
 use strom::server::ServerConfig;
 
-fn event(collection: &str, record_id: &str, data: Value) -> Value {
-    json!({"type": "record.created", "collection": collection, "record_id": record_id, "data": data})
-}
-
 #[tokio::test]
 async fn connected_greeting_and_stats() {
     let server = TestServer::memory().await;
@@ -62,16 +58,16 @@ async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
         .await;
 
     server
-        .publish_json(event("posts", "p1", json!({"published": false})))
+        .publish_json(created_json("posts", "p1", json!({"published": false})))
         .await;
     server
-        .publish_json(event("products", "x1", json!({"price": 5})))
+        .publish_json(created_json("products", "x1", json!({"price": 5})))
         .await;
     server
-        .publish_json(event("comments", "c2", json!({})))
+        .publish_json(created_json("comments", "c2", json!({})))
         .await;
     let seq = server
-        .publish_json(event("posts", "p2", json!({"published": true})))
+        .publish_json(created_json("posts", "p2", json!({"published": true})))
         .await;
     let got = client.reply().await;
     assert_eq!(got["type"], "event");
@@ -80,11 +76,11 @@ async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
     assert_eq!(got["data"]["collection"], "posts");
     assert_eq!(got["data"]["type"], "record.created");
     server
-        .publish_json(event("products", "x2", json!({"price": 500})))
+        .publish_json(created_json("products", "x2", json!({"price": 500})))
         .await;
     assert_eq!(client.reply().await["data"]["record_id"], "x2");
     server
-        .publish_json(event("comments", "c1", json!({})))
+        .publish_json(created_json("comments", "c1", json!({})))
         .await;
     assert_eq!(client.reply().await["data"]["record_id"], "c1");
 
@@ -97,10 +93,10 @@ async fn subscribe_with_every_filter_spelling_and_unsubscribe() {
         json!({"type": "unsubscribed", "data": {"collection": "posts"}})
     );
     server
-        .publish_json(event("posts", "p3", json!({"published": true})))
+        .publish_json(created_json("posts", "p3", json!({"published": true})))
         .await;
     server
-        .publish_json(event("products", "x3", json!({"price": 500})))
+        .publish_json(created_json("products", "x3", json!({"price": 500})))
         .await;
     assert_eq!(
         client.reply().await["data"]["record_id"],
@@ -146,7 +142,9 @@ async fn every_error_is_reported_and_the_connection_goes_on() {
     client
         .subscribe_with(json!({"action": "subscribe", "collection": "posts"}))
         .await;
-    server.publish_json(event("posts", "ok", json!({}))).await;
+    server
+        .publish_json(created_json("posts", "ok", json!({})))
+        .await;
     assert_eq!(client.reply().await["data"]["record_id"], "ok");
 }
 
@@ -173,10 +171,10 @@ async fn overlapping_subscriptions_share_one_frame_that_names_them() {
             .await,
     );
     server
-        .publish_json(event("posts", "p1", json!({"price": 50})))
+        .publish_json(created_json("posts", "p1", json!({"price": 50})))
         .await;
     server
-        .publish_json(event("posts", "p2", json!({"price": 20})))
+        .publish_json(created_json("posts", "p2", json!({"price": 20})))
         .await;
     let both = client.reply().await;
     assert_eq!(both["data"]["record_id"], "p1", "one frame for p1: {both}");
@@ -190,7 +188,7 @@ async fn overlapping_subscriptions_share_one_frame_that_names_them() {
         .await;
     assert_eq!(reply["type"], "unsubscribed");
     server
-        .publish_json(event("posts", "p1", json!({"price": 60})))
+        .publish_json(created_json("posts", "p1", json!({"price": 60})))
         .await;
     let plain = client.reply().await;
     assert_eq!(plain["data"]["record_id"], "p1");
@@ -208,13 +206,13 @@ async fn resubscribing_replaces_the_subscription() {
         .subscribe_with(json!({"action": "subscribe", "collection": "posts", "filter": {"n": 2}}))
         .await;
     server
-        .publish_json(event("posts", "1", json!({"n": 1})))
+        .publish_json(created_json("posts", "1", json!({"n": 1})))
         .await;
     server
-        .publish_json(event("posts", "2", json!({"n": 2})))
+        .publish_json(created_json("posts", "2", json!({"n": 2})))
         .await;
     server
-        .publish_json(event("posts", "3", json!({"n": 2})))
+        .publish_json(created_json("posts", "3", json!({"n": 2})))
         .await;
     assert_eq!(client.reply().await["data"]["record_id"], "2");
     assert_eq!(client.reply().await["data"]["record_id"], "3");

@@ -169,6 +169,27 @@ impl Drop for TestServer {
     }
 }
 
+/// A `record.created` event as a REST publisher sends it.
+pub fn created_json(
+    collection: &str,
+    record_id: &str,
+    data: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({"type": "record.created", "collection": collection,
+        "record_id": record_id, "data": data})
+}
+
+/// The series of a `/metrics` answer: `name{labels}` → value.
+pub fn metric_series(body: &str) -> std::collections::HashMap<String, f64> {
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("a series and its value");
+            (series.to_owned(), value.parse().expect("a number"))
+        })
+        .collect()
+}
+
 /// One HTTP/1.1 request on a fresh connection (hyper's client); returns
 /// status and body.
 pub async fn http(
