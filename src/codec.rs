@@ -113,6 +113,8 @@ struct EventOut<'a> {
     timestamp: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<u32>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     left_filter: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,6 +141,7 @@ fn event_out(event: &Event, seq: Option<u64>, view: View) -> EventOut<'_> {
         old_data,
         timestamp: format_timestamp(event.timestamp),
         seq,
+        partition: None,
         left_filter: view.left_filter,
         channel: broadcast.then_some(event.collection.as_str()),
         sender: event.sender.as_deref(),
@@ -149,7 +152,17 @@ fn event_out(event: &Event, seq: Option<u64>, view: View) -> EventOut<'_> {
 
 /// The event as delivered to subscribers, with its `seq`.
 pub fn encode_event(event: &Event, view: View) -> Vec<u8> {
-    serde_json::to_vec(&event_out(event, Some(event.seq), view)).expect("JSON of an event")
+    encode_delivered(event, None, view)
+}
+
+/// The event as delivered, with the NATS stream it is in when collections
+/// are spread over several (see [`crate::event::Position`]).
+pub fn encode_delivered(event: &Event, partition: Option<u32>, view: View) -> Vec<u8> {
+    let out = EventOut {
+        partition,
+        ..event_out(event, Some(event.seq), view)
+    };
+    serde_json::to_vec(&out).expect("JSON of an event")
 }
 
 /// The event as a NATS message body: no `seq`, which the stream assigns,

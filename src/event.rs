@@ -89,6 +89,10 @@ pub enum EventError {
         "the collection {0:?} is reserved: only strom publishes on it (subscribe to it to see who is online)"
     )]
     Reserved(String),
+    #[error(
+        "invalid resume position {0:?}: expected an event's seq, or for `*` over several NATS streams a position token of one seq per stream (`12,0,40`)"
+    )]
+    InvalidPosition(String),
 }
 
 pub const MAX_COLLECTION: usize = 128;
@@ -292,10 +296,107 @@ impl View {
     }
 }
 
+/// A place in the event log to resume after. The log of one stream has one
+/// seq; `*` over N NATS streams (`--nats-partitions`) has one seq per
+/// stream, written as the token `s0,s1,…`. Every event of such a
+/// deployment names its `partition`, so a client keeps the token by
+/// setting that stream's seq to each event's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position(Vec<u64>);
+
+impl Position {
+    pub fn seq(seq: u64) -> Self {
+        Position(vec![seq])
+    }
+
+    /// One seq per stream (at least one).
+    pub fn per_stream(seqs: Vec<u64>) -> Self {
+        assert!(!seqs.is_empty(), "a position has a seq");
+        Position(seqs)
+    }
+
+    /// How many streams it names (1: one seq, good for any stream).
+    pub fn streams(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The one seq, when it is not a per-stream token.
+    pub fn as_seq(&self) -> Option<u64> {
+        match self.0.as_slice() {
+            [seq] => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// The seq in stream `partition` (an event's; `None` outside
+    /// partitions).
+    pub fn of(&self, partition: Option<u32>) -> u64 {
+        match self.0.as_slice() {
+            [seq] => *seq,
+            seqs => seqs[partition.unwrap_or(0) as usize],
+        }
+    }
+
+    /// Each stream's seq, with `seq` in `partition`.
+    pub fn with(&self, partition: Option<u32>, seq: u64) -> Position {
+        let mut next = self.clone();
+        match next.0.as_mut_slice() {
+            [only] => *only = seq,
+            seqs => seqs[partition.unwrap_or(0) as usize] = seq,
+        }
+        next
+    }
+
+    /// Whether events after `self` are gone, `first_available` being the
+    /// oldest retained one per stream. A seq of 0 there asks for whatever
+    /// is retained, and so misses nothing, unless `strict`.
+    pub fn misses(&self, first_available: &Position, strict: bool) -> bool {
+        (0..first_available.streams() as u32).any(|k| {
+            let since = self.of(Some(k));
+            (strict || since > 0) && since.saturating_add(1) < first_available.of(Some(k))
+        })
+    }
+}
+
+impl Position {
+    /// In JSON: the seq as a number, a per-stream token as a string.
+    pub fn to_json(&self) -> Value {
+        match self.as_seq() {
+            Some(seq) => seq.into(),
+            None => self.to_string().into(),
+        }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seq) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{seq}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = EventError;
+
+    fn from_str(text: &str) -> Result<Self, EventError> {
+        let seqs: Result<Vec<u64>, _> = text.trim().split(',').map(|s| s.trim().parse()).collect();
+        seqs.map(Position)
+            .map_err(|_| EventError::InvalidPosition(text.to_owned()))
+    }
+}
+
 /// A published event on its way to subscribers, shared by all of them.
 #[derive(Debug)]
 pub struct SharedEvent {
     pub event: Event,
+    /// The NATS stream it is in when collections are spread over several
+    /// (`--nats-partitions`): with its seq, its place in the log.
+    pub partition: Option<u32>,
     /// When the bus handed it to this node (for the fan-out latency).
     pub arrived: Instant,
     /// Encodings per wire format and [`View`].
@@ -306,6 +407,7 @@ impl SharedEvent {
     pub fn new(event: Event) -> Self {
         SharedEvent {
             event,
+            partition: None,
             arrived: Instant::now(),
             encodings: Default::default(),
         }
@@ -322,6 +424,46 @@ impl SharedEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_is_one_seq_or_one_per_stream() {
+        let seq: Position = "41".parse().unwrap();
+        assert_eq!(
+            (seq.as_seq(), seq.streams(), seq.to_json()),
+            (Some(41), 1, 41.into())
+        );
+        // One seq stands for whichever stream a collection is in.
+        assert_eq!(seq.of(Some(2)), 41);
+        assert_eq!(seq.with(Some(2), 45), Position::seq(45));
+
+        let token: Position = "12, 0,40".parse().unwrap();
+        assert_eq!((token.as_seq(), token.streams()), (None, 3));
+        assert_eq!((token.of(Some(0)), token.of(Some(2))), (12, 40));
+        let next = token.with(Some(1), 7);
+        assert_eq!(
+            (next.to_string(), next.to_json()),
+            ("12,7,40".into(), "12,7,40".into())
+        );
+
+        for bad in ["", "x", "1,,2", "-1", "1;2"] {
+            assert!(
+                matches!(bad.parse::<Position>(), Err(EventError::InvalidPosition(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_position_misses_events_only_before_the_retained_ones() {
+        let first = Position::per_stream(vec![1, 10, 5]);
+        assert!(!Position::per_stream(vec![0, 9, 4]).misses(&first, false));
+        assert!(Position::per_stream(vec![0, 8, 4]).misses(&first, false));
+        // 0 asks for whatever is retained, unless strict.
+        assert!(!Position::per_stream(vec![0, 0, 0]).misses(&first, false));
+        assert!(Position::per_stream(vec![0, 0, 9]).misses(&first, true));
+        assert!(!Position::seq(0).misses(&Position::seq(30), false));
+        assert!(Position::seq(1).misses(&Position::seq(30), false));
+    }
 
     #[test]
     fn event_type_names_round_trip() {

@@ -372,8 +372,10 @@ async fn startup_without_jetstream_says_what_it_waited_for() {
 
 /// Collections spread over three streams: each collection's events are
 /// numbered by its own stream and resume exactly; `*` hears every stream
-/// live but cannot resume (one seq is no position in three streams); a raw
-/// NATS publish on the partition's subject is captured.
+/// live, each event naming its stream, and resumes exactly from a position
+/// token of one seq per stream (over gRPC, WebSocket and SSE, whose event
+/// ids are the token) but not from one seq; a raw NATS publish on the
+/// partition's subject is captured.
 #[tokio::test]
 async fn partitions_spread_collections_over_streams_and_resume_exactly() {
     use strom::bus::nats::partition_of;
@@ -399,7 +401,20 @@ async fn partitions_spread_collections_over_streams_and_resume_exactly() {
         .take(3)
         .collect();
     let mut client = node.grpc().await;
-    let mut everything = grpc_subscribe(&mut client, text_subscription("*", None)).await;
+    let mut everything = client
+        .subscribe(text_subscription("*", None))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(proto::subscribe_response::Kind::Subscribed(subscribed)) =
+        everything.message().await.unwrap().unwrap().kind
+    else {
+        panic!("subscribed first");
+    };
+    assert_eq!(
+        (subscribed.head_seq, subscribed.head_position.as_str()),
+        (0, "0,0,0")
+    );
     let mut published = Vec::new();
     for round in 0..2 {
         for collection in &collections {
@@ -412,9 +427,19 @@ async fn partitions_spread_collections_over_streams_and_resume_exactly() {
     let mut seqs: Vec<u64> = published.iter().map(|(_, seq)| *seq).collect();
     seqs.sort();
     assert_eq!(seqs, [1, 1, 1, 2, 2, 2]);
-    for _ in 0..published.len() {
-        next_event(&mut everything).await;
+    // Each names its stream; the token after round 0 is one seq per stream.
+    let mut after_round_0 = [0; 3];
+    for i in 0..published.len() {
+        let event = next_event(&mut everything).await;
+        let partition = partition_of(&event.collection, 3);
+        assert_eq!(event.partition, Some(partition as u32));
+        if i < collections.len() {
+            after_round_0[partition] = event.seq;
+        }
     }
+    let token = after_round_0.map(|seq| seq.to_string()).join(",");
+    assert_eq!(token, "1,1,1");
+    let round_1: std::collections::BTreeSet<String> = collections.iter().cloned().collect();
 
     // A collection resumes exactly from its own seq.
     for collection in &collections {
@@ -434,17 +459,83 @@ async fn partitions_spread_collections_over_streams_and_resume_exactly() {
         );
     }
 
-    // `*` cannot resume, and says why.
+    // `*` resumes from the token: exactly round 1, one stream after another.
     let request = proto::SubscribeRequest {
-        since_seq: Some(1),
+        since_position: token.clone(),
         ..text_subscription("*", None)
     };
-    let status = match client.subscribe(request).await {
-        Err(status) => status,
-        Ok(response) => response.into_inner().message().await.unwrap_err(),
-    };
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("--nats-partitions"), "{status:?}");
+    let mut resumed = grpc_subscribe(&mut client, request).await;
+    let mut heard = std::collections::BTreeSet::new();
+    for _ in 0..collections.len() {
+        let event = next_event(&mut resumed).await;
+        assert_eq!((event.record_id.as_str(), event.seq), ("r1", 2));
+        heard.insert(event.collection);
+    }
+    assert_eq!(heard, round_1);
+    // The same over WebSocket, with the token as `since`.
+    let mut ws = WsClient::connect(node.addr, "").await.unwrap();
+    ws.send(json!({"action": "subscribe", "collection": "*", "since": token}))
+        .await;
+    let subscribed = ws.next().await.unwrap();
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    assert_eq!(subscribed["data"]["head_position"], "2,2,2");
+    let mut heard = std::collections::BTreeSet::new();
+    for _ in 0..collections.len() {
+        let event = ws.next().await.unwrap();
+        let data = &event["data"];
+        assert_eq!(
+            (&data["record_id"], &data["seq"]),
+            (&json!("r1"), &json!(2))
+        );
+        let collection = data["collection"].as_str().unwrap().to_owned();
+        assert_eq!(data["partition"], partition_of(&collection, 3));
+        heard.insert(collection);
+    }
+    assert_eq!(heard, round_1);
+    // And over SSE, where each event's id is the token after it.
+    let mut sse = SseReader::open(
+        node.addr,
+        "/api/v1/realtime",
+        &format!("Last-Event-ID: {token}\r\n"),
+    )
+    .await;
+    assert_eq!(sse.status, 200, "{}", sse.head);
+    assert_eq!(sse.next().await.unwrap().event, "connected");
+    let mut position = after_round_0;
+    for _ in 0..collections.len() {
+        let event = sse.next().await.unwrap();
+        let data: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+        position[partition_of(data["collection"].as_str().unwrap(), 3)] = 2;
+        let expected = position.map(|seq| seq.to_string()).join(",");
+        assert_eq!(event.id.as_deref(), Some(expected.as_str()));
+    }
+
+    // One seq is no position in three streams; a token of two neither.
+    for (since_seq, since_position) in [(Some(1), ""), (None, "1,1")] {
+        let request = proto::SubscribeRequest {
+            since_seq,
+            since_position: since_position.into(),
+            ..text_subscription("*", None)
+        };
+        let status = match client.subscribe(request).await {
+            Err(status) => status,
+            Ok(response) => response.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("--nats-partitions"), "{status:?}");
+    }
+    // A token that is not one gets a clear error too.
+    ws.send(json!({"action": "subscribe", "collection": "*", "since": "1,x"}))
+        .await;
+    let error = ws.next().await.unwrap();
+    assert_eq!(error["data"]["code"], "invalid_argument", "{error}");
+    assert!(
+        error["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("position token"),
+        "{error}"
+    );
 
     // The streams exist under their names; a raw publish on a partition's
     // subject reaches subscribers.

@@ -10,7 +10,7 @@
 
 use super::{Audience, Inbox};
 use super::{History, Replay, Retention};
-use crate::event::{Event, SharedEvent, WILDCARD};
+use crate::event::{Event, Position, SharedEvent, WILDCARD};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -103,8 +103,8 @@ impl MemoryBus {
             .collect();
         Replay {
             history: History::Memory(events.into_iter()),
-            head: log.last_seq,
-            first_available,
+            head: Position::seq(log.last_seq),
+            first_available: Position::seq(first_available),
         }
     }
 }
@@ -176,7 +176,11 @@ mod tests {
                 )
             })
             .collect();
-        (events, replay.head, replay.first_available)
+        (
+            events,
+            replay.head.of(None),
+            replay.first_available.of(None),
+        )
     }
 
     fn seqs(bus: &MemoryBus, key: &str, since: u64) -> Vec<u64> {
@@ -293,7 +297,7 @@ mod tests {
         publish_each(&bus, &["posts", "posts"]);
         let replay = bus.replay("posts", 0);
         bus.publish(vec![event("posts", "later")]);
-        assert_eq!(replay.head, 2);
+        assert_eq!(replay.head, Position::seq(2));
         let History::Memory(events) = replay.history else {
             panic!("the memory bus replays from memory");
         };

@@ -13,7 +13,8 @@ pub mod memory;
 pub mod nats;
 pub mod presence_sync;
 
-use crate::event::{Event, SharedEvent};
+use crate::event::{Event, Position, SharedEvent};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -55,9 +56,9 @@ pub enum BusError {
     #[error("presence over NATS failed to start: {0}")]
     Presence(String),
     #[error(
-        "a `*` subscription cannot resume here: its events come from {0} NATS streams (--nats-partitions), so no one seq is a position in all of them. Subscribe to `*` without a position, or resume each collection"
+        "a resume position of {given} seq(s) for a subscription whose events come from {streams} NATS stream(s): `*` over several streams (--nats-partitions) resumes from a position token of one seq per stream (`12,0,40`, kept from the events' `partition` and `seq`), anything else from one seq"
     )]
-    Partitioned(usize),
+    PositionMismatch { given: usize, streams: usize },
 }
 
 /// How much history the bus keeps for resuming subscribers.
@@ -104,27 +105,34 @@ pub struct BusState {
 
 /// The retained events a resuming subscription missed.
 pub struct Replay {
-    /// Events after the resume position, in seq order, up to `head`.
+    /// Events after the resume position, in seq order per stream, up to
+    /// `head`.
     pub history: History,
-    /// The newest seq when the replay began: later events arrive live.
-    pub head: u64,
-    /// The oldest seq still retained; a resume position before
-    /// `first_available - 1` has lost events.
-    pub first_available: u64,
+    /// Where the history ends: later events arrive live.
+    pub head: Position,
+    /// The oldest seq still retained (per stream); a resume position before
+    /// it (minus one) has lost events.
+    pub first_available: Position,
 }
 
 /// A source of retained events, read one at a time so a long replay is
 /// paced by its reader.
 pub enum History {
     Memory(std::vec::IntoIter<Arc<SharedEvent>>),
-    Nats(Box<nats::HistoryReader>),
+    /// One reader per stream, read one after the other.
+    Nats(VecDeque<nats::HistoryReader>),
 }
 
 impl History {
     pub async fn next(&mut self) -> Option<Result<Arc<SharedEvent>, BusError>> {
         match self {
             History::Memory(events) => events.next().map(Ok),
-            History::Nats(reader) => reader.next().await,
+            History::Nats(readers) => loop {
+                match readers.front_mut()?.next().await {
+                    Some(item) => return Some(item),
+                    None => drop(readers.pop_front()),
+                }
+            },
         }
     }
 }
@@ -172,16 +180,6 @@ impl Bus {
         }
     }
 
-    /// The newest seq in the log holding `key` (a collection, or `*`): a
-    /// subscriber that starts now and later resumes from this position
-    /// misses nothing. `None` for `*` over several NATS streams.
-    pub async fn head(&self, key: &str) -> Result<Option<u64>, BusError> {
-        match self {
-            Bus::Memory(bus) => Ok(Some(bus.head())),
-            Bus::Nats(bus) => bus.head(key).await,
-        }
-    }
-
     /// Streams the collections are spread over (1 but with
     /// `--nats-partitions`).
     pub fn partitions(&self) -> usize {
@@ -191,11 +189,37 @@ impl Bus {
         }
     }
 
-    /// The retained events of `collection` (`*`: all) after `since`.
-    pub async fn replay(&self, collection: &str, since: u64) -> Result<Replay, BusError> {
+    /// Where a subscription to what `interest` holds, in the router before
+    /// this call, switches from history to live: every later event reaches
+    /// it live, so resuming from here misses nothing. For `*` over several
+    /// NATS streams, one seq per stream.
+    pub fn position(&self, interest: &Interest) -> Position {
+        match (self, interest) {
+            (Bus::Memory(bus), _) => Position::seq(bus.head()),
+            (Bus::Nats(_), Interest::Nats(watch)) => watch.position(),
+            (Bus::Nats(_), Interest::Always) => unreachable!("the NATS bus hands out watches"),
+        }
+    }
+
+    /// The retained events of `collection` (`*`: all) after `since`, up to
+    /// at least [`Bus::position`] (read now) of the subscription holding
+    /// `interest`, which is in the router already.
+    pub async fn replay(
+        &self,
+        collection: &str,
+        since: &Position,
+        interest: &Interest,
+    ) -> Result<Replay, BusError> {
+        let until = self.position(interest);
+        if since.streams() != until.streams() {
+            return Err(BusError::PositionMismatch {
+                given: since.streams(),
+                streams: until.streams(),
+            });
+        }
         match self {
-            Bus::Memory(bus) => Ok(bus.replay(collection, since)),
-            Bus::Nats(bus) => bus.replay(collection, since).await,
+            Bus::Memory(bus) => Ok(bus.replay(collection, since.of(None))),
+            Bus::Nats(bus) => bus.replay(collection, since, &until).await,
         }
     }
 

@@ -14,6 +14,15 @@
 //! consumer exists on the server, so an event published after a subscribe
 //! returned is never missed.
 //!
+//! A resuming subscription switches from history to live at the watch's
+//! *position*: the stream sequence up to which the node's consumer has
+//! handed every event on (stored before each event is handed on, and read
+//! after the subscription is in the router). Everything after it arrives
+//! live, and the replay reads exactly up to it. Nothing here trusts a
+//! replica's view of the stream's end: after a server is lost, stream info
+//! and a consumer's pending count can lag behind what other servers have
+//! already delivered, and a split taken from them loses the difference.
+//!
 //! One stream is the ceiling of a cluster's publish rate. With
 //! `--nats-partitions N` (N > 1) collections are spread over N streams,
 //! `<stream>_0` … `<stream>_<N-1>`: a collection's events go to partition
@@ -27,10 +36,11 @@
 use super::presence_sync::{self, PresenceState, PresenceTiming};
 use super::{Audience, BusError, BusState, History, Inbox, Receipt, Replay, Retention};
 use crate::codec::{decode_event, encode_bus_body};
-use crate::event::{Event, SharedEvent, WILDCARD};
+use crate::event::{Event, Position, SharedEvent, WILDCARD};
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::OnceCell;
@@ -95,17 +105,18 @@ impl Layout {
         self.filter(partition_of(collection, self.partitions), collection)
     }
 
-    /// The collection a stream message's subject names.
-    fn collection<'s>(&self, subject: &'s str) -> &'s str {
+    /// The partition (`None` with one stream) and collection a stream
+    /// message's subject names.
+    fn locate<'s>(&self, subject: &'s str) -> (Option<u32>, &'s str) {
         let rest = subject
             .strip_prefix(self.prefix.as_str())
             .and_then(|rest| rest.strip_prefix('.'))
             .unwrap_or_default();
         match self.partitions {
-            1 => rest,
+            1 => (None, rest),
             _ => rest
                 .split_once('.')
-                .map_or("", |(_, collection)| collection),
+                .map_or((None, ""), |(k, collection)| (k.parse().ok(), collection)),
         }
     }
 
@@ -176,6 +187,10 @@ struct WatchState {
     /// The consumer's current name (it changes when the client recreates
     /// it), so the last release can delete it rather than leave it to expire.
     consumer: Mutex<String>,
+    /// Every event of the key up to this stream sequence has been handed
+    /// to the inbox, or came before the consumer began (see the module
+    /// docs).
+    position: AtomicU64,
 }
 
 /// A consumer ready to read: its messages, name, the stream sequence it
@@ -192,7 +207,10 @@ struct Reader {
 /// deletes its consumer.
 pub struct HistoryReader {
     inner: Arc<Inner>,
+    key: String,
     reader: Option<Reader>,
+    /// Reads the events after `since` up to `until`.
+    since: u64,
     until: u64,
 }
 
@@ -218,11 +236,27 @@ impl HistoryReader {
             };
             let Ok(info) = message.info() else { continue };
             let (seq, pending) = (info.stream_sequence, info.pending);
+            // The client recreates a consumer that lost its server before
+            // its first message from the stream's beginning.
+            if seq <= self.since {
+                continue;
+            }
             if seq > self.until {
                 self.finish();
                 return None;
             }
-            if seq == self.until || pending == 0 {
+            let last = seq == self.until
+                || pending == 0 && {
+                    let partition = reader.partition;
+                    match self.inner.next_seq(partition, &self.key, seq + 1).await {
+                        Ok(next) => next.is_none_or(|next| next > self.until),
+                        Err(e) => {
+                            self.finish();
+                            return Some(Err(e));
+                        }
+                    }
+                };
+            if last {
                 self.finish();
             }
             if let Some(event) = self.inner.decode(&message) {
@@ -249,6 +283,17 @@ impl Drop for HistoryReader {
 pub struct Watch {
     inner: Arc<Inner>,
     keys: Vec<WatchKey>,
+    states: Vec<Arc<WatchState>>,
+}
+
+impl Watch {
+    /// Where a subscription that was in the router before this call
+    /// switches from history to live (see the module docs): one seq per
+    /// stream the watch reads.
+    pub fn position(&self) -> Position {
+        let seqs = self.states.iter();
+        Position::per_stream(seqs.map(|s| s.position.load(Ordering::SeqCst)).collect())
+    }
 }
 
 impl Drop for Watch {
@@ -426,74 +471,40 @@ impl NatsBus {
         }
     }
 
-    /// The last sequence number of the stream holding `key` (a collection,
-    /// or `*`; `None`: `*` over several streams has no one head).
-    pub async fn head(&self, key: &str) -> Result<Option<u64>, BusError> {
-        let &[partition] = self.inner.layout.partitions_of(key).as_slice() else {
-            return Ok(None);
-        };
-        let info = self
-            .inner
-            .bounded("stream info", self.inner.streams[partition].get_info())
-            .await
-            .map_err(BusError::History)?;
-        let info = info.map_err(|e| BusError::History(e.to_string()))?;
-        Ok(Some(info.state.last_sequence))
-    }
-
     /// Streams the collections are spread over.
     pub fn partitions(&self) -> usize {
         self.inner.layout.partitions
     }
 
-    /// The retained events of `key` after `since`, up to the stream's
-    /// current last sequence, read through a temporary ordered consumer.
-    pub async fn replay(&self, key: &str, since: u64) -> Result<Replay, BusError> {
-        let history_error = |e: &dyn std::fmt::Display| BusError::History(e.to_string());
-        let &[partition] = self.inner.layout.partitions_of(key).as_slice() else {
-            return Err(BusError::Partitioned(self.inner.layout.partitions));
-        };
-        let info = self
-            .inner
-            .bounded("stream info", self.inner.streams[partition].get_info())
-            .await
-            .map_err(BusError::History)?
-            .map_err(|e| history_error(&e))?;
-        let head = info.state.last_sequence;
-        let first_available = if info.state.messages == 0 {
-            head + 1
-        } else {
-            info.state.first_sequence
-        };
-        let start = since.saturating_add(1).max(first_available);
-        let mut reader = HistoryReader {
-            inner: Arc::clone(&self.inner),
-            reader: None,
-            until: head,
-        };
-        if start <= head {
-            let policy = consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            };
-            let opened = self
-                .inner
-                .bounded(
-                    "a history consumer",
-                    self.inner.consumer(partition, key, policy),
-                )
-                .await
-                .and_then(|opened| opened)
-                .map_err(BusError::History)?;
-            if opened.pending > 0 {
-                reader.reader = Some(opened);
-            } else {
-                self.inner.delete_consumer(partition, opened.name);
-            }
+    /// The retained events of `key` after `since` up to `until` (the
+    /// position of the caller's watch; both one seq per stream of `key`),
+    /// read through temporary ordered consumers, one stream after another.
+    /// The replay's head is `until`, or `since` where the client is ahead
+    /// of this node (its consumer lags behind the node the client came
+    /// from) but not past the stream's end: what the client has must not
+    /// come again live, while a position past the end (a stream made anew)
+    /// still gets every new event.
+    pub async fn replay(
+        &self,
+        key: &str,
+        since: &Position,
+        until: &Position,
+    ) -> Result<Replay, BusError> {
+        let mut readers = VecDeque::new();
+        let (mut head, mut first_available) = (Vec::new(), Vec::new());
+        for partition in self.inner.layout.partitions_of(key) {
+            let k = Some(partition as u32);
+            let (since, until) = (since.of(k), until.of(k));
+            let stream = self.inner.replay_stream(partition, key, since, until);
+            let (reader, first, last) = stream.await?;
+            readers.extend(reader);
+            head.push(until.max(since.min(last)));
+            first_available.push(first);
         }
         Ok(Replay {
-            history: History::Nats(Box::new(reader)),
-            head,
-            first_available,
+            history: History::Nats(readers),
+            head: Position::per_stream(head),
+            first_available: Position::per_stream(first_available),
         })
     }
 
@@ -516,12 +527,13 @@ impl NatsBus {
         let watch = Watch {
             inner: Arc::clone(&self.inner),
             keys,
+            states,
         };
-        for (key, state) in watch.keys.iter().zip(states) {
+        for (key, state) in watch.keys.iter().zip(&watch.states) {
             let inner = Arc::clone(&self.inner);
             let started = state
                 .started
-                .get_or_init(|| inner.start_consumer(key.clone(), Arc::clone(&state)))
+                .get_or_init(|| inner.start_consumer(key.clone(), Arc::clone(state)))
                 .await;
             if let Err(e) = started {
                 return Err(BusError::Subscribe(e.clone()));
@@ -556,6 +568,82 @@ impl Inner {
         }
     }
 
+    /// A reader of `key`'s events in stream `partition` after `since` up to
+    /// `until` (`None`: there are none), and the stream's oldest and newest
+    /// seqs.
+    async fn replay_stream(
+        self: &Arc<Self>,
+        partition: usize,
+        key: &str,
+        since: u64,
+        until: u64,
+    ) -> Result<(Option<HistoryReader>, u64, u64), BusError> {
+        let info = self
+            .bounded("stream info", self.streams[partition].get_info())
+            .await
+            .map_err(BusError::History)?
+            .map_err(|e| BusError::History(e.to_string()))?;
+        let first_available = if info.state.messages == 0 {
+            info.state.last_sequence + 1
+        } else {
+            info.state.first_sequence
+        };
+        let last = info.state.last_sequence;
+        let start = since.saturating_add(1).max(first_available);
+        if start > until {
+            return Ok((None, first_available, last));
+        }
+        let policy = consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start,
+        };
+        let opened = self
+            .bounded("a history consumer", self.consumer(partition, key, policy))
+            .await
+            .and_then(|opened| opened)
+            .map_err(BusError::History)?;
+        tracing::debug!(
+            stream = %self.layout.stream_name(partition), %key, since, until,
+            pending = opened.pending, "replaying history"
+        );
+        // The consumer's server may lag; the stream leader knows.
+        let empty = opened.pending == 0
+            && (self.next_seq(partition, key, start).await?).is_none_or(|next| next > until);
+        if empty {
+            self.delete_consumer(partition, opened.name);
+            return Ok((None, first_available, last));
+        }
+        let reader = HistoryReader {
+            inner: Arc::clone(self),
+            key: key.to_owned(),
+            reader: Some(opened),
+            since,
+            until,
+        };
+        Ok((Some(reader), first_available, last))
+    }
+
+    /// The sequence of the first message of `key` (a collection, or `*`)
+    /// at or after `from`, asked of the stream leader (`None`: there is
+    /// none).
+    async fn next_seq(
+        &self,
+        partition: usize,
+        key: &str,
+        from: u64,
+    ) -> Result<Option<u64>, BusError> {
+        let request = self.streams[partition]
+            .raw_message_builder()
+            .sequence(from)
+            .next_by_subject(self.layout.filter(partition, key))
+            .send();
+        match self.bounded("the next message", request).await {
+            Ok(Ok(message)) => Ok(Some(message.sequence)),
+            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Ok(Err(e)) => Err(BusError::History(e.to_string())),
+            Err(e) => Err(BusError::History(e)),
+        }
+    }
+
     /// Deletes a consumer in the background, rather than leaving it to
     /// expire after its inactivity threshold.
     fn delete_consumer(&self, partition: usize, name: String) {
@@ -577,6 +665,11 @@ impl Inner {
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: self.layout.filter(partition, key),
                 deliver_policy,
+                // Caps each pull's expiry, and so the idle heartbeat at
+                // half of it: a consumer lost with its server is noticed
+                // (two missed heartbeats) and recreated within about the
+                // timeout, rather than the client's default 30 s.
+                max_expires: self.timeout,
                 ..Default::default()
             })
             .await
@@ -610,6 +703,7 @@ impl Inner {
             )
             .await??;
         *state.consumer.lock().expect("consumer lock") = reader.name.clone();
+        state.position.store(reader.after_seq, Ordering::SeqCst);
         let task = tokio::spawn(async move { self.run_consumer(key, reader, state).await });
         Ok(task.abort_handle())
     }
@@ -620,24 +714,20 @@ impl Inner {
         } else {
             Audience::CollectionOnly
         };
-        let mut last_seq = reader.after_seq;
         loop {
             while let Some(message) = reader.messages.next().await {
                 match message {
-                    Ok(message) => {
-                        if let Some(seq) = self.dispatch(&message, audience, &state) {
-                            last_seq = seq;
-                        }
-                    }
+                    Ok(message) => self.dispatch(&message, audience, &state),
                     Err(e) => tracing::warn!(collection = %key, "NATS consumer: {e}"),
                 }
             }
             // The ordered consumer gave up; start over after the last event seen.
-            tracing::warn!(collection = %key, last_seq, "NATS consumer ended; recreating");
+            let position = state.position.load(Ordering::SeqCst);
+            tracing::warn!(collection = %key, position, "NATS consumer ended; recreating");
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let policy = consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: last_seq + 1,
+                    start_sequence: position + 1,
                 };
                 match self.consumer(reader.partition, &key, policy).await {
                     Ok(next) => {
@@ -651,18 +741,15 @@ impl Inner {
         }
     }
 
-    /// Decodes one message and hands it to the router; returns its seq.
-    fn dispatch(
-        &self,
-        message: &jetstream::Message,
-        audience: Audience,
-        state: &WatchState,
-    ) -> Option<u64> {
+    /// Decodes one message and hands it to the router, once: a consumer
+    /// the client recreated before its first message starts over from the
+    /// stream's beginning, and what the watch already passed is skipped.
+    fn dispatch(&self, message: &jetstream::Message, audience: Audience, state: &WatchState) {
         let info = match message.info() {
             Ok(info) => info,
             Err(e) => {
                 tracing::warn!("NATS message without JetStream info: {e}");
-                return None;
+                return;
             }
         };
         let mut consumer = state.consumer.lock().expect("consumer lock");
@@ -670,10 +757,16 @@ impl Inner {
             *consumer = info.consumer.to_owned();
         }
         drop(consumer);
+        let seq = info.stream_sequence;
+        if seq <= state.position.load(Ordering::SeqCst) {
+            return;
+        }
+        // Before the router sees it: a subscription that reads the position
+        // after joining the router gets every later event live.
+        state.position.store(seq, Ordering::SeqCst);
         if let Some(event) = self.decode(message) {
             self.inbox.deliver(event, audience);
         }
-        Some(info.stream_sequence)
     }
 
     /// The event a stream message carries, with the stream's sequence number
@@ -681,12 +774,14 @@ impl Inner {
     /// decode, which is logged and skipped.
     fn decode(&self, message: &jetstream::Message) -> Option<Arc<SharedEvent>> {
         let info = message.info().ok()?;
-        let collection = self.layout.collection(message.subject.as_str());
+        let (partition, collection) = self.layout.locate(message.subject.as_str());
         let published: SystemTime = info.published.into();
         match decode_event(&message.payload, Some(collection), published) {
             Ok(mut event) => {
                 event.seq = info.stream_sequence;
-                Some(Arc::new(SharedEvent::new(event)))
+                let mut shared = SharedEvent::new(event);
+                shared.partition = partition;
+                Some(Arc::new(shared))
             }
             Err(e) => {
                 tracing::warn!(seq = info.stream_sequence, subject = %message.subject, "skipping NATS message: {e}");
@@ -719,7 +814,7 @@ mod tests {
         assert_eq!(single.stream_name(0), "STROM_EVENTS");
         assert_eq!(single.stream_subjects(0), "strom.events.>");
         assert_eq!(single.subject("a.b"), "strom.events.a.b");
-        assert_eq!(single.collection("strom.events.a.b"), "a.b");
+        assert_eq!(single.locate("strom.events.a.b"), (None, "a.b"));
         assert_eq!(single.partitions_of(WILDCARD), [0]);
 
         let spread = layout(4);
@@ -727,7 +822,8 @@ mod tests {
         assert_eq!(spread.stream_name(k), format!("STROM_EVENTS_{k}"));
         assert_eq!(spread.stream_subjects(k), format!("strom.events.{k}.>"));
         assert_eq!(spread.subject("a.b"), format!("strom.events.{k}.a.b"));
-        assert_eq!(spread.collection(&spread.subject("a.b")), "a.b");
+        let place = (Some(k as u32), "a.b");
+        assert_eq!(spread.locate(&spread.subject("a.b")), place);
         assert_eq!(spread.partitions_of("a.b"), [k]);
         assert_eq!(spread.partitions_of(WILDCARD), [0, 1, 2, 3]);
     }

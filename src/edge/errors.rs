@@ -7,6 +7,7 @@ use crate::auth::AuthError;
 use crate::bus::BusError;
 use crate::codec::CodecError;
 use crate::engine::{EndReason, EngineError};
+use crate::event::EventError;
 use crate::filter::FilterError;
 use crate::metrics::{AuthFailure, METRICS};
 use axum::Json;
@@ -134,7 +135,7 @@ impl From<EngineError> for ApiError {
             | EngineError::TooManyConnections(_)
             | EngineError::FilterBudget(..) => ErrorKind::ResourceExhausted,
             EngineError::UnknownSubscription(_) => ErrorKind::NotFound,
-            EngineError::Bus(BusError::Partitioned(_)) => ErrorKind::InvalidArgument,
+            EngineError::Bus(BusError::PositionMismatch { .. }) => ErrorKind::InvalidArgument,
             EngineError::Bus(_) => ErrorKind::Unavailable,
             EngineError::Auth(e) => return ApiError::from(e.clone()),
             EngineError::Ended(reason) => return ApiError::from(reason.clone()),
@@ -174,6 +175,12 @@ impl From<AuthError> for ApiError {
 
 impl From<FilterError> for ApiError {
     fn from(error: FilterError) -> Self {
+        ApiError::invalid(error.to_string())
+    }
+}
+
+impl From<EventError> for ApiError {
+    fn from(error: EventError) -> Self {
         ApiError::invalid(error.to_string())
     }
 }

@@ -5,7 +5,7 @@ use super::errors::ApiError;
 use crate::auth::Principal;
 use crate::engine::presence::{PRESENCE_COLLECTION, PresenceUser};
 use crate::engine::{Connection, EndReason, Engine, Received, SubscriptionSpec, Transport};
-use crate::event::{Event, EventType, Wire};
+use crate::event::{Event, EventType, Position, Wire};
 use crate::filter::{Condition, Filter, Op, Operand, Scalar};
 use crate::proto;
 use bytes::Bytes;
@@ -93,20 +93,18 @@ impl generated::realtime_server::Realtime for RealtimeService {
             .engine
             .connect(Transport::Grpc, principal)
             .map_err(|e| ApiError::from(e).grpc_status())?;
-        let head_seq = self
-            .engine
-            .head_seq(&spec.collection)
-            .await
-            .map_err(|e| ApiError::from(e).grpc_status())?;
         let subscription_id = connection
             .subscribe(spec)
             .await
             .map_err(|e| ApiError::from(e).grpc_status())?;
+        let head = connection.head(subscription_id).cloned();
+        let head_position = head.as_ref().filter(|head| head.streams() > 1);
         let first = EncodedResponse::of(&proto::SubscribeResponse {
             kind: Some(proto::subscribe_response::Kind::Subscribed(
                 proto::Subscribed {
                     subscription_id,
-                    head_seq,
+                    head_seq: head.as_ref().and_then(Position::as_seq).unwrap_or(0),
+                    head_position: head_position.map(Position::to_string).unwrap_or_default(),
                 },
             )),
         });
@@ -325,6 +323,7 @@ fn response(received: Received) -> EncodedResponse {
                 event.data = Some(data.map(struct_from_json).unwrap_or_default());
                 event.old_data = old_data.map(struct_from_json);
                 event.left_filter = delivery.view.left_filter;
+                event.partition = delivery.event.partition;
                 let response = proto::SubscribeResponse {
                     kind: Some(Kind::Event(event)),
                 };
@@ -333,10 +332,20 @@ fn response(received: Received) -> EncodedResponse {
             EncodedResponse(bytes.clone())
         }
         Received::Reset(notice) => EncodedResponse::of(&proto::SubscribeResponse {
-            kind: Some(Kind::Reset(proto::Reset {
-                since_seq: notice.since,
-                first_available_seq: notice.first_available,
-            })),
+            kind: Some(Kind::Reset(
+                match (notice.since.as_seq(), notice.first_available.as_seq()) {
+                    (Some(since_seq), Some(first_available_seq)) => proto::Reset {
+                        since_seq,
+                        first_available_seq,
+                        ..Default::default()
+                    },
+                    _ => proto::Reset {
+                        since_position: notice.since.to_string(),
+                        first_available_position: notice.first_available.to_string(),
+                        ..Default::default()
+                    },
+                },
+            )),
         }),
     }
 }
@@ -356,7 +365,10 @@ pub fn spec_from_proto(request: proto::SubscribeRequest) -> Result<SubscriptionS
         collection: request.collection,
         record_id: Some(request.record_id).filter(|r| !r.is_empty()),
         filter,
-        since: request.since_seq,
+        since: match request.since_position.as_str() {
+            "" => request.since_seq.map(Position::seq),
+            token => Some(token.parse()?),
+        },
         echo: request.echo,
     };
     spec.validate()?;
@@ -398,6 +410,7 @@ pub fn event_to_proto(event: &Event) -> proto::Event {
         seq: event.seq,
         left_filter: false,
         sender: event.sender.clone().unwrap_or_default(),
+        partition: None,
     }
 }
 

@@ -13,7 +13,7 @@ pub mod sse;
 pub mod ws;
 
 use crate::auth::Principal;
-use crate::codec::encode_event;
+use crate::codec::encode_delivered;
 use crate::engine::{Connection, Delivery, Engine};
 use crate::event::format_timestamp;
 use axum::Router;
@@ -120,7 +120,11 @@ const API_KEY: &str = "x-api-key";
 
 /// The event JSON of one delivery (see [`crate::codec`]).
 fn event_json(delivery: &Delivery) -> Vec<u8> {
-    encode_event(&delivery.event.event, delivery.view)
+    encode_delivered(
+        &delivery.event.event,
+        delivery.event.partition,
+        delivery.view,
+    )
 }
 
 /// The `data` of the `connected` greeting.

@@ -12,7 +12,7 @@
 use super::errors::ApiError;
 use super::{AppState, connected_data, event_json};
 use crate::engine::{Connection, Delivery, EndReason, Received, SubscriptionSpec, Transport};
-use crate::event::{WILDCARD, Wire};
+use crate::event::{Position, WILDCARD, Wire};
 use crate::filter::Filter;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -55,14 +55,14 @@ pub async fn stream_collection(
 
 /// The resume position: `Last-Event-ID` (sent by browsers when they
 /// reconnect), else `?since=`.
-fn resume_position(params: &SseParams, headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+fn resume_position(params: &SseParams, headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
     let (given, what) = match headers.get("last-event-id") {
         Some(value) => (Some(value.to_str().unwrap_or("")), "Last-Event-ID"),
         None => (params.since.as_deref(), "since"),
     };
-    given.map(|v| v.trim().parse()).transpose().map_err(|_| {
+    given.map(str::parse).transpose().map_err(|_| {
         ApiError::invalid(format!(
-            "{what} must be an event's seq (a non-negative integer)"
+            "{what} must be an event's seq (a non-negative integer), or for `*` over several NATS streams a position token like 12,0,40"
         ))
     })
 }
@@ -93,6 +93,18 @@ fn event_frame(delivery: &Delivery) -> Bytes {
         .clone()
 }
 
+/// An event's shared frame with `id:` set to `position` instead.
+fn with_id(frame: &Bytes, position: &Position) -> Bytes {
+    let rest = frame.strip_prefix(b"id: ").map_or(&frame[..], |line| {
+        let end = line.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+        &line[end..]
+    });
+    let mut out = BytesMut::with_capacity(rest.len() + 40);
+    out.put_slice(format!("id: {position}\n").as_bytes());
+    out.put_slice(rest);
+    out.freeze()
+}
+
 async fn open(
     app: AppState,
     collection: String,
@@ -100,6 +112,7 @@ async fn open(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let since = resume_position(&params, headers)?;
+    let resumed_from = since.clone();
     let filter = match params.query.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(text) => Some(Filter::parse(text)?),
@@ -115,7 +128,12 @@ async fn open(
     let principal = super::principal(&app.engine, headers, params.token.as_deref())?;
     let mut connection = app.engine.connect(Transport::Sse, principal)?;
     connection.join_presence(params.user_id.map(|id| (id, params.user_name)));
-    connection.subscribe(spec).await?;
+    let id = connection.subscribe(spec).await?;
+    // `*` over several NATS streams: each event's `id:` is the position
+    // token, which this stream keeps (see `Position`).
+    let position = (connection.head(id).cloned())
+        .filter(|head| head.streams() > 1)
+        .map(|head| resumed_from.unwrap_or(head));
     let greeting = frame(
         "connected",
         None,
@@ -126,6 +144,7 @@ async fn open(
     let state = Stream {
         connection: Some(connection),
         keepalive,
+        position,
     };
     let events = futures_util::stream::unfold(state, Stream::next);
     let body = futures_util::StreamExt::chain(
@@ -143,6 +162,8 @@ async fn open(
 struct Stream {
     connection: Option<Connection>,
     keepalive: Interval,
+    /// The position token of a `*` stream over several NATS streams.
+    position: Option<Position>,
 }
 
 impl Stream {
@@ -150,13 +171,22 @@ impl Stream {
         let connection = self.connection.as_mut()?;
         let chunk = tokio::select! {
             received = connection.recv() => match received {
-                Ok(Received::Event(delivery)) => event_frame(&delivery),
+                Ok(Received::Event(delivery)) => match (&mut self.position, delivery.event.partition) {
+                    (Some(position), Some(partition)) if delivery.event.event.seq > 0 => {
+                        *position = position.with(Some(partition), delivery.event.event.seq);
+                        with_id(&event_frame(&delivery), position)
+                    }
+                    _ => event_frame(&delivery),
+                },
                 Ok(Received::Reset(notice)) => frame(
                     "reset",
                     None,
-                    json!({"since": notice.since, "first_available_seq": notice.first_available})
-                        .to_string()
-                        .as_bytes(),
+                    json!({
+                        "since": notice.since.to_json(),
+                        "first_available_seq": notice.first_available.to_json(),
+                    })
+                    .to_string()
+                    .as_bytes(),
                 ),
                 Err(EndReason::Shutdown) => {
                     let since = connection.resume_position();

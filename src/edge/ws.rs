@@ -18,7 +18,7 @@ use crate::auth::Principal;
 use crate::engine::{
     Connection, Delivery, EndReason, Received, ResetNotice, SubscriptionSpec, Transport,
 };
-use crate::event::{Event, EventType, Wire, format_timestamp};
+use crate::event::{Event, EventType, Position, Wire, format_timestamp};
 use crate::filter::Filter;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -178,8 +178,8 @@ impl Session {
         let data = json!({
             "collection": collection,
             "subscription_id": notice.subscription,
-            "since": notice.since,
-            "first_available_seq": notice.first_available,
+            "since": notice.since.to_json(),
+            "first_available_seq": notice.first_available.to_json(),
         });
         json!({"type": "reset", "data": data}).to_string()
     }
@@ -222,10 +222,11 @@ impl Session {
         };
         let since = match action.remove("since") {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+            Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().map(Position::seq),
+            Some(Value::String(token)) => Some(token.parse()?),
             Some(_) => {
                 return Err(ApiError::invalid(
-                    "`since` must be a sequence number (a non-negative integer)",
+                    "`since` must be a sequence number (a non-negative integer), or a position token like \"12,0,40\"",
                 ));
             }
         };
@@ -257,15 +258,17 @@ impl Session {
             .filter(|(_, s)| s.collection == collection && s.record_id == record_id)
             .map(|(id, _)| id)
             .collect();
-        // Read before the subscription starts: resuming from it misses nothing.
-        let head_seq = self.app.engine.head_seq(&collection).await?;
         let id = self.connection.replace(&earlier, spec).await?;
+        let head = self.connection.head(id).cloned();
         let mut data = json!({
             "collection": collection,
             "filter": filter_json,
             "subscription_id": id,
-            "head_seq": head_seq,
+            "head_seq": head.as_ref().and_then(Position::as_seq).unwrap_or(0),
         });
+        if let Some(head) = head.filter(|head| head.streams() > 1) {
+            data["head_position"] = head.to_string().into();
+        }
         if let Some(record_id) = record_id {
             data["record_id"] = Value::String(record_id);
         }

@@ -14,7 +14,7 @@ use crate::auth::{Auth, AuthError, Principal};
 use crate::bus::presence_sync::PresenceState;
 use crate::bus::{Bus, BusError, BusState, History, Inbox, Interest, Receipt};
 use crate::event::{
-    Event, EventError, MAX_RECORD_ID, SharedEvent, View, WILDCARD, validate_collection,
+    Event, EventError, MAX_RECORD_ID, Position, SharedEvent, View, WILDCARD, validate_collection,
 };
 use crate::filter::Filter;
 use crate::metrics::{DeliveryTally, METRICS};
@@ -186,8 +186,9 @@ pub struct SubscriptionSpec {
     pub collection: String,
     pub record_id: Option<String>,
     pub filter: Option<Filter>,
-    /// Resume: replay the retained events after this seq first.
-    pub since: Option<u64>,
+    /// Resume: replay the retained events after this position first (a
+    /// seq, or for `*` over several NATS streams one per stream).
+    pub since: Option<Position>,
     /// Also deliver what this same connection publishes.
     pub echo: bool,
 }
@@ -510,13 +511,6 @@ impl Engine {
         })
     }
 
-    /// The newest seq of the log holding `collection` (the whole
-    /// cluster's, with NATS): resuming from it later misses nothing. 0 for
-    /// `*` over several NATS streams, which has no one position.
-    pub async fn head_seq(&self, collection: &str) -> Result<u64, EngineError> {
-        Ok(self.bus.head(collection).await?.unwrap_or(0))
-    }
-
     pub fn stats(&self) -> Stats {
         let connections = self.router.connections.lock().expect("connections lock");
         let mut stats = Stats {
@@ -564,9 +558,11 @@ struct OpenSubscription {
     /// A resumed subscription's history ends here: a live delivery of a
     /// seq up to this one (still being dispatched when the subscription
     /// began) came through the replay already.
-    replayed_through: u64,
+    replayed_through: Position,
+    /// Where the subscription went live (see [`Bus::position`]).
+    position: Position,
     /// Keeps the bus delivering this collection to the node.
-    _interest: Interest,
+    interest: Interest,
 }
 
 /// A resuming subscription's catch-up: retained events up to the
@@ -602,8 +598,8 @@ pub enum Received {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResetNotice {
     pub subscription: u64,
-    pub since: u64,
-    pub first_available: u64,
+    pub since: Position,
+    pub first_available: Position,
 }
 
 enum Step {
@@ -782,13 +778,14 @@ impl Connection {
         for id in &old {
             self.forget(*id);
         }
-        let since = spec.since;
+        let since = spec.since.clone();
         let collection = spec.collection.clone();
+        let position = self.engine.bus.position(&interest);
         tracing::debug!(
             connection = &*self.shared.name,
             subscription = id,
             %collection,
-            since,
+            since = since.as_ref().map(tracing::field::display),
             "subscribed"
         );
         self.subscriptions.insert(
@@ -796,13 +793,15 @@ impl Connection {
             OpenSubscription {
                 spec,
                 entry,
-                replayed_through: 0,
-                _interest: interest,
+                replayed_through: Position::seq(0),
+                position,
+                interest,
             },
         );
         if let Some(since) = since {
             // Read after the subscription is live: see `CatchUp`.
-            let replay = match self.engine.bus.replay(&collection, since).await {
+            let interest = &self.subscriptions[&id].interest;
+            let replay = match self.engine.bus.replay(&collection, &since, interest).await {
                 Ok(replay) => replay,
                 Err(e) => {
                     let _ = self.unsubscribe(id);
@@ -812,7 +811,7 @@ impl Connection {
             if let Some(open) = self.subscriptions.get_mut(&id) {
                 open.replayed_through = replay.head;
             }
-            if since > 0 && since.saturating_add(1) < replay.first_available {
+            if since.misses(&replay.first_available, false) {
                 self.ready.push_back(Received::Reset(ResetNotice {
                     subscription: id,
                     since,
@@ -863,6 +862,12 @@ impl Connection {
             Received::Event(d) => d.forget_subscription(id),
             Received::Reset(n) => n.subscription != id,
         });
+    }
+
+    /// Where subscription `id` went live: resuming from it later misses
+    /// nothing.
+    pub fn head(&self, id: u64) -> Option<&Position> {
+        self.subscriptions.get(&id).map(|open| &open.position)
     }
 
     /// The subscriptions of this connection, by id.
@@ -979,7 +984,7 @@ impl Connection {
             return;
         };
         let seq = delivery.event.event.seq;
-        if seq != 0 && seq <= open.replayed_through {
+        if seq != 0 && seq <= open.replayed_through.of(delivery.event.partition) {
             return;
         }
         let capacity = self.engine.config.queue_capacity;
@@ -1009,7 +1014,7 @@ impl Connection {
                     .record_id
                     .as_ref()
                     .is_none_or(|r| *r == event.event.record_id);
-                if event.event.seq <= open.replayed_through
+                if event.event.seq <= open.replayed_through.of(event.partition)
                     && wanted
                     && let Some(view) = open.entry.classify(&event)
                 {
@@ -1037,15 +1042,18 @@ impl Connection {
     async fn extend_catch_up(&mut self) {
         let id = self.catch_ups[0].subscription;
         let open = &self.subscriptions[&id];
-        let (collection, since) = (open.spec.collection.clone(), open.replayed_through);
-        let replay = match self.engine.bus.replay(&collection, since).await {
+        let since = open.replayed_through.clone();
+        let replay = match (self.engine.bus)
+            .replay(&open.spec.collection, &since, &open.interest)
+            .await
+        {
             Ok(replay) => replay,
             Err(e) => {
                 self.shared.end(EndReason::History(e.to_string()));
                 return;
             }
         };
-        if since.saturating_add(1) < replay.first_available {
+        if since.misses(&replay.first_available, true) {
             self.ready.push_back(Received::Reset(ResetNotice {
                 subscription: id,
                 since,

@@ -47,7 +47,7 @@ fn resume(since: u64) -> SubscriptionSpec {
         collection: "posts".into(),
         record_id: None,
         filter: None,
-        since: Some(since),
+        since: Some(Position::seq(since)),
         echo: false,
     }
 }
@@ -144,8 +144,8 @@ async fn a_position_older_than_the_history_gets_a_reset_first() {
         notice,
         ResetNotice {
             subscription: id,
-            since: 1,
-            first_available: 31
+            since: Position::seq(1),
+            first_available: Position::seq(31)
         }
     );
     let retained: Vec<u64> = posts.into_iter().filter(|seq| *seq >= 31).collect();

@@ -632,7 +632,10 @@ impl StromProcess {
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
-            .env("STROM_LOG", "warn")
+            .env(
+                "STROM_LOG",
+                std::env::var("STROM_TEST_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

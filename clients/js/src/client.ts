@@ -1,7 +1,7 @@
 import { Backoff } from './backoff.js';
 import { StromError, errorFromBody } from './errors.js';
 import { normalizeFilter, presenceFilter, stableStringify } from './filter.js';
-import { type Channel, type Member, type Transport, type TransportHost, safeCall } from './internal.js';
+import { type Channel, type Member, type Transport, type TransportHost, parsePositions, safeCall } from './internal.js';
 import { SseTransport } from './sse-transport.js';
 import type {
   BackoffOptions, ConnectionState, JsonObject, PresenceEvent, PresenceSnapshot, PublishEvent,
@@ -159,8 +159,9 @@ export class StromClient {
     const filter = normalizeFilter(options.filter);
     const recordId = options.recordId ?? null;
     const since = options.since ?? null;
-    if (since !== null && !(Number.isInteger(since) && since >= 0)) {
-      throw new TypeError(`since must be a non-negative integer, got ${since}`);
+    const sincePositions = parsePositions(since);
+    if (since !== null && sincePositions === null && !(Number.isInteger(since) && Number(since) >= 0)) {
+      throw new TypeError(`since must be a non-negative integer or a position token like "12,0,40", got ${since}`);
     }
     const echo = options.echo === true;
     const key = stableStringify([collection, recordId, filter, echo]);
@@ -187,7 +188,8 @@ export class StromClient {
         recordId,
         filter,
         echo,
-        lastSeq: since,
+        lastSeq: typeof since === 'number' ? since : null,
+        positions: sincePositions,
         baselineSeq: null,
         live: false,
         lastInfo: null,
@@ -388,7 +390,12 @@ export class StromClient {
   private deliver(channel: Channel, event: StromEvent): void {
     const seq = typeof event.seq === 'number' ? event.seq : 0;
     // seq 0 (presence) is not part of the log: never a duplicate, never a position.
-    if (seq > 0) {
+    if (seq > 0 && channel.collection === '*' && typeof event.partition === 'number') {
+      // Each stream counts its own seqs: one position per stream.
+      const positions = (channel.positions ??= []);
+      if (seq <= (positions[event.partition] ?? 0)) return;
+      positions[event.partition] = seq;
+    } else if (seq > 0) {
       if (channel.lastSeq !== null && seq <= channel.lastSeq) return;
       channel.lastSeq = seq;
     }

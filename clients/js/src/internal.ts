@@ -25,6 +25,11 @@ export interface Channel {
   /** The highest seq delivered (or the `since` asked for); events at or below it are duplicates. */
   lastSeq: number | null;
   /**
+   * `*` over several NATS streams: the seq per stream (from the server's
+   * position token, and each event's `partition`), in place of `lastSeq`.
+   */
+  positions: number[] | null;
+  /**
    * The server's head seq when the channel first became live: where to resume
    * from if it never received an event. Not used to drop events.
    */
@@ -36,8 +41,20 @@ export interface Channel {
 }
 
 /** The resume position of a channel, if it has one. */
-export function resumePosition(channel: Channel): number | null {
+export function resumePosition(channel: Channel): number | string | null {
+  if (channel.positions !== null) return Array.from(channel.positions, (seq) => seq ?? 0).join(',');
   return channel.lastSeq ?? channel.baselineSeq;
+}
+
+/** A seq, or a position token, as the server sent it (0 when missing). */
+export function position(value: unknown): number | string {
+  return typeof value === 'string' ? value : Number(value ?? 0);
+}
+
+/** A position token (`"12,0,40"`) as one seq per stream, or null if it is none. */
+export function parsePositions(token: unknown): number[] | null {
+  if (typeof token !== 'string' || !/^\d+(,\d+)+$/.test(token)) return null;
+  return token.split(',').map(Number);
 }
 
 /** Does this event belong to this channel (collection and record)? */

@@ -8,7 +8,7 @@ import { StromError, errorFromBody } from './errors.js';
 import { filterToText } from './filter.js';
 import {
   type Channel, type Transport, type TransportHost, type TransportState,
-  channelMatches, resumePosition,
+  channelMatches, parsePositions, position, resumePosition,
 } from './internal.js';
 import { SseParser, type SseMessage } from './sse-parser.js';
 import { EVENT_TYPES, type StromEvent } from './types.js';
@@ -188,7 +188,7 @@ class Stream {
   }
 
   /** Handles one SSE message; returns the error the server ended the stream with. */
-  private onMessage(message: SseMessage, since: number | null): StromError | null {
+  private onMessage(message: SseMessage, since: number | string | null): StromError | null {
     if (this.closed) return null;
     const channel = this.channel;
     if (message.event === 'connected') {
@@ -199,11 +199,11 @@ class Stream {
       return null;
     }
     if (message.event === 'reset') {
-      const data = parseJson(message.data) as { since?: number; first_available_seq?: number } | null;
+      const data = parseJson(message.data) as { since?: number | string; first_available_seq?: number | string } | null;
       this.host.reset(channel, {
         collection: channel.collection,
-        since: Number(data?.since ?? since ?? 0),
-        firstAvailableSeq: Number(data?.first_available_seq ?? 0),
+        since: position(data?.since ?? since),
+        firstAvailableSeq: position(data?.first_available_seq),
       });
       return null;
     }
@@ -218,6 +218,8 @@ class Stream {
       // SSE has no record subscription: narrow here.
       if (!channelMatches(channel, event)) return null;
       this.host.deliver(channel, event);
+      // `*` over several NATS streams: the id is the position token after it.
+      channel.positions = parsePositions(message.id) ?? channel.positions;
     }
     return null;
   }

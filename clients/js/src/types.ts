@@ -49,6 +49,12 @@ export interface StromEvent<T extends JsonObject = JsonObject> {
   channel?: string;
   /** A stable id of the change, when the source has one (e.g. `pg:<lsn>` from Postgres capture). */
   id?: string;
+  /**
+   * The NATS stream the event is in, when the server spreads collections
+   * over several (`--nats-partitions`); `seq` counts within it. The client
+   * keeps a `*` subscription's resume position per stream from it.
+   */
+  partition?: number;
 }
 
 /** What to publish: `seq` is assigned by the server; `timestamp` is optional. */
@@ -137,10 +143,13 @@ export interface StromClientOptions {
 
 export interface ResetInfo {
   collection: string;
-  /** The resume position that asked for events no longer retained. */
-  since: number;
-  /** The oldest event still retained; the replay goes on from it. */
-  firstAvailableSeq: number;
+  /**
+   * The resume position that asked for events no longer retained (a
+   * position token for `*` over several NATS streams, see `since`).
+   */
+  since: number | string;
+  /** The oldest event still retained; the replay goes on from it (a token likewise). */
+  firstAvailableSeq: number | string;
 }
 
 export interface SubscribedInfo {
@@ -148,7 +157,7 @@ export interface SubscribedInfo {
   /** True when this (re)subscription resumed from an earlier position. */
   resumed: boolean;
   /** The position the server resumed from, if any. */
-  since: number | null;
+  since: number | string | null;
   /** The server's head seq when the subscription became live (WebSocket only). */
   headSeq: number | null;
 }
@@ -157,8 +166,12 @@ export interface SubscribeOptions<T extends JsonObject = JsonObject> {
   filter?: Filter | null;
   /** Only this record's events. */
   recordId?: string | null;
-  /** Start with the retained events after this seq (`0`: everything retained). */
-  since?: number | null;
+  /**
+   * Start with the retained events after this seq (`0`: everything
+   * retained). For `*` on a server that spreads collections over several
+   * NATS streams: a position token, one seq per stream (`"12,0,40"`).
+   */
+  since?: number | string | null;
   /**
    * Channels: also receive the messages this connection broadcast itself
    * (WebSocket only; the server leaves them out by default).

@@ -13,7 +13,7 @@ import type { Backoff } from './backoff.js';
 import { StromError } from './errors.js';
 import {
   type Channel, type Transport, type TransportHost, type TransportState,
-  channelMatches, resumePosition,
+  channelMatches, parsePositions, position, resumePosition,
 } from './internal.js';
 import type { StromEvent, WebSocketFactory, WebSocketLike } from './types.js';
 
@@ -40,7 +40,7 @@ export function channelsOverlap(a: Channel, b: Channel): boolean {
 }
 
 type Pending =
-  | { kind: 'subscribe'; channel: Channel; since: number | null }
+  | { kind: 'subscribe'; channel: Channel; since: number | string | null }
   | { kind: 'unsubscribe' }
   | { kind: 'auth'; resolve: () => void; reject: (error: Error) => void }
   | { kind: 'publish'; resolve: (seq: number) => void; reject: (error: Error) => void };
@@ -373,6 +373,8 @@ class Lane {
     if (channel.lastSeq === null && channel.baselineSeq === null && headSeq !== null && headSeq > 0) {
       channel.baselineSeq = headSeq;
     }
+    // `*` over several NATS streams: where it went live, one seq per stream.
+    channel.positions ??= parsePositions(data.head_position);
     this.host.subscribed(channel, { collection: channel.collection, resumed: since !== null, since, headSeq });
   }
 
@@ -396,8 +398,8 @@ class Lane {
     if (!channel) return;
     this.host.reset(channel, {
       collection: typeof data.collection === 'string' ? data.collection : channel.collection,
-      since: Number(data.since ?? 0),
-      firstAvailableSeq: Number(data.first_available_seq ?? 0),
+      since: position(data.since),
+      firstAvailableSeq: position(data.first_available_seq),
     });
   }
 

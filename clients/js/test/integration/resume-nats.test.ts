@@ -39,9 +39,9 @@ interface Watched {
   subscribedCount: () => number;
 }
 
-async function watch(transport: TransportKind, collection: string): Promise<Watched> {
+async function watch(transport: TransportKind, collection: string, port = portA): Promise<Watched> {
   const client = new StromClient({
-    url: `http://127.0.0.1:${portA}`,
+    url: `http://127.0.0.1:${port}`,
     transport,
     WebSocket,
     backoff: { baseMs: 50, maxMs: 400 },
@@ -119,4 +119,56 @@ test('every event published during an outage arrives exactly once, in order, on 
   expect(ws.states).toContain('reconnecting');
   expect(ws.client.state).toBe('connected');
   expect(sse.client.state).toBe('connected');
+});
+
+/** The partition strom puts a collection in: FNV-1a (32 bits) of its name, modulo the count. */
+function partitionOf(collection: string, partitions: number): number {
+  let hash = 0x811c9dc5;
+  for (const byte of new TextEncoder().encode(collection)) hash = Math.imul(hash ^ byte, 0x01000193) >>> 0;
+  return hash % partitions;
+}
+
+test('`*` over three NATS streams resumes exactly, one position per stream, on WebSocket and SSE', async () => {
+  // Its own NATS server: the streams are STROM_EVENTS_0..2 there.
+  const spread = await startNats();
+  const args = ['--nats-partitions', '3'];
+  const port = await freePort();
+  let node = await startStrom({ port, natsUrl: spread.url, args });
+  const other = await startStrom({ natsUrl: spread.url, args });
+  // One collection in each stream.
+  const collections: string[] = [];
+  for (let i = 0; collections.length < 3; i += 1) {
+    const name = uniqueCollection(`spread${i}`);
+    if (!collections.some((c) => partitionOf(c, 3) === partitionOf(name, 3))) collections.push(name);
+  }
+  const ws = await watch('websocket', '*', port);
+  const sse = await watch('sse', '*', port);
+  const expected: string[] = [];
+  const publish = async (baseUrl: string, label: string) => {
+    for (const collection of collections) {
+      const id = `${label}-${collection}`;
+      await publishRaw(baseUrl, { type: 'record.created', collection, record_id: id, data: { id, kind: 'keep' } });
+      expected.push(id);
+    }
+  };
+
+  await publish(node.baseUrl, 'before');
+  await until('events before the outage', () => ws.events.length === 3 && sse.events.length === 3);
+  await node.kill();
+  await until('both clients notice', () => ws.client.state === 'reconnecting' && sse.client.state === 'reconnecting');
+  // Each stream's seqs are 1, 2, 3 here: one seq would be no position in all three.
+  await publish(other.baseUrl, 'outage1');
+  await publish(other.baseUrl, 'outage2');
+  node = await startStrom({ port, natsUrl: spread.url, args });
+  await publish(node.baseUrl, 'after');
+  for (const watched of [ws, sse]) {
+    await until('every event', () => watched.events.length >= expected.length);
+    const ids = watched.events.map((e) => e.record_id);
+    expect([...ids].sort(), 'every event exactly once').toEqual([...expected].sort());
+    for (const collection of collections) {
+      const own = watched.events.filter((e) => e.collection === collection);
+      expect(own.map((e) => e.seq), `${collection} in its stream's order`).toEqual([1, 2, 3, 4]);
+      expect(own.every((e) => e.partition === partitionOf(collection, 3))).toBe(true);
+    }
+  }
 });

@@ -339,6 +339,37 @@ describe('reconnecting and resuming', () => {
     expect(FakeSocket.instances).toHaveLength(4);
   });
 
+  test('`*` over several NATS streams keeps one position per stream and resumes from the token', async () => {
+    const client = newClient();
+    const got: string[] = [];
+    client.subscribe('*', { onEvent: (e) => got.push(`${e.partition}:${e.seq}`) });
+    await flush();
+    let socket = FakeSocket.last;
+    socket.accept();
+    socket.message('subscribed', { collection: '*', filter: null, subscription_id: 1, head_seq: 0, head_position: '5,0,7' });
+    socket.event({ collection: 'a', seq: 6, partition: 0, data: { id: 'a6' } });
+    // A lower seq in another stream is no duplicate; one at or below its stream's position is.
+    socket.event({ collection: 'b', seq: 1, partition: 1, data: { id: 'b1' } });
+    socket.event({ collection: 'c', seq: 7, partition: 2, data: { id: 'c7' } });
+    socket.event({ collection: 'c', seq: 8, partition: 2, data: { id: 'c8' } });
+    expect(got).toEqual(['0:6', '1:1', '2:8']);
+
+    socket.drop(1006);
+    await vi.advanceTimersByTimeAsync(500);
+    socket = FakeSocket.last;
+    socket.accept();
+    expect(socket.actions('subscribe')).toEqual([{ action: 'subscribe', collection: '*', since: '6,1,8' }]);
+  });
+
+  test('`since` takes a position token, and refuses what is neither a seq nor a token', async () => {
+    const client = newClient();
+    client.subscribe('*', { since: '3,0,9', onEvent: () => {} });
+    await flush();
+    FakeSocket.last.accept();
+    expect(FakeSocket.last.actions('subscribe')).toEqual([{ action: 'subscribe', collection: '*', since: '3,0,9' }]);
+    expect(() => client.subscribe('*', { since: '3,x', onEvent: () => {} })).toThrow(TypeError);
+  });
+
   test('a subscription that never received an event resumes from the head seq of its subscribe', async () => {
     const client = newClient();
     client.subscribe('quiet', { onEvent: () => {} });
