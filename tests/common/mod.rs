@@ -632,6 +632,8 @@ impl StromProcess {
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
+            // STROM_TEST_LOG (e.g. "warn,strom::bus::nats=debug") shows
+            // more of what a failing multi-node test's servers did.
             .env(
                 "STROM_LOG",
                 std::env::var("STROM_TEST_LOG").unwrap_or("warn".into()),
