@@ -394,22 +394,22 @@ impl std::str::FromStr for Position {
 #[derive(Debug)]
 pub struct SharedEvent {
     pub event: Event,
-    /// The NATS stream it is in when collections are spread over several
-    /// (`--nats-partitions`): with its seq, its place in the log.
-    pub partition: Option<u32>,
     /// When the bus handed it to this node (for the fan-out latency).
     pub arrived: Instant,
     /// Encodings per wire format and [`View`].
     encodings: [OnceLock<Bytes>; WIRE_SLOTS * View::SLOTS],
+    /// The NATS stream it is in when collections are spread over several
+    /// (`--nats-partitions`): with its seq, its place in the log.
+    pub partition: Option<u32>,
 }
 
 impl SharedEvent {
     pub fn new(event: Event) -> Self {
         SharedEvent {
             event,
-            partition: None,
             arrived: Instant::now(),
             encodings: Default::default(),
+            partition: None,
         }
     }
 

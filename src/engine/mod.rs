@@ -557,8 +557,9 @@ struct OpenSubscription {
     entry: Arc<SubEntry>,
     /// A resumed subscription's history ends here: a live delivery of a
     /// seq up to this one (still being dispatched when the subscription
-    /// began) came through the replay already.
-    replayed_through: Position,
+    /// began) came through the replay already. `None` without a replay
+    /// (most subscriptions), which spares every delivery a look at it.
+    replayed_through: Option<Position>,
     /// Where the subscription went live (see [`Bus::position`]).
     position: Position,
     /// Keeps the bus delivering this collection to the node.
@@ -592,7 +593,8 @@ pub enum Received {
     /// The resume position is older than the retained history: the events
     /// between `since` and `first_available` are gone, so the client should
     /// reload its state. The replay goes on from `first_available`.
-    Reset(ResetNotice),
+    /// Boxed: rare, and larger than a delivery, which every event moves.
+    Reset(Box<ResetNotice>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -793,7 +795,7 @@ impl Connection {
             OpenSubscription {
                 spec,
                 entry,
-                replayed_through: Position::seq(0),
+                replayed_through: None,
                 position,
                 interest,
             },
@@ -809,14 +811,14 @@ impl Connection {
                 }
             };
             if let Some(open) = self.subscriptions.get_mut(&id) {
-                open.replayed_through = replay.head;
+                open.replayed_through = Some(replay.head);
             }
             if since.misses(&replay.first_available, false) {
-                self.ready.push_back(Received::Reset(ResetNotice {
+                self.ready.push_back(Received::Reset(Box::new(ResetNotice {
                     subscription: id,
                     since,
                     first_available: replay.first_available,
-                }));
+                })));
             }
             self.catch_ups.push_back(CatchUp {
                 subscription: id,
@@ -984,7 +986,8 @@ impl Connection {
             return;
         };
         let seq = delivery.event.event.seq;
-        if seq != 0 && seq <= open.replayed_through.of(delivery.event.partition) {
+        let partition = delivery.event.partition;
+        if seq != 0 && (open.replayed_through.as_ref()).is_some_and(|r| seq <= r.of(partition)) {
             return;
         }
         let capacity = self.engine.config.queue_capacity;
@@ -1014,7 +1017,8 @@ impl Connection {
                     .record_id
                     .as_ref()
                     .is_none_or(|r| *r == event.event.record_id);
-                if event.event.seq <= open.replayed_through.of(event.partition)
+                let through = open.replayed_through.as_ref();
+                if through.is_some_and(|r| event.event.seq <= r.of(event.partition))
                     && wanted
                     && let Some(view) = open.entry.classify(&event)
                 {
@@ -1042,7 +1046,7 @@ impl Connection {
     async fn extend_catch_up(&mut self) {
         let id = self.catch_ups[0].subscription;
         let open = &self.subscriptions[&id];
-        let since = open.replayed_through.clone();
+        let since = (open.replayed_through.clone()).unwrap_or_else(|| Position::seq(0));
         let replay = match (self.engine.bus)
             .replay(&open.spec.collection, &since, &open.interest)
             .await
@@ -1054,14 +1058,14 @@ impl Connection {
             }
         };
         if since.misses(&replay.first_available, true) {
-            self.ready.push_back(Received::Reset(ResetNotice {
+            self.ready.push_back(Received::Reset(Box::new(ResetNotice {
                 subscription: id,
                 since,
                 first_available: replay.first_available,
-            }));
+            })));
         }
         if let Some(open) = self.subscriptions.get_mut(&id) {
-            open.replayed_through = replay.head;
+            open.replayed_through = Some(replay.head);
         }
         let catch_up = &mut self.catch_ups[0];
         catch_up.history = replay.history;

@@ -141,7 +141,7 @@ async fn a_position_older_than_the_history_gets_a_reset_first() {
         panic!("a reset first");
     };
     assert_eq!(
-        notice,
+        *notice,
         ResetNotice {
             subscription: id,
             since: Position::seq(1),
