@@ -374,13 +374,13 @@ async fn startup_without_jetstream_says_what_it_waited_for() {
 /// numbered by its own stream and resume exactly; `*` hears every stream
 /// live, each event naming its stream, and resumes exactly from a position
 /// token of one seq per stream (over gRPC, WebSocket and SSE, whose event
-/// ids are the token) but not from one seq; a raw NATS publish on the
-/// partition's subject is captured.
+/// ids are the token, and in a drain's hint) but not from one seq; a raw
+/// NATS publish on the partition's subject is captured.
 #[tokio::test]
 async fn partitions_spread_collections_over_streams_and_resume_exactly() {
     use strom::bus::nats::partition_of;
     let nats = NatsServer::start();
-    let node = TestServer::start(ServerConfig {
+    let mut node = TestServer::start(ServerConfig {
         nats: Some(NatsConfig {
             partitions: 3,
             ..NatsConfig::new(nats.url.clone())
@@ -564,6 +564,19 @@ async fn partitions_spread_collections_over_streams_and_resume_exactly() {
             event.seq
         ),
         (target.as_str(), "raw", 3)
+    );
+
+    // A drain names the WebSocket `*` client's token, the raw event in.
+    let raw_on_ws = ws.next().await.unwrap();
+    assert_eq!(raw_on_ws["data"]["record_id"], "raw", "{raw_on_ws}");
+    let mut after_raw = [2; 3];
+    after_raw[partition] = 3;
+    node.begin_stop();
+    let hint = ws.next().await.unwrap();
+    assert_eq!(hint["type"], "reconnect", "{hint}");
+    assert_eq!(
+        hint["data"]["since"],
+        after_raw.map(|seq| seq.to_string()).join(",")
     );
 }
 

@@ -570,8 +570,8 @@ fn condition_from_proto(c: proto::Condition) -> Result<Condition, ApiError> {
 fn ending_status(connection: &Connection, reason: EndReason) -> Status {
     let drained = reason == EndReason::Shutdown;
     let mut status = ApiError::from(reason).grpc_status();
-    if let Some(since) = connection.resume_position().filter(|_| drained) {
-        let value = tonic::metadata::MetadataValue::from(since);
+    let since = connection.resume_position().filter(|_| drained);
+    if let Some(Ok(value)) = since.map(|since| since.to_string().parse()) {
         status.metadata_mut().insert(RESUME_SINCE, value);
     }
     status

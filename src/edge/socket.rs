@@ -12,6 +12,7 @@
 
 use super::errors::{ApiError, ErrorKind, close_code};
 use crate::engine::{Connection, EndReason, Received};
+use crate::event::Position;
 use crate::metrics::{Eviction, METRICS};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -270,7 +271,7 @@ pub trait Session: Send {
     /// What tells the client, when the server drains, to reconnect and
     /// resume after `since`; protocols without such a message send their
     /// error, and the close code says the rest.
-    fn reconnect_message(&self, _since: Option<u64>) -> Option<Message> {
+    fn reconnect_message(&self, _since: Option<Position>) -> Option<Message> {
         None
     }
 }

@@ -189,7 +189,7 @@ impl Stream {
                     .as_bytes(),
                 ),
                 Err(EndReason::Shutdown) => {
-                    let since = connection.resume_position();
+                    let since = connection.resume_position().as_ref().map(Position::to_json);
                     self.connection = None;
                     let reason = EndReason::Shutdown.to_string();
                     let hint = json!({"reason": reason, "since": since}).to_string();

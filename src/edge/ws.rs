@@ -399,8 +399,9 @@ impl socket::Session for Session {
     }
 
     /// `{"type":"reconnect","data":{"reason","since"}}`.
-    fn reconnect_message(&self, since: Option<u64>) -> Option<Message> {
+    fn reconnect_message(&self, since: Option<Position>) -> Option<Message> {
         let reason = EndReason::Shutdown.to_string();
+        let since = since.as_ref().map(Position::to_json);
         Some(message(
             "reconnect",
             json!({ "reason": reason, "since": since }),

@@ -489,6 +489,7 @@ impl Engine {
             catch_ups: VecDeque::new(),
             ready: VecDeque::new(),
             last_seq: 0,
+            wildcard_position: None,
             tally: DeliveryTally::default(),
             _slot: slot,
         };
@@ -626,6 +627,9 @@ pub struct Connection {
     ready: VecDeque<Received>,
     /// The seq of the newest event handed out (0: none yet).
     last_seq: u64,
+    /// A `*` subscription over several NATS streams, and its position
+    /// token after the newest event handed out (see `resume_position`).
+    wildcard_position: Option<(u64, Position)>,
     /// Deliveries not yet in the process's counter.
     tally: DeliveryTally,
     /// The user's count of open connections, given back on drop.
@@ -783,6 +787,10 @@ impl Connection {
         let since = spec.since.clone();
         let collection = spec.collection.clone();
         let position = self.engine.bus.position(&interest);
+        if position.streams() > 1 && self.wildcard_position.is_none() {
+            let from = since.clone().unwrap_or_else(|| position.clone());
+            self.wildcard_position = Some((id, from));
+        }
         tracing::debug!(
             connection = &*self.shared.name,
             subscription = id,
@@ -859,6 +867,13 @@ impl Connection {
     /// Drops what the connection itself holds of subscription `id`.
     fn forget(&mut self, id: u64) {
         self.subscriptions.remove(&id);
+        if self
+            .wildcard_position
+            .as_ref()
+            .is_some_and(|(w, _)| *w == id)
+        {
+            self.wildcard_position = None;
+        }
         self.catch_ups.retain(|c| c.subscription != id);
         self.ready.retain_mut(|r| match r {
             Received::Event(d) => d.forget_subscription(id),
@@ -1163,7 +1178,14 @@ impl Connection {
     fn pop_ready(&mut self) -> Option<Received> {
         let item = self.ready.pop_front()?;
         if let Received::Event(delivery) = &item {
-            self.last_seq = self.last_seq.max(delivery.event.event.seq);
+            let seq = delivery.event.event.seq;
+            self.last_seq = self.last_seq.max(seq);
+            if let Some((id, position)) = &mut self.wildcard_position
+                && seq > 0
+                && delivery.subscriptions().any(|s| s == *id)
+            {
+                *position = position.with(delivery.event.partition, seq);
+            }
         }
         Some(item)
     }
@@ -1171,15 +1193,13 @@ impl Connection {
     /// Where a client that reconnects elsewhere resumes: the seq of the
     /// newest event handed out on this connection (`None`: none was). Exact
     /// for subscriptions to one collection (or `*`), whose events arrive in
-    /// seq order; with several, each subscription's own last seq is.
-    pub fn resume_position(&self) -> Option<u64> {
-        // `*` over several NATS streams mixes their sequences.
-        let mixed = self.engine.bus.partitions() > 1
-            && self
-                .subscriptions
-                .values()
-                .any(|open| open.spec.collection == WILDCARD);
-        (self.last_seq > 0 && !mixed).then_some(self.last_seq)
+    /// seq order; with several, each subscription's own last seq is. For
+    /// `*` over several NATS streams: its position token.
+    pub fn resume_position(&self) -> Option<Position> {
+        if let Some((_, position)) = &self.wildcard_position {
+            return Some(position.clone());
+        }
+        (self.last_seq > 0).then(|| Position::seq(self.last_seq))
     }
 
     /// Takes what the mailbox holds and sorts it; `false` if it was empty.
