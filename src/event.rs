@@ -356,9 +356,7 @@ impl Position {
             (strict || since > 0) && since.saturating_add(1) < first_available.of(Some(k))
         })
     }
-}
 
-impl Position {
     /// In JSON: the seq as a number, a per-stream token as a string.
     pub fn to_json(&self) -> Value {
         match self.as_seq() {

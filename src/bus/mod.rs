@@ -180,15 +180,6 @@ impl Bus {
         }
     }
 
-    /// Streams the collections are spread over (1 but with
-    /// `--nats-partitions`).
-    pub fn partitions(&self) -> usize {
-        match self {
-            Bus::Memory(_) => 1,
-            Bus::Nats(bus) => bus.partitions(),
-        }
-    }
-
     /// Where a subscription to what `interest` holds, in the router before
     /// this call, switches from history to live: every later event reaches
     /// it live, so resuming from here misses nothing. For `*` over several

@@ -471,11 +471,6 @@ impl NatsBus {
         }
     }
 
-    /// Streams the collections are spread over.
-    pub fn partitions(&self) -> usize {
-        self.inner.layout.partitions
-    }
-
     /// The retained events of `key` after `since` up to `until` (the
     /// position of the caller's watch; both one seq per stream of `key`),
     /// read through temporary ordered consumers, one stream after another.
