@@ -337,14 +337,12 @@ impl Position {
         }
     }
 
-    /// Each stream's seq, with `seq` in `partition`.
-    pub fn with(&self, partition: Option<u32>, seq: u64) -> Position {
-        let mut next = self.clone();
-        match next.0.as_mut_slice() {
+    /// Sets the seq of stream `partition` (the one seq, if it is one).
+    pub fn set(&mut self, partition: Option<u32>, seq: u64) {
+        match self.0.as_mut_slice() {
             [only] => *only = seq,
             seqs => seqs[partition.unwrap_or(0) as usize] = seq,
         }
-        next
     }
 
     /// Whether events after `self` are gone, `first_available` being the
@@ -432,12 +430,15 @@ mod tests {
         );
         // One seq stands for whichever stream a collection is in.
         assert_eq!(seq.of(Some(2)), 41);
-        assert_eq!(seq.with(Some(2), 45), Position::seq(45));
+        let mut moved = seq.clone();
+        moved.set(Some(2), 45);
+        assert_eq!(moved, Position::seq(45));
 
         let token: Position = "12, 0,40".parse().unwrap();
         assert_eq!((token.as_seq(), token.streams()), (None, 3));
         assert_eq!((token.of(Some(0)), token.of(Some(2))), (12, 40));
-        let next = token.with(Some(1), 7);
+        let mut next = token.clone();
+        next.set(Some(1), 7);
         assert_eq!(
             (next.to_string(), next.to_json()),
             ("12,7,40".into(), "12,7,40".into())

@@ -173,7 +173,7 @@ impl Stream {
             received = connection.recv() => match received {
                 Ok(Received::Event(delivery)) => match (&mut self.position, delivery.event.partition) {
                     (Some(position), Some(partition)) if delivery.event.event.seq > 0 => {
-                        *position = position.with(Some(partition), delivery.event.event.seq);
+                        position.set(Some(partition), delivery.event.event.seq);
                         with_id(&event_frame(&delivery), position)
                     }
                     _ => event_frame(&delivery),

@@ -1184,7 +1184,7 @@ impl Connection {
                 && seq > 0
                 && delivery.subscriptions().any(|s| s == *id)
             {
-                *position = position.with(delivery.event.partition, seq);
+                position.set(delivery.event.partition, seq);
             }
         }
         Some(item)

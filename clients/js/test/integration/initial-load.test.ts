@@ -10,11 +10,11 @@ import { createElement } from 'react';
 import { type Root, createRoot } from 'react-dom/client';
 import { afterAll, afterEach, beforeAll, expect, test } from 'vitest';
 import { defineComponent, h } from 'vue';
-import WebSocket from 'ws';
 
-import { type JsonObject, StromClient, applyLiveEvent, subscribeAndLoad } from '../../src/index.js';
+import { type JsonObject, type StromClient, applyLiveEvent, subscribeAndLoad } from '../../src/index.js';
 import { useLiveQuery as useLiveQueryReact } from '../../src/react.js';
 import { useLiveQuery as useLiveQueryVue } from '../../src/vue.js';
+import { testClients } from '../helpers/clients.js';
 import { collector } from '../helpers/collect.js';
 import { type StromHandle, killAll, publishRaw, startStrom, uniqueCollection, until } from '../helpers/servers.js';
 
@@ -22,14 +22,7 @@ import { type StromHandle, killAll, publishRaw, startStrom, uniqueCollection, un
 (globalThis as { IS_REACT_ACT_ENVIRONMENT?: boolean }).IS_REACT_ACT_ENVIRONMENT = false;
 
 let server: StromHandle;
-const clients: StromClient[] = [];
-const cleanups: Array<() => void> = [];
-
-function client(): StromClient {
-  const c = new StromClient({ url: server.baseUrl, WebSocket, transport: 'websocket', backoff: { baseMs: 50, maxMs: 500 } });
-  clients.push(c);
-  return c;
-}
+const { client, cleanups, closeAll } = testClients(() => server.baseUrl);
 
 beforeAll(async () => {
   // A short history, so that a reconnect after a few events gets a reset.
@@ -37,8 +30,7 @@ beforeAll(async () => {
 });
 
 afterEach(() => {
-  for (const cleanup of cleanups.splice(0)) cleanup();
-  for (const c of clients.splice(0)) c.close();
+  closeAll();
 });
 
 afterAll(async () => {

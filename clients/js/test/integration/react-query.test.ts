@@ -8,11 +8,11 @@ import { QueryClient, QueryClientProvider, useQuery } from '@tanstack/react-quer
 import { createElement } from 'react';
 import { type Root, createRoot } from 'react-dom/client';
 import { afterAll, afterEach, beforeAll, expect, test } from 'vitest';
-import WebSocket from 'ws';
 
-import { type JsonObject, StromClient } from '../../src/index.js';
+import type { JsonObject } from '../../src/index.js';
 import { RealtimeProvider, useRealtimeContext } from '../../src/react.js';
 import { type CacheStrategy, syncQueryCache } from '../../src/tanstack.js';
+import { testClients } from '../helpers/clients.js';
 import { collector } from '../helpers/collect.js';
 import { type StromHandle, killAll, publishRaw, startStrom, uniqueCollection, until } from '../helpers/servers.js';
 
@@ -23,14 +23,7 @@ let server: StromHandle;
 let container: HTMLElement;
 let root: Root | null = null;
 let queryClient: QueryClient;
-const clients: StromClient[] = [];
-const cleanups: Array<() => void> = [];
-
-function client(): StromClient {
-  const c = new StromClient({ url: server.baseUrl, WebSocket, transport: 'websocket', backoff: { baseMs: 50, maxMs: 500 } });
-  clients.push(c);
-  return c;
-}
+const { client, cleanups, closeAll } = testClients(() => server.baseUrl);
 
 beforeAll(async () => {
   // A short history, so that a client switched off for a few events gets a reset.
@@ -41,8 +34,7 @@ afterEach(() => {
   root?.unmount();
   container?.remove();
   root = null;
-  for (const cleanup of cleanups.splice(0)) cleanup();
-  for (const c of clients.splice(0)) c.close();
+  closeAll();
   queryClient?.clear();
 });
 
