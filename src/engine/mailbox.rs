@@ -1,7 +1,11 @@
 //! A connection's bounded delivery queue, built for fan-out.
 //!
-//! The dispatcher pushes one delivery per matching connection and event;
-//! the connection's edge task takes them. A general-purpose channel pays
+//! The dispatcher pushes one delivery per matching connection and event
+//! ([`Queued::One`]), or, for a subscription that takes every event of its
+//! collection, one [`Run`] per dispatch round: the round's events of that
+//! collection, shared by all such subscribers, so what the dispatcher does
+//! for them is paid per round rather than per event. The connection's edge
+//! task takes them. A general-purpose channel pays
 //! for features this does not need (many receivers' bookkeeping, a
 //! semaphore per send, a lock-free block list) on every delivery, which is
 //! what strom does most. Here a push is a short uncontended lock and a
@@ -16,6 +20,7 @@
 //! rounds by it (see the router's `Shard`).
 
 use super::Delivery;
+use crate::event::SharedEvent;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,14 +85,50 @@ impl Backlog {
     }
 }
 
+/// What a mailbox holds.
+#[derive(Debug, Clone)]
+pub(crate) enum Queued {
+    One(Delivery),
+    Run(Run),
+}
+
+/// A dispatch round's events of one collection (or of `*`), in seq order,
+/// for a subscription without a filter: it takes each of them, except its
+/// own connection's echoes, which the taker skips.
+#[derive(Debug, Clone)]
+pub(crate) struct Run {
+    pub subscription: u64,
+    pub events: Arc<[Arc<SharedEvent>]>,
+}
+
+impl Queued {
+    /// Events it carries: what counts against a mailbox's capacity.
+    pub fn events(&self) -> usize {
+        match self {
+            Queued::One(_) => 1,
+            Queued::Run(run) => run.events.len(),
+        }
+    }
+
+    /// Its oldest event.
+    pub fn first_event(&self) -> &Arc<SharedEvent> {
+        match self {
+            Queued::One(delivery) => &delivery.event,
+            Queued::Run(run) => &run.events[0],
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    queued: VecDeque<Delivery>,
+    queued: VecDeque<Queued>,
+    /// Events in `queued`.
+    events: usize,
     /// The taker, while it waits for a delivery.
     waiting: Option<Waker>,
 }
 
-/// The mailbox already holds `capacity` deliveries.
+/// The mailbox already holds `capacity` events, or would with this push.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Full;
 
@@ -104,33 +145,41 @@ impl Mailbox {
         self.capacity
     }
 
-    /// Queues `delivery`, or refuses it when the mailbox is full.
-    pub fn push(&self, delivery: Delivery) -> Result<(), Full> {
-        let waiting = {
+    /// Queues `item`. When the mailbox would then hold more than `capacity`
+    /// events it refuses it, after queuing as much of a run as fits: what
+    /// a taker gets is the same whether events came one by one or in a run.
+    pub fn push(&self, mut item: Queued) -> Result<(), Full> {
+        let (waiting, full) = {
             let mut inner = self.inner.lock().expect("mailbox lock");
-            if inner.queued.len() >= self.capacity {
-                return Err(Full);
+            let room = self.capacity - inner.events;
+            let full = item.events() > room;
+            if full {
+                match &mut item {
+                    Queued::Run(run) if room > 0 => run.events = run.events[..room].into(),
+                    _ => return Err(Full),
+                }
             }
             if inner.queued.is_empty() {
                 self.backlog.fill();
             }
-            inner.queued.push_back(delivery);
-            inner.waiting.take()
+            inner.events += item.events();
+            inner.queued.push_back(item);
+            (inner.waiting.take(), full)
         };
         if let Some(waker) = waiting {
             waker.wake();
         }
-        Ok(())
+        if full { Err(Full) } else { Ok(()) }
+    }
+
+    /// Events queued and not yet taken.
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("mailbox lock").events
     }
 
     /// Moves everything queued to the end of `out` (one lock, and no copy
     /// when `out` is empty); `false` if nothing was queued.
-    /// Deliveries queued and not yet taken.
-    pub fn len(&self) -> usize {
-        self.inner.lock().expect("mailbox lock").queued.len()
-    }
-
-    pub fn take_all(&self, out: &mut VecDeque<Delivery>) -> bool {
+    pub fn take_all(&self, out: &mut VecDeque<Queued>) -> bool {
         let mut inner = self.inner.lock().expect("mailbox lock");
         self.moved(inner.move_into(out))
     }
@@ -145,7 +194,7 @@ impl Mailbox {
 
     /// Like [`Mailbox::take_all`], or, when nothing is queued, wakes the
     /// task of `cx` at the next push.
-    pub fn poll_take_all(&self, cx: &mut Context<'_>, out: &mut VecDeque<Delivery>) -> Poll<()> {
+    pub fn poll_take_all(&self, cx: &mut Context<'_>, out: &mut VecDeque<Queued>) -> Poll<()> {
         let mut inner = self.inner.lock().expect("mailbox lock");
         if self.moved(inner.move_into(out)) {
             return Poll::Ready(());
@@ -169,10 +218,11 @@ impl Drop for Mailbox {
 
 impl Inner {
     /// Moves everything queued to the end of `out`; `false` if nothing was.
-    fn move_into(&mut self, out: &mut VecDeque<Delivery>) -> bool {
+    fn move_into(&mut self, out: &mut VecDeque<Queued>) -> bool {
         if self.queued.is_empty() {
             return false;
         }
+        self.events = 0;
         if out.is_empty() {
             std::mem::swap(&mut self.queued, out);
         } else {
@@ -185,19 +235,36 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Event, EventType, SharedEvent, View};
+    use crate::event::{Event, EventType, View};
 
-    fn delivery(subscription: u64) -> Delivery {
-        let event = Event::new(EventType::RecordCreated, "c", "r", serde_json::json!({}));
-        Delivery::new(
-            subscription,
-            Arc::new(SharedEvent::new(event)),
-            View::default(),
-        )
+    fn event(seq: u64) -> Arc<SharedEvent> {
+        let mut event = Event::new(EventType::RecordCreated, "c", "r", serde_json::json!({}));
+        event.seq = seq;
+        Arc::new(SharedEvent::new(event))
     }
 
-    fn ids(deliveries: &VecDeque<Delivery>) -> Vec<u64> {
-        deliveries.iter().map(|d| d.subscription).collect()
+    fn delivery(subscription: u64) -> Queued {
+        Queued::One(Delivery::new(subscription, event(0), View::default()))
+    }
+
+    fn run(subscription: u64, seqs: std::ops::RangeInclusive<u64>) -> Queued {
+        let events: Vec<_> = seqs.map(event).collect();
+        Queued::Run(Run {
+            subscription,
+            events: events.into(),
+        })
+    }
+
+    /// (subscription, seq) of each event taken.
+    fn taken(out: &VecDeque<Queued>) -> Vec<(u64, u64)> {
+        out.iter()
+            .flat_map(|queued| match queued {
+                Queued::One(d) => vec![(d.subscription, d.event.event.seq)],
+                Queued::Run(r) => (r.events.iter())
+                    .map(|e| (r.subscription, e.event.seq))
+                    .collect(),
+            })
+            .collect()
     }
 
     #[test]
@@ -209,11 +276,31 @@ mod tests {
         assert_eq!(mailbox.push(delivery(4)), Err(Full));
         let mut out = VecDeque::new();
         assert!(mailbox.take_all(&mut out));
-        assert_eq!(ids(&out), [1, 2, 3]);
+        assert_eq!(taken(&out), [(1, 0), (2, 0), (3, 0)]);
         assert!(!mailbox.take_all(&mut out));
         mailbox.push(delivery(5)).unwrap();
         assert!(mailbox.take_all(&mut out));
-        assert_eq!(ids(&out), [1, 2, 3, 5], "appended after what `out` held");
+        assert_eq!(taken(&out).len(), 4, "appended after what `out` held");
+        assert_eq!(taken(&out)[3], (5, 0));
+    }
+
+    #[test]
+    fn a_run_counts_its_events_and_fills_what_room_is_left() {
+        let mailbox = Mailbox::new(5, Arc::new(Backlog::new()));
+        mailbox.push(run(1, 1..=3)).unwrap();
+        mailbox.push(delivery(2)).unwrap();
+        assert_eq!(mailbox.len(), 4);
+        assert_eq!(mailbox.push(run(1, 4..=6)), Err(Full), "7 events > 5");
+        assert_eq!(mailbox.push(run(1, 7..=7)), Err(Full), "no room left");
+        let mut out = VecDeque::new();
+        assert!(mailbox.take_all(&mut out));
+        assert_eq!(
+            taken(&out),
+            [(1, 1), (1, 2), (1, 3), (2, 0), (1, 4)],
+            "as one by one: queued up to the capacity"
+        );
+        assert_eq!(mailbox.len(), 0, "a take gives the room back");
+        mailbox.push(run(1, 8..=12)).unwrap();
     }
 
     #[test]
@@ -224,7 +311,7 @@ mod tests {
         for id in 1..=3 {
             busy.push(delivery(id)).unwrap();
         }
-        other.push(delivery(4)).unwrap();
+        other.push(run(4, 1..=2)).unwrap();
         assert_eq!(backlog.filled(), 2);
         let mut out = VecDeque::new();
         assert!(busy.take_all(&mut out));
@@ -256,10 +343,10 @@ mod tests {
         let mut out = VecDeque::new();
         let taken = tokio::spawn(async move {
             std::future::poll_fn(|cx| mailbox.poll_take_all(cx, &mut out)).await;
-            ids(&out)
+            taken(&out)
         });
         tokio::task::yield_now().await;
         pusher.push(delivery(7)).unwrap();
-        assert_eq!(taken.await.unwrap(), [7]);
+        assert_eq!(taken.await.unwrap(), [(7, 0)]);
     }
 }

@@ -18,6 +18,7 @@ use crate::event::{
 };
 use crate::filter::Filter;
 use crate::metrics::{DeliveryTally, METRICS};
+use mailbox::{Queued, Run};
 use presence::{PRESENCE_COLLECTION, Presence, PresenceUser};
 use router::{ConnShared, Gate, Membership, Router, SubEntry};
 use std::collections::{HashMap, VecDeque};
@@ -605,6 +606,46 @@ pub struct ResetNotice {
     pub first_available: Position,
 }
 
+/// What is sorted and waits to be handed out, in order.
+enum Ready {
+    One(Received),
+    /// A run for a subscription that is not catching up, handed out an
+    /// event at a time.
+    Run(ReadyRun),
+}
+
+struct ReadyRun {
+    run: Run,
+    /// The next event to look at.
+    next: usize,
+    /// The subscription's `echo`.
+    echo: bool,
+    /// The subscription's `replayed_through`.
+    replayed_through: Option<Position>,
+}
+
+impl ReadyRun {
+    /// The run's next event for its subscription (of a connection named
+    /// `connection`), if any is left.
+    fn next_event(&mut self, connection: &str) -> Option<Arc<SharedEvent>> {
+        while let Some(event) = self.run.events.get(self.next) {
+            self.next += 1;
+            let echo = self.echo || event.event.origin.as_deref() != Some(connection);
+            if echo && !replayed(self.replayed_through.as_ref(), event) {
+                return Some(Arc::clone(event));
+            }
+        }
+        None
+    }
+}
+
+/// Whether a live `event` reached a subscription through its replay
+/// already (it was being dispatched as the subscription began).
+fn replayed(replayed_through: Option<&Position>, event: &SharedEvent) -> bool {
+    let seq = event.event.seq;
+    seq != 0 && replayed_through.is_some_and(|r| seq <= r.of(event.partition))
+}
+
 enum Step {
     Live,
     History(Option<Result<Arc<SharedEvent>, BusError>>),
@@ -620,11 +661,11 @@ pub struct Connection {
     expires: Option<tokio::time::Instant>,
     /// Paces what this client publishes.
     sent: RateLimiter,
-    /// Deliveries just taken from the mailbox, being sorted.
-    incoming: VecDeque<Delivery>,
+    /// What was just taken from the mailbox, being sorted.
+    incoming: VecDeque<Queued>,
     subscriptions: IdMap<OpenSubscription>,
     catch_ups: VecDeque<CatchUp>,
-    ready: VecDeque<Received>,
+    ready: VecDeque<Ready>,
     /// The seq of the newest event handed out (0: none yet).
     last_seq: u64,
     /// A `*` subscription over several NATS streams, and its position
@@ -763,6 +804,9 @@ impl Connection {
                     (spec.collection.as_str(), spec.record_id.as_deref(), *id)
                 })
                 .collect();
+            // Counted before it is in the router: a dispatcher that sees it
+            // must also see that the connection's matches are to be grouped.
+            (self.shared).set_subscription_count(membership.subscriptions.len() + 1);
             self.engine.router.add_replacing(
                 &spec.collection,
                 spec.record_id.as_deref(),
@@ -822,11 +866,12 @@ impl Connection {
                 open.replayed_through = Some(replay.head);
             }
             if since.misses(&replay.first_available, false) {
-                self.ready.push_back(Received::Reset(Box::new(ResetNotice {
-                    subscription: id,
-                    since,
-                    first_available: replay.first_available,
-                })));
+                self.ready
+                    .push_back(Ready::One(Received::Reset(Box::new(ResetNotice {
+                        subscription: id,
+                        since,
+                        first_available: replay.first_available,
+                    }))));
             }
             self.catch_ups.push_back(CatchUp {
                 subscription: id,
@@ -876,8 +921,9 @@ impl Connection {
         }
         self.catch_ups.retain(|c| c.subscription != id);
         self.ready.retain_mut(|r| match r {
-            Received::Event(d) => d.forget_subscription(id),
-            Received::Reset(n) => n.subscription != id,
+            Ready::One(Received::Event(d)) => d.forget_subscription(id),
+            Ready::One(Received::Reset(n)) => n.subscription != id,
+            Ready::Run(ready) => ready.run.subscription != id,
         });
     }
 
@@ -979,15 +1025,15 @@ impl Connection {
             .ready
             .drain(before..)
             .filter_map(|r| match r {
-                Received::Event(d) => Some(d.subscription),
-                Received::Reset(_) => None,
+                Ready::One(Received::Event(d)) => Some(d.subscription),
+                _ => None,
             })
             .collect();
         if let Some((first, rest)) = ready.split_first() {
-            self.ready.push_back(Received::Event(Delivery {
+            self.ready.push_back(Ready::One(Received::Event(Delivery {
                 more: (!rest.is_empty()).then(|| rest.into()),
                 ..Delivery::new(*first, delivery.event, delivery.view)
-            }));
+            })));
         }
     }
 
@@ -1000,9 +1046,7 @@ impl Connection {
         let Some(open) = self.subscriptions.get(&delivery.subscription) else {
             return;
         };
-        let seq = delivery.event.event.seq;
-        let partition = delivery.event.partition;
-        if seq != 0 && (open.replayed_through.as_ref()).is_some_and(|r| seq <= r.of(partition)) {
+        if replayed(open.replayed_through.as_ref(), &delivery.event) {
             return;
         }
         let capacity = self.engine.config.queue_capacity;
@@ -1017,7 +1061,33 @@ impl Connection {
                 catch_up.overflowed = true;
             }
             Some(catch_up) => catch_up.held.push_back(delivery),
-            None => self.ready.push_back(Received::Event(delivery)),
+            None => self.ready.push_back(Ready::One(Received::Event(delivery))),
+        }
+    }
+
+    /// Sorts a run: ready as it is, unless its subscription is gone or
+    /// catching up (then each event is sorted on its own).
+    fn take_run(&mut self, run: Run) {
+        let Some(open) = self.subscriptions.get(&run.subscription) else {
+            return;
+        };
+        let echo = open.spec.echo;
+        if !(self.catch_ups.iter()).any(|c| c.subscription == run.subscription) {
+            let replayed_through = open.replayed_through.clone();
+            self.ready.push_back(Ready::Run(ReadyRun {
+                run,
+                next: 0,
+                echo,
+                replayed_through,
+            }));
+            return;
+        }
+        let name = Arc::clone(&self.shared.name);
+        for event in run.events.iter() {
+            if echo || event.event.origin.as_deref() != Some(&*name) {
+                let delivery = Delivery::new(run.subscription, Arc::clone(event), View::default());
+                self.take_live(delivery);
+            }
         }
     }
 
@@ -1038,11 +1108,12 @@ impl Connection {
                     && let Some(view) = open.entry.classify(&event)
                 {
                     self.tally.one();
-                    self.ready.push_back(Received::Event(Delivery::new(
-                        catch_up.subscription,
-                        event,
-                        view,
-                    )));
+                    self.ready
+                        .push_back(Ready::One(Received::Event(Delivery::new(
+                            catch_up.subscription,
+                            event,
+                            view,
+                        ))));
                 }
             }
             Some(Err(e)) => {
@@ -1050,8 +1121,9 @@ impl Connection {
             }
             None => {
                 let done = self.catch_ups.pop_front().expect("a catch-up");
+                let held = done.held.into_iter();
                 self.ready
-                    .extend(done.held.into_iter().map(Received::Event));
+                    .extend(held.map(|d| Ready::One(Received::Event(d))));
             }
         }
     }
@@ -1073,11 +1145,12 @@ impl Connection {
             }
         };
         if since.misses(&replay.first_available, true) {
-            self.ready.push_back(Received::Reset(Box::new(ResetNotice {
-                subscription: id,
-                since,
-                first_available: replay.first_available,
-            })));
+            self.ready
+                .push_back(Ready::One(Received::Reset(Box::new(ResetNotice {
+                    subscription: id,
+                    since,
+                    first_available: replay.first_available,
+                }))));
         }
         if let Some(open) = self.subscriptions.get_mut(&id) {
             open.replayed_through = Some(replay.head);
@@ -1176,7 +1249,19 @@ impl Connection {
     }
 
     fn pop_ready(&mut self) -> Option<Received> {
-        let item = self.ready.pop_front()?;
+        let item = loop {
+            if let Ready::Run(ready) = self.ready.front_mut()? {
+                match ready.next_event(&self.shared.name) {
+                    Some(event) => {
+                        let subscription = ready.run.subscription;
+                        break Received::Event(Delivery::new(subscription, event, View::default()));
+                    }
+                    None => self.ready.pop_front(),
+                };
+            } else if let Some(Ready::One(item)) = self.ready.pop_front() {
+                break item;
+            }
+        };
         if let Received::Event(delivery) = &item {
             let seq = delivery.event.event.seq;
             self.last_seq = self.last_seq.max(seq);
@@ -1211,12 +1296,16 @@ impl Connection {
 
     fn sort_incoming(&mut self) {
         if let Some(oldest) = self.incoming.front() {
-            let (transport, taken) = (self.shared.transport as usize, self.incoming.len());
-            self.tally
-                .batch(transport, taken as u64, oldest.event.arrived);
+            let transport = self.shared.transport as usize;
+            let taken = self.incoming.iter().map(Queued::events).sum::<usize>();
+            let arrived = oldest.first_event().arrived;
+            self.tally.batch(transport, taken as u64, arrived);
         }
-        while let Some(delivery) = self.incoming.pop_front() {
-            self.take_live(delivery);
+        while let Some(queued) = self.incoming.pop_front() {
+            match queued {
+                Queued::One(delivery) => self.take_live(delivery),
+                Queued::Run(run) => self.take_run(run),
+            }
         }
     }
 }

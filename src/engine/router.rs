@@ -6,19 +6,23 @@
 //! router through [`Inbox`], which only queues them; the shard's dispatcher
 //! asks the index for candidates, evaluates their filters, and pushes a
 //! [`Delivery`] (an `Arc` of the shared event, no copy) into each matching
-//! connection's bounded queue. A full queue evicts that connection with
+//! connection's bounded queue. Subscriptions without a filter take every
+//! event of their collection: they are kept apart from the index and get
+//! each dispatch round's events as one shared [`Run`], so a round costs the
+//! dispatcher one push per such subscriber, however many events it
+//! carries. A full queue evicts that connection with
 //! [`EndReason::Overflow`]; the dispatcher never blocks on a subscriber
 //! (it waits for the edges to take a round, for `--dispatch-window` at
 //! most).
 
-use super::mailbox::{Backlog, Mailbox};
+use super::mailbox::{Backlog, Mailbox, Queued, Run};
 use super::presence::PRESENCE_COLLECTION;
 use super::{Delivery, EndReason, Transport};
 use crate::auth::{Auth, Principal};
 use crate::bus::{Audience, Inbox};
 use crate::event::{SharedEvent, View, WILDCARD};
 use crate::filter::Filter;
-use crate::filter::index::MatchIndex;
+use crate::filter::index::{MatchIndex, SubSet};
 use crate::metrics::{Eviction, METRICS};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -139,13 +143,17 @@ impl ConnShared {
         event: &Arc<SharedEvent>,
         view: View,
     ) {
-        let delivery = Delivery {
+        self.queue(Queued::One(Delivery {
             subscription,
             more,
             event: Arc::clone(event),
             view,
-        };
-        if self.mailbox.push(delivery).is_err() {
+        }));
+    }
+
+    /// Queues `item`, or evicts the connection when its queue is full.
+    fn queue(&self, item: Queued) {
+        if self.mailbox.push(item).is_err() {
             self.evict(EndReason::Overflow {
                 capacity: self.mailbox.capacity(),
             });
@@ -307,19 +315,31 @@ impl Gate {
 /// The subscriptions of one collection (or of `*`).
 #[derive(Default)]
 struct Scope {
+    /// Those without a filter (or gate): every event matches them.
+    unfiltered: SubSet<Arc<SubEntry>>,
     index: MatchIndex<Arc<SubEntry>>,
     by_record: HashMap<String, MatchIndex<Arc<SubEntry>>>,
 }
 
 impl Scope {
     fn is_empty(&self) -> bool {
-        self.index.is_empty() && self.by_record.is_empty()
+        self.unfiltered.is_empty() && self.index.is_empty() && self.by_record.is_empty()
     }
 
-    /// Delivers `event` to its subscribers. A connection with several
-    /// matching subscriptions gets one delivery naming them all.
-    fn dispatch(&self, event: &Arc<SharedEvent>) {
+    /// Delivers `event` to its subscribers, or, for those that get the
+    /// round's events as a run, adds it to `round`. A connection with
+    /// several matching subscriptions gets one delivery naming them all.
+    fn dispatch<'a>(&'a self, event: &Arc<SharedEvent>, round: &mut Round<'a>) {
         let mut overlapping = Vec::new();
+        if !self.unfiltered.is_empty() {
+            let part = round.part(self);
+            part.events.push(Arc::clone(event));
+            for sub in &part.grouped {
+                if !sub.conn.is_closed() && !sub.is_own_echo(event) {
+                    overlapping.push((Arc::clone(sub), View::default()));
+                }
+            }
+        }
         deliver_from(&self.index, event, &mut overlapping);
         if !event.event.record_id.is_empty()
             && let Some(index) = self.by_record.get(&event.event.record_id)
@@ -367,6 +387,70 @@ fn deliver_from(
     }
 }
 
+/// What a dispatch round gathers for the runs of its scopes' unfiltered
+/// subscriptions, which it hands out at its end.
+#[derive(Default)]
+struct Round<'a> {
+    parts: Vec<RoundPart<'a>>,
+}
+
+/// A round's share of one scope with unfiltered subscriptions.
+struct RoundPart<'a> {
+    scope: &'a Scope,
+    /// The round's events of the scope, in order.
+    events: Vec<Arc<SharedEvent>>,
+    /// Unfiltered subscriptions of connections holding only them: they get
+    /// `events` as one run.
+    runs: Vec<&'a Arc<SubEntry>>,
+    /// Unfiltered subscriptions of connections holding several: matched
+    /// per event, for their matches to be grouped with the others.
+    grouped: Vec<&'a Arc<SubEntry>>,
+}
+
+impl<'a> Round<'a> {
+    /// `scope`'s part, sorting its unfiltered subscriptions the first time.
+    /// A connection's subscription count cannot change for subscriptions of
+    /// this shard while the round holds its lock, so the sort holds for
+    /// the round. Rounds touch few scopes, hence the linear search.
+    fn part(&mut self, scope: &'a Scope) -> &mut RoundPart<'a> {
+        let at = match self.parts.iter().position(|p| std::ptr::eq(p.scope, scope)) {
+            Some(at) => at,
+            None => {
+                let (grouped, runs) = (scope.unfiltered.iter())
+                    .map(|(_, sub)| sub)
+                    .filter(|sub| !sub.conn.is_closed())
+                    .partition(|sub| sub.conn.has_several_subscriptions());
+                self.parts.push(RoundPart {
+                    scope,
+                    events: Vec::new(),
+                    runs,
+                    grouped,
+                });
+                self.parts.len() - 1
+            }
+        };
+        &mut self.parts[at]
+    }
+
+    /// Hands each part's events to its subscribers as one shared run.
+    fn deliver_runs(self) {
+        for part in self.parts {
+            if part.runs.is_empty() {
+                continue;
+            }
+            let events: Arc<[Arc<SharedEvent>]> = part.events.into();
+            for sub in part.runs {
+                if !sub.conn.is_closed() {
+                    sub.conn.queue(Queued::Run(Run {
+                        subscription: sub.id,
+                        events: Arc::clone(&events),
+                    }));
+                }
+            }
+        }
+    }
+}
+
 /// One delivery per connection (and [`View`]) for the matches of
 /// connections with several subscriptions, naming them in id order.
 fn deliver_grouped(mut matches: Vec<(Arc<SubEntry>, View)>, event: &Arc<SharedEvent>) {
@@ -389,6 +473,9 @@ impl Scopes {
         let scope = self.0.entry(collection.to_owned()).or_default();
         let index = match record_id {
             Some(record) => scope.by_record.entry(record.to_owned()).or_default(),
+            None if sub.filter.is_none() && sub.gate.is_none() => {
+                return scope.unfiltered.insert(sub.id, sub);
+            }
             None => &mut scope.index,
         };
         index.insert(sub.id, sub.filter.as_ref(), Arc::clone(&sub));
@@ -408,7 +495,9 @@ impl Scopes {
                 }
             }
             None => {
-                scope.index.remove(id);
+                if !scope.unfiltered.remove(id) {
+                    scope.index.remove(id);
+                }
             }
         }
         if scope.is_empty() {
@@ -469,17 +558,19 @@ impl Shard {
                 let mut dispatched = 0;
                 {
                     let scopes = dispatching.read().expect("shard lock");
+                    let mut round = Round::default();
                     let mut next = Some(first);
                     while let Some(event) = next {
                         let key = fixed_key.unwrap_or(&event.event.collection);
                         if let Some(scope) = scopes.0.get(key) {
-                            scope.dispatch(&event);
+                            scope.dispatch(&event, &mut round);
                         }
                         dispatched += 1;
                         next = (dispatched < DISPATCH_BATCH)
                             .then(|| events.try_recv().ok())
                             .flatten();
                     }
+                    round.deliver_runs();
                 }
                 admission.queued.fetch_sub(dispatched, Ordering::AcqRel);
                 admission.room.notify_waiters();
@@ -724,19 +815,53 @@ pub(crate) mod test_support {
                 gate: None,
                 echo,
             });
+            // Counted first, as `Connection::replace` does.
+            self.conn.subscription_count.fetch_add(1, Ordering::Relaxed);
             router.add_replacing(collection, record, entry, &[]);
             id
         }
 
         pub(crate) async fn next(&mut self) -> Delivery {
-            if self.taken.is_empty() {
+            while self.taken.is_empty() {
+                let mut queued = Default::default();
                 let mailbox = &self.conn.mailbox;
-                let take = std::future::poll_fn(|cx| mailbox.poll_take_all(cx, &mut self.taken));
+                let take = std::future::poll_fn(|cx| mailbox.poll_take_all(cx, &mut queued));
                 tokio::time::timeout(Duration::from_secs(10), take)
                     .await
                     .expect("a delivery");
+                self.unpack(queued);
             }
             self.taken.pop_front().expect("taken")
+        }
+
+        /// Whether the mailbox held anything; what it held goes to `taken`.
+        pub(crate) fn take_all(&mut self) -> bool {
+            let mut queued = Default::default();
+            let took = self.conn.mailbox.take_all(&mut queued);
+            self.unpack(queued);
+            took
+        }
+
+        /// Spreads runs out into deliveries, as a connection takes them (its
+        /// subscriptions in a run take no echoes).
+        fn unpack(&mut self, queued: std::collections::VecDeque<Queued>) {
+            for item in queued {
+                match item {
+                    Queued::One(delivery) => self.taken.push_back(delivery),
+                    Queued::Run(run) => {
+                        for event in run.events.iter() {
+                            if event.event.origin.as_deref() != Some(&*self.conn.name) {
+                                let delivery = Delivery::new(
+                                    run.subscription,
+                                    Arc::clone(event),
+                                    View::default(),
+                                );
+                                self.taken.push_back(delivery);
+                            }
+                        }
+                    }
+                }
+            }
         }
 
         /// The next delivery's (subscription, seq, left_filter).
@@ -958,15 +1083,50 @@ mod tests {
         own.seq = 1;
         publish(&router, Arc::new(SharedEvent::new(own)));
         publish(&router, event("chat", "", 2, json!({}), None));
-        let mut seen = vec![
-            s.next_seen().await,
-            s.next_seen().await,
-            s.next_seen().await,
-        ];
-        seen.sort();
-        let mut expected = vec![(quiet, 2, false), (echoing, 1, false), (echoing, 2, false)];
-        expected.sort();
-        assert_eq!(seen, expected);
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let delivery = s.next().await;
+            let seq = delivery.event.event.seq;
+            seen.push((seq, delivery.subscriptions().collect::<Vec<_>>()));
+        }
+        let mut both = vec![quiet, echoing];
+        both.sort();
+        assert_eq!(seen, [(1, vec![echoing]), (2, both)]);
+    }
+
+    #[tokio::test]
+    async fn a_round_reaches_unfiltered_subscribers_as_one_shared_run() {
+        let router = Router::new(1, Duration::ZERO);
+        let single = Subscriber::connect(&router, 64);
+        let mut several = Subscriber::connect(&router, 64);
+        single.subscribe(&router, "posts", None, "");
+        let all = several.subscribe(&router, "posts", None, "");
+        let even = several.subscribe(&router, "posts", None, "even = true");
+        // Published before the dispatcher runs: one round.
+        for n in 1..=4 {
+            let data = json!({ "even": n % 2 == 0 });
+            publish(&router, event("posts", "p", n, data, None));
+        }
+        let mut runs = std::collections::VecDeque::new();
+        let mailbox = &single.conn.mailbox;
+        std::future::poll_fn(|cx| mailbox.poll_take_all(cx, &mut runs)).await;
+        let [Queued::Run(run)] = runs.make_contiguous() else {
+            panic!("one run, not {runs:?}");
+        };
+        let seqs: Vec<u64> = run.events.iter().map(|e| e.event.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        // A connection holding another subscription too gets one delivery
+        // per event, naming every subscription it matches.
+        for n in 1..=4 {
+            let delivery = several.next().await;
+            assert_eq!(delivery.event.event.seq, n);
+            let expected = if n % 2 == 0 {
+                vec![all, even]
+            } else {
+                vec![all]
+            };
+            assert_eq!(delivery.subscriptions().collect::<Vec<_>>(), expected);
+        }
     }
 
     #[tokio::test]
@@ -991,7 +1151,7 @@ mod tests {
         // What was queued before the overflow is still there; nothing after.
         assert_eq!(slow.next().await.event.event.seq, 1);
         assert_eq!(slow.next().await.event.event.seq, 2);
-        assert!(slow.taken.is_empty() && !slow.conn.mailbox.take_all(&mut slow.taken));
+        assert!(slow.taken.is_empty() && !slow.take_all());
     }
 
     /// A window long enough that only the edges end a dispatcher's wait.

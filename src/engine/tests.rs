@@ -152,3 +152,38 @@ async fn a_position_older_than_the_history_gets_a_reset_first() {
     let seen = receive_through(&mut connection, *retained.last().unwrap()).await;
     assert_eq!(seen, retained);
 }
+
+/// Unfiltered subscriptions take a dispatch round's events as one run: in
+/// order, and without the connection's own events unless it asked for them.
+#[tokio::test]
+async fn a_run_hands_out_events_in_order_without_own_echoes() {
+    let engine = engine(64).await;
+    let subscribe = |echo| SubscriptionSpec {
+        echo,
+        since: None,
+        ..resume(0)
+    };
+    let mut quiet = engine
+        .connect(Transport::WebSocket, Principal::Anonymous)
+        .unwrap();
+    let mut echoing = engine
+        .connect(Transport::WebSocket, Principal::Anonymous)
+        .unwrap();
+    quiet.subscribe(subscribe(false)).await.unwrap();
+    echoing.subscribe(subscribe(true)).await.unwrap();
+    let post = |i: i32| Event::new(EventType::RecordCreated, "posts", "r", json!({ "i": i }));
+    let mut others = Vec::new();
+    let mut own = Vec::new();
+    for i in 0..3 {
+        own.push(quiet.publish(post(i)).await.unwrap());
+        let receipt = engine
+            .publish(&Principal::Anonymous, vec![post(i), post(i)])
+            .await;
+        others.extend(receipt.unwrap().seqs);
+    }
+    let last = *others.last().unwrap();
+    assert_eq!(receive_through(&mut quiet, last).await, others);
+    let mut all: Vec<u64> = own.iter().chain(&others).copied().collect();
+    all.sort();
+    assert_eq!(receive_through(&mut echoing, last).await, all);
+}

@@ -164,7 +164,7 @@ fn choose_placement(filter: &Filter) -> Placement {
 }
 
 /// A set with O(1) insert, remove and dense iteration.
-struct SubSet<T> {
+pub(crate) struct SubSet<T> {
     items: Vec<(u64, T)>,
     positions: HashMap<u64, usize>,
 }
@@ -179,7 +179,7 @@ impl<T> Default for SubSet<T> {
 }
 
 impl<T> SubSet<T> {
-    fn insert(&mut self, id: u64, value: T) {
+    pub(crate) fn insert(&mut self, id: u64, value: T) {
         if let Some(&at) = self.positions.get(&id) {
             self.items[at].1 = value;
             return;
@@ -188,21 +188,23 @@ impl<T> SubSet<T> {
         self.items.push((id, value));
     }
 
-    fn remove(&mut self, id: u64) {
+    /// Takes `id` out; whether it was in.
+    pub(crate) fn remove(&mut self, id: u64) -> bool {
         let Some(at) = self.positions.remove(&id) else {
-            return;
+            return false;
         };
         self.items.swap_remove(at);
         if let Some((moved, _)) = self.items.get(at) {
             self.positions.insert(*moved, at);
         }
+        true
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
 
-    fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
         self.items.iter().map(|(id, value)| (*id, value))
     }
 }
@@ -261,8 +263,12 @@ impl<T> EqualBuckets<T> {
                     }
                 }
             }
-            Scalar::Bool(b) => self.bools[*b as usize].remove(id),
-            Scalar::Null => self.nulls.remove(id),
+            Scalar::Bool(b) => {
+                self.bools[*b as usize].remove(id);
+            }
+            Scalar::Null => {
+                self.nulls.remove(id);
+            }
         }
     }
 
