@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 use thiserror::Error;
 
@@ -417,9 +417,95 @@ impl SharedEvent {
     }
 }
 
+/// The events of one collection (or of `*`) that a dispatch round hands,
+/// in order, to each subscriber taking every one of them: shared by those
+/// subscribers, with the events' encodings for a wire laid end to end
+/// once, so a subscriber's edge can write the whole run with one copy.
+#[derive(Debug)]
+pub struct SharedRun {
+    pub events: Box<[Arc<SharedEvent>]>,
+    /// Whether any came from a client connection (`origin`), whose own
+    /// subscriptions may not want it back.
+    pub from_connections: bool,
+    encodings: [OnceLock<RunEncoding>; WIRE_SLOTS],
+}
+
+/// The encodings of a run's events end to end, and where each ends.
+#[derive(Debug)]
+struct RunEncoding {
+    bytes: Box<[u8]>,
+    ends: Box<[usize]>,
+}
+
+impl SharedRun {
+    pub fn new(events: Box<[Arc<SharedEvent>]>) -> Self {
+        SharedRun {
+            from_connections: events.iter().any(|e| e.event.origin.is_some()),
+            events,
+            encodings: Default::default(),
+        }
+    }
+
+    /// The encodings in `wire` of `events[range]`, end to end; `encode`
+    /// gives one event's (the same bytes for every subscriber), and is
+    /// asked once per event the first time any subscriber asks.
+    pub fn encoded(
+        &self,
+        wire: Wire,
+        range: std::ops::Range<usize>,
+        encode: impl Fn(&SharedEvent) -> &Bytes,
+    ) -> &[u8] {
+        let encoding = self.encodings[wire as usize].get_or_init(|| {
+            let (mut bytes, mut ends) = (Vec::new(), Vec::with_capacity(self.events.len()));
+            for event in &self.events {
+                bytes.extend_from_slice(encode(event));
+                ends.push(bytes.len());
+            }
+            RunEncoding {
+                bytes: bytes.into(),
+                ends: ends.into(),
+            }
+        });
+        let start = match range.start {
+            0 => 0,
+            i => encoding.ends[i - 1],
+        };
+        let end = match range.end {
+            0 => 0,
+            i => encoding.ends[i - 1],
+        };
+        &encoding.bytes[start..end]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_encodes_its_events_end_to_end_once() {
+        let events: Vec<_> = (1..=3)
+            .map(|seq| {
+                let mut event = Event::new(EventType::RecordCreated, "c", "r", Value::Null);
+                event.seq = seq;
+                Arc::new(SharedEvent::new(event))
+            })
+            .collect();
+        let run = SharedRun::new(events.into());
+        assert!(!run.from_connections);
+        static ASKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn encode(event: &SharedEvent) -> &Bytes {
+            ASKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            event.encoded(Wire::Sse, View::default(), || {
+                format!("<{}>", event.event.seq).into_bytes().into()
+            })
+        }
+        assert_eq!(run.encoded(Wire::Sse, 0..3, encode), b"<1><2><3>");
+        assert_eq!(run.encoded(Wire::Sse, 1..3, encode), b"<2><3>");
+        assert_eq!(run.encoded(Wire::Sse, 2..2, encode), b"");
+        let asked = ASKED.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(asked, 3, "each event encoded once");
+    }
 
     #[test]
     fn a_position_is_one_seq_or_one_per_stream() {

@@ -13,16 +13,18 @@ use super::socket::{
     self, ClientSocket, Liveness, NotAnUpgrade, Step, TEXT, Upgrade, frame_header_len,
     put_frame_header,
 };
-use super::{AppState, check_origin, connected_data, event_json};
+use super::{AppState, check_origin, connected_data};
 use crate::auth::Principal;
+use crate::codec::encode_delivered;
 use crate::engine::{
-    Connection, Delivery, EndReason, Received, ResetNotice, SubscriptionSpec, Transport,
+    Connection, Delivery, EndReason, Received, ResetNotice, RunSlice, SubscriptionSpec, Transport,
 };
-use crate::event::{Event, EventType, Position, Wire, format_timestamp};
+use crate::event::{Event, EventType, Position, SharedEvent, View, Wire, format_timestamp};
 use crate::filter::Filter;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
@@ -98,14 +100,7 @@ fn error_message(error: &ApiError) -> Message {
 /// connection holding several subscriptions, followed by
 /// `"subscription_ids":[...]`, the ones the event matched.
 fn put_event_frame(out: &mut Vec<u8>, delivery: &Delivery, name_subscriptions: bool) {
-    let frame = delivery.event.encoded(Wire::WebSocket, delivery.view, || {
-        let event = event_json(delivery);
-        let body = [br#"{"type":"event","data":"#.as_slice(), &event, b"}"].concat();
-        let mut frame = Vec::with_capacity(body.len() + 10);
-        put_frame_header(&mut frame, TEXT, body.len());
-        frame.extend_from_slice(&body);
-        frame.into()
-    });
+    let frame = event_frame(&delivery.event, delivery.view);
     if !name_subscriptions {
         out.extend_from_slice(frame);
         return;
@@ -119,6 +114,28 @@ fn put_event_frame(out: &mut Vec<u8>, delivery: &Delivery, name_subscriptions: b
     out.extend_from_slice(suffix);
     out.extend_from_slice(ids.as_bytes());
     out.push(b'}');
+}
+
+/// The frame of `{"type":"event","data":<event JSON>}` showing `event` as
+/// `view` does, header included.
+fn event_frame(event: &SharedEvent, view: View) -> &Bytes {
+    event.encoded(Wire::WebSocket, view, || {
+        let json = encode_delivered(&event.event, event.partition, view);
+        let body = [br#"{"type":"event","data":"#.as_slice(), &json, b"}"].concat();
+        let mut frame = Vec::with_capacity(body.len() + 10);
+        put_frame_header(&mut frame, TEXT, body.len());
+        frame.extend_from_slice(&body);
+        frame.into()
+    })
+}
+
+/// Appends the frames of a run's events (one subscription, so no
+/// `subscription_ids`): laid end to end once per run, and copied at once.
+fn put_run_frames(out: &mut Vec<u8>, slice: &RunSlice) {
+    let frames = (slice.run).encoded(Wire::WebSocket, slice.range.clone(), |event| {
+        event_frame(event, View::default())
+    });
+    out.extend_from_slice(frames);
 }
 
 /// Appends the frame of a text message.
@@ -383,6 +400,13 @@ impl socket::Session for Session {
                 }
             }
             taken += 1;
+            while !name_subscriptions
+                && taken < MAX_BATCH
+                && let Some(slice) = self.connection.try_recv_run()
+            {
+                put_run_frames(self.socket.encoded(), &slice);
+                taken += slice.range.len();
+            }
             next = if taken < MAX_BATCH {
                 self.connection.try_recv()
             } else {

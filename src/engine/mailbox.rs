@@ -20,7 +20,7 @@
 //! rounds by it (see the router's `Shard`).
 
 use super::Delivery;
-use crate::event::SharedEvent;
+use crate::event::{SharedEvent, SharedRun};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,7 +98,7 @@ pub(crate) enum Queued {
 #[derive(Debug, Clone)]
 pub(crate) struct Run {
     pub subscription: u64,
-    pub events: Arc<[Arc<SharedEvent>]>,
+    pub shared: Arc<SharedRun>,
 }
 
 impl Queued {
@@ -106,7 +106,7 @@ impl Queued {
     pub fn events(&self) -> usize {
         match self {
             Queued::One(_) => 1,
-            Queued::Run(run) => run.events.len(),
+            Queued::Run(run) => run.shared.events.len(),
         }
     }
 
@@ -114,7 +114,7 @@ impl Queued {
     pub fn first_event(&self) -> &Arc<SharedEvent> {
         match self {
             Queued::One(delivery) => &delivery.event,
-            Queued::Run(run) => &run.events[0],
+            Queued::Run(run) => &run.shared.events[0],
         }
     }
 }
@@ -155,7 +155,10 @@ impl Mailbox {
             let full = item.events() > room;
             if full {
                 match &mut item {
-                    Queued::Run(run) if room > 0 => run.events = run.events[..room].into(),
+                    Queued::Run(run) if room > 0 => {
+                        let fits = run.shared.events[..room].into();
+                        run.shared = Arc::new(SharedRun::new(fits));
+                    }
                     _ => return Err(Full),
                 }
             }
@@ -251,7 +254,7 @@ mod tests {
         let events: Vec<_> = seqs.map(event).collect();
         Queued::Run(Run {
             subscription,
-            events: events.into(),
+            shared: Arc::new(SharedRun::new(events.into())),
         })
     }
 
@@ -260,7 +263,7 @@ mod tests {
         out.iter()
             .flat_map(|queued| match queued {
                 Queued::One(d) => vec![(d.subscription, d.event.event.seq)],
-                Queued::Run(r) => (r.events.iter())
+                Queued::Run(r) => (r.shared.events.iter())
                     .map(|e| (r.subscription, e.event.seq))
                     .collect(),
             })

@@ -14,7 +14,8 @@ use crate::auth::{Auth, AuthError, Principal};
 use crate::bus::presence_sync::PresenceState;
 use crate::bus::{Bus, BusError, BusState, History, Inbox, Interest, Receipt};
 use crate::event::{
-    Event, EventError, MAX_RECORD_ID, Position, SharedEvent, View, WILDCARD, validate_collection,
+    Event, EventError, MAX_RECORD_ID, Position, SharedEvent, SharedRun, View, WILDCARD,
+    validate_collection,
 };
 use crate::filter::Filter;
 use crate::metrics::{DeliveryTally, METRICS};
@@ -588,6 +589,15 @@ struct CatchUp {
     overflowed: bool,
 }
 
+/// Events of a run for one subscription, in order, each to go to the
+/// client as [`Delivery::new`]`(subscription, event, View::default())`
+/// would (see [`Connection::try_recv_run`]).
+pub struct RunSlice {
+    pub subscription: u64,
+    pub run: Arc<SharedRun>,
+    pub range: std::ops::Range<usize>,
+}
+
 /// What a connection receives.
 #[derive(Debug, Clone)]
 pub enum Received {
@@ -625,10 +635,16 @@ struct ReadyRun {
 }
 
 impl ReadyRun {
+    /// Whether what is left of the run all goes to the client as it is:
+    /// none of it is an echo it does not want or came through its replay.
+    fn goes_whole(&self) -> bool {
+        self.replayed_through.is_none() && (self.echo || !self.run.shared.from_connections)
+    }
+
     /// The run's next event for its subscription (of a connection named
     /// `connection`), if any is left.
     fn next_event(&mut self, connection: &str) -> Option<Arc<SharedEvent>> {
-        while let Some(event) = self.run.events.get(self.next) {
+        while let Some(event) = self.run.shared.events.get(self.next) {
             self.next += 1;
             let echo = self.echo || event.event.origin.as_deref() != Some(connection);
             if echo && !replayed(self.replayed_through.as_ref(), event) {
@@ -1073,7 +1089,12 @@ impl Connection {
         };
         let echo = open.spec.echo;
         if !(self.catch_ups.iter()).any(|c| c.subscription == run.subscription) {
-            let replayed_through = open.replayed_through.clone();
+            // A run that begins past the replay's end (of one stream) has
+            // nothing in it that the replay had.
+            let first = run.shared.events[0].event.seq;
+            let replayed_through = (open.replayed_through.as_ref())
+                .filter(|through| through.as_seq().is_none_or(|seq| first <= seq))
+                .cloned();
             self.ready.push_back(Ready::Run(ReadyRun {
                 run,
                 next: 0,
@@ -1083,7 +1104,7 @@ impl Connection {
             return;
         }
         let name = Arc::clone(&self.shared.name);
-        for event in run.events.iter() {
+        for event in run.shared.events.iter() {
             if echo || event.event.origin.as_deref() != Some(&*name) {
                 let delivery = Delivery::new(run.subscription, Arc::clone(event), View::default());
                 self.take_live(delivery);
@@ -1246,6 +1267,33 @@ impl Connection {
                 return None;
             }
         }
+    }
+
+    /// The rest of a run at the head of what is ready, when it can go out
+    /// whole: for edges that write a run's encodings at once
+    /// ([`SharedRun::encoded`]) instead of one event at a time. `None`
+    /// when something else comes first; [`Connection::try_recv`] has it.
+    pub fn try_recv_run(&mut self) -> Option<RunSlice> {
+        let Some(Ready::Run(ready)) = self.ready.front() else {
+            return None;
+        };
+        // A `*` position token moves by each event's own stream.
+        if !ready.goes_whole() || self.wildcard_position.is_some() {
+            return None;
+        }
+        let Some(Ready::Run(ready)) = self.ready.pop_front() else {
+            unreachable!("just seen");
+        };
+        let events = &ready.run.shared.events;
+        let range = ready.next..events.len();
+        if let Some(last) = events[range.clone()].last() {
+            self.last_seq = self.last_seq.max(last.event.seq);
+        }
+        Some(RunSlice {
+            subscription: ready.run.subscription,
+            run: ready.run.shared,
+            range,
+        })
     }
 
     fn pop_ready(&mut self) -> Option<Received> {

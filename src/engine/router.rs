@@ -20,7 +20,7 @@ use super::presence::PRESENCE_COLLECTION;
 use super::{Delivery, EndReason, Transport};
 use crate::auth::{Auth, Principal};
 use crate::bus::{Audience, Inbox};
-use crate::event::{SharedEvent, View, WILDCARD};
+use crate::event::{SharedEvent, SharedRun, View, WILDCARD};
 use crate::filter::Filter;
 use crate::filter::index::{MatchIndex, SubSet};
 use crate::metrics::{Eviction, METRICS};
@@ -438,12 +438,12 @@ impl<'a> Round<'a> {
             if part.runs.is_empty() {
                 continue;
             }
-            let events: Arc<[Arc<SharedEvent>]> = part.events.into();
+            let shared = Arc::new(SharedRun::new(part.events.into()));
             for sub in part.runs {
                 if !sub.conn.is_closed() {
                     sub.conn.queue(Queued::Run(Run {
                         subscription: sub.id,
-                        events: Arc::clone(&events),
+                        shared: Arc::clone(&shared),
                     }));
                 }
             }
@@ -849,7 +849,7 @@ pub(crate) mod test_support {
                 match item {
                     Queued::One(delivery) => self.taken.push_back(delivery),
                     Queued::Run(run) => {
-                        for event in run.events.iter() {
+                        for event in run.shared.events.iter() {
                             if event.event.origin.as_deref() != Some(&*self.conn.name) {
                                 let delivery = Delivery::new(
                                     run.subscription,
@@ -1113,7 +1113,7 @@ mod tests {
         let [Queued::Run(run)] = runs.make_contiguous() else {
             panic!("one run, not {runs:?}");
         };
-        let seqs: Vec<u64> = run.events.iter().map(|e| e.event.seq).collect();
+        let seqs: Vec<u64> = run.shared.events.iter().map(|e| e.event.seq).collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
         // A connection holding another subscription too gets one delivery
         // per event, naming every subscription it matches.

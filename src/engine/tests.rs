@@ -187,3 +187,54 @@ async fn a_run_hands_out_events_in_order_without_own_echoes() {
     all.sort();
     assert_eq!(receive_through(&mut echoing, last).await, all);
 }
+
+/// An edge may take the rest of a run whole, unless some of it is not for
+/// the client; then it goes event by event.
+#[tokio::test]
+async fn a_run_goes_out_whole_unless_some_of_it_is_not_for_the_client() {
+    let engine = engine(64).await;
+    let mut connection = engine
+        .connect(Transport::WebSocket, Principal::Anonymous)
+        .unwrap();
+    let spec = SubscriptionSpec {
+        since: None,
+        ..resume(0)
+    };
+    let id = connection.subscribe(spec).await.unwrap();
+    let post = || Event::new(EventType::RecordCreated, "posts", "r", json!({}));
+    let seqs = |slice: &RunSlice| -> Vec<u64> {
+        let events = &slice.run.events[slice.range.clone()];
+        events.iter().map(|e| e.event.seq).collect()
+    };
+    // One publish of three: one round, one run.
+    let published = engine.publish(&Principal::Anonymous, vec![post(), post(), post()]);
+    let published = published.await.unwrap().seqs;
+    assert_eq!(
+        receive_through(&mut connection, published[0]).await,
+        [published[0]]
+    );
+    let slice = connection.try_recv_run().expect("the rest of the run");
+    assert_eq!(
+        (slice.subscription, seqs(&slice)),
+        (id, published[1..].to_vec())
+    );
+    assert!(connection.try_recv_run().is_none() && connection.try_recv().is_none());
+    assert_eq!(
+        connection.resume_position(),
+        Some(Position::seq(published[2]))
+    );
+
+    // With its own event among them (no echo asked), it goes one by one.
+    connection.publish(post()).await.unwrap();
+    let others = engine.publish(&Principal::Anonymous, vec![post(), post()]);
+    let others = others.await.unwrap().seqs;
+    assert_eq!(
+        receive_through(&mut connection, others[0]).await,
+        [others[0]]
+    );
+    assert!(connection.try_recv_run().is_none(), "not whole");
+    let Some(Received::Event(last)) = connection.try_recv() else {
+        panic!("the other event");
+    };
+    assert_eq!(last.event.event.seq, others[1]);
+}
