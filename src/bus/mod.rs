@@ -128,7 +128,10 @@ impl History {
         match self {
             History::Memory(events) => events.next().map(Ok),
             History::Nats(readers) => loop {
-                match readers.front_mut()?.next().await {
+                // Boxed: a NATS read's future is large, and inline it would
+                // size every connection's task (`Connection::recv` awaits
+                // this), though only a resuming subscription reads history.
+                match Box::pin(readers.front_mut()?.next()).await {
                     Some(item) => return Some(item),
                     None => drop(readers.pop_front()),
                 }

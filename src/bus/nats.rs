@@ -248,7 +248,9 @@ impl HistoryReader {
             let last = seq == self.until
                 || pending == 0 && {
                     let partition = reader.partition;
-                    match self.inner.next_seq(partition, &self.key, seq + 1).await {
+                    // Boxed: a NATS request's future is large and rare.
+                    let next_seq = self.inner.next_seq(partition, &self.key, seq + 1);
+                    match Box::pin(next_seq).await {
                         Ok(next) => next.is_none_or(|next| next > self.until),
                         Err(e) => {
                             self.finish();
