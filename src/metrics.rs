@@ -161,10 +161,9 @@ pub struct DeliveryTally {
 }
 
 impl DeliveryTally {
-    /// Counts a batch of `taken` deliveries whose oldest event the bus
+    /// Notes a batch taken from the mailbox, whose oldest event the bus
     /// handed over at `oldest`.
-    pub fn batch(&mut self, transport: usize, taken: u64, oldest: Instant) {
-        self.unflushed += taken;
+    pub fn batch(&mut self, transport: usize, oldest: Instant) {
         if self.batches.is_multiple_of(SAMPLE_EVERY) {
             METRICS.fanout_latency.observe(oldest.elapsed());
             self.flush(transport);
@@ -172,9 +171,9 @@ impl DeliveryTally {
         self.batches = self.batches.wrapping_add(1);
     }
 
-    /// Counts one delivery from history.
-    pub fn one(&mut self) {
-        self.unflushed += 1;
+    /// Counts `count` events handed to the client.
+    pub fn handed(&mut self, count: usize) {
+        self.unflushed += count as u64;
     }
 
     /// Adds what is tallied to the counter.

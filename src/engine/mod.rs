@@ -1128,7 +1128,6 @@ impl Connection {
                     && wanted
                     && let Some(view) = open.entry.classify(&event)
                 {
-                    self.tally.one();
                     self.ready
                         .push_back(Ready::One(Received::Event(Delivery::new(
                             catch_up.subscription,
@@ -1289,6 +1288,7 @@ impl Connection {
         if let Some(last) = events[range.clone()].last() {
             self.last_seq = self.last_seq.max(last.event.seq);
         }
+        self.tally.handed(range.len());
         Some(RunSlice {
             subscription: ready.run.subscription,
             run: ready.run.shared,
@@ -1311,6 +1311,7 @@ impl Connection {
             }
         };
         if let Received::Event(delivery) = &item {
+            self.tally.handed(1);
             let seq = delivery.event.event.seq;
             self.last_seq = self.last_seq.max(seq);
             if let Some((id, position)) = &mut self.wildcard_position
@@ -1345,9 +1346,7 @@ impl Connection {
     fn sort_incoming(&mut self) {
         if let Some(oldest) = self.incoming.front() {
             let transport = self.shared.transport as usize;
-            let taken = self.incoming.iter().map(Queued::events).sum::<usize>();
-            let arrived = oldest.first_event().arrived;
-            self.tally.batch(transport, taken as u64, arrived);
+            self.tally.batch(transport, oldest.first_event().arrived);
         }
         while let Some(queued) = self.incoming.pop_front() {
             match queued {
