@@ -409,6 +409,11 @@ impl SharedEvent {
         }
     }
 
+    /// Whether client connection `connection` published it (its `origin`).
+    pub fn is_from(&self, connection: &str) -> bool {
+        self.event.origin.as_deref() == Some(connection)
+    }
+
     /// The bytes of this event in `wire`, encoded by `encode` the first time
     /// any subscriber asks and shared afterwards.
     pub fn encoded(&self, wire: Wire, view: View, encode: impl FnOnce() -> Bytes) -> &Bytes {

@@ -646,8 +646,8 @@ impl ReadyRun {
     fn next_event(&mut self, connection: &str) -> Option<Arc<SharedEvent>> {
         while let Some(event) = self.run.shared.events.get(self.next) {
             self.next += 1;
-            let echo = self.echo || event.event.origin.as_deref() != Some(connection);
-            if echo && !replayed(self.replayed_through.as_ref(), event) {
+            let wanted = self.echo || !event.is_from(connection);
+            if wanted && !replayed(self.replayed_through.as_ref(), event) {
                 return Some(Arc::clone(event));
             }
         }
@@ -1105,7 +1105,7 @@ impl Connection {
         }
         let name = Arc::clone(&self.shared.name);
         for event in run.shared.events.iter() {
-            if echo || event.event.origin.as_deref() != Some(&*name) {
+            if echo || !event.is_from(&name) {
                 let delivery = Delivery::new(run.subscription, Arc::clone(event), View::default());
                 self.take_live(delivery);
             }

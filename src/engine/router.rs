@@ -179,12 +179,7 @@ impl SubEntry {
     /// Whether `event` came from this subscription's own connection, which
     /// does not want it back.
     fn is_own_echo(&self, event: &SharedEvent) -> bool {
-        !self.echo
-            && event
-                .event
-                .origin
-                .as_deref()
-                .is_some_and(|origin| *origin == *self.conn.name)
+        !self.echo && event.is_from(&self.conn.name)
     }
 
     fn matches(&self, collection: &str, record: &serde_json::Value) -> bool {
@@ -850,7 +845,7 @@ pub(crate) mod test_support {
                     Queued::One(delivery) => self.taken.push_back(delivery),
                     Queued::Run(run) => {
                         for event in run.shared.events.iter() {
-                            if event.event.origin.as_deref() != Some(&*self.conn.name) {
+                            if !event.is_from(&self.conn.name) {
                                 let delivery = Delivery::new(
                                     run.subscription,
                                     Arc::clone(event),
