@@ -687,7 +687,9 @@ fn clock_ticks() -> f64 {
 }
 
 /// Per core from /proc/stat: (all ticks, busy ticks, softirq ticks).
-fn core_ticks() -> Vec<(u64, u64, u64)> {
+/// Per core: ticks in all, busy, softirq and stolen (the hypervisor ran
+/// something else while this machine wanted the core).
+fn core_ticks() -> Vec<(u64, u64, u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     stat.lines()
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
@@ -701,7 +703,8 @@ fn core_ticks() -> Vec<(u64, u64, u64)> {
                 .collect();
             let total: u64 = v.iter().sum();
             let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-            (total, total - idle, v.get(6).copied().unwrap_or(0))
+            let field = |i: usize| v.get(i).copied().unwrap_or(0);
+            (total, total - idle, field(6), field(7))
         })
         .collect()
 }
@@ -1485,8 +1488,9 @@ struct RunResult {
     published: u64,
     /// Publish call round trip p50/p99 (ms), when calls are answered.
     calls_ms: Option<(f64, f64)>,
-    /// Busy share of each core over the run, and its softirq part.
-    cores: Vec<(f64, f64)>,
+    /// Busy share of each core over the run, and its softirq and steal
+    /// parts.
+    cores: Vec<(f64, f64, f64)>,
     publish_secs: f64,
     publish_errors: u64,
     delivered: u64,
@@ -1515,9 +1519,10 @@ impl RunResult {
     }
 
     /// CPU used on this machine by other processes, in cores: busy time
-    /// of all cores less softirq, the generator and the server.
+    /// of all cores (steal included) less softirq, the generator and the
+    /// server.
     fn other_load(&self) -> Option<f64> {
-        let busy: f64 = self.cores.iter().map(|(b, s)| b - s).sum();
+        let busy: f64 = self.cores.iter().map(|(b, s, _)| b - s).sum();
         Some(busy - self.generator_cpu - self.server_cpu?)
     }
 
@@ -1667,9 +1672,11 @@ async fn compare_run(
         .zip(&cores_after)
         .map(|(before, after)| {
             let total = (after.0 - before.0).max(1) as f64;
+            let share = |before: u64, after: u64| (after - before) as f64 / total;
             (
-                (after.1 - before.1) as f64 / total,
-                (after.2 - before.2) as f64 / total,
+                share(before.1, after.1),
+                share(before.2, after.2),
+                share(before.3, after.3),
             )
         })
         .collect();
@@ -1756,11 +1763,12 @@ fn print_run(run: usize, result: &RunResult) {
         .cores
         .iter()
         .enumerate()
-        .map(|(i, (busy, softirq))| {
+        .map(|(i, (busy, softirq, steal))| {
             format!(
-                "cpu{i} {:.0}% (softirq {:.0}%)",
+                "cpu{i} {:.0}% (softirq {:.0}%, stolen by the host {:.0}%)",
                 busy * 100.0,
-                softirq * 100.0
+                softirq * 100.0,
+                steal * 100.0
             )
         })
         .collect();
@@ -1874,7 +1882,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
                 .unwrap_or_else(|| "n/a".into()),
             r.cores
                 .iter()
-                .map(|(busy, _)| format!("{:.0}%", busy * 100.0))
+                .map(|(busy, _, _)| format!("{:.0}%", busy * 100.0))
                 .collect::<Vec<_>>()
                 .join(" / "),
             match (r.complete(), r.disturbed()) {
