@@ -406,8 +406,12 @@ impl Engine {
         }
         self.spend_budget(principal, events.len())?;
         self.router.admit().await;
+        let idle = self.router.is_idle();
         let started = std::time::Instant::now();
         let receipt = self.bus.publish(events).await?;
+        if idle {
+            self.router.hand_over();
+        }
         METRICS.publish_duration.observe(started.elapsed());
         let fresh = receipt.seqs.len() - receipt.duplicates.len();
         self.published.fetch_add(fresh as u64, Ordering::Relaxed);
