@@ -471,15 +471,8 @@ impl SharedRun {
                 ends: ends.into(),
             }
         });
-        let start = match range.start {
-            0 => 0,
-            i => encoding.ends[i - 1],
-        };
-        let end = match range.end {
-            0 => 0,
-            i => encoding.ends[i - 1],
-        };
-        &encoding.bytes[start..end]
+        let offset = |i: usize| i.checked_sub(1).map_or(0, |i| encoding.ends[i]);
+        &encoding.bytes[offset(range.start)..offset(range.end)]
     }
 }
 

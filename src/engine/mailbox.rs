@@ -86,7 +86,7 @@ impl Backlog {
 }
 
 /// What a mailbox holds.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum Queued {
     One(Delivery),
     Run(Run),
@@ -95,7 +95,7 @@ pub(crate) enum Queued {
 /// A dispatch round's events of one collection (or of `*`), in seq order,
 /// for a subscription without a filter: it takes each of them, except its
 /// own connection's echoes, which the taker skips.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Run {
     pub subscription: u64,
     pub shared: Arc<SharedRun>,

@@ -886,12 +886,7 @@ impl Connection {
                 open.replayed_through = Some(replay.head);
             }
             if since.misses(&replay.first_available, false) {
-                self.ready
-                    .push_back(Ready::One(Received::Reset(Box::new(ResetNotice {
-                        subscription: id,
-                        since,
-                        first_available: replay.first_available,
-                    }))));
+                self.ready_reset(id, since, replay.first_available);
             }
             self.catch_ups.push_back(CatchUp {
                 subscription: id,
@@ -1091,29 +1086,39 @@ impl Connection {
         let Some(open) = self.subscriptions.get(&run.subscription) else {
             return;
         };
-        let echo = open.spec.echo;
-        if !(self.catch_ups.iter()).any(|c| c.subscription == run.subscription) {
-            // A run that begins past the replay's end (of one stream) has
-            // nothing in it that the replay had.
-            let first = run.shared.events[0].event.seq;
-            let replayed_through = (open.replayed_through.as_ref())
-                .filter(|through| through.as_seq().is_none_or(|seq| first <= seq))
-                .cloned();
-            self.ready.push_back(Ready::Run(ReadyRun {
-                run,
-                next: 0,
-                echo,
-                replayed_through,
-            }));
+        // A run that begins past the replay's end (of one stream) has
+        // nothing in it that the replay had.
+        let first = run.shared.events[0].event.seq;
+        let replayed_through = (open.replayed_through.as_ref())
+            .filter(|through| through.as_seq().is_none_or(|seq| first <= seq))
+            .cloned();
+        let mut ready = ReadyRun {
+            run,
+            next: 0,
+            echo: open.spec.echo,
+            replayed_through,
+        };
+        let subscription = ready.run.subscription;
+        if !(self.catch_ups.iter()).any(|c| c.subscription == subscription) {
+            self.ready.push_back(Ready::Run(ready));
             return;
         }
         let name = Arc::clone(&self.shared.name);
-        for event in run.shared.events.iter() {
-            if echo || !event.is_from(&name) {
-                let delivery = Delivery::new(run.subscription, Arc::clone(event), View::default());
-                self.take_live(delivery);
-            }
+        while let Some(event) = ready.next_event(&name) {
+            self.take_live(Delivery::new(subscription, event, View::default()));
         }
+    }
+
+    /// Queues a reset for `subscription`: the events after `since` and
+    /// before `first_available` are gone.
+    fn ready_reset(&mut self, subscription: u64, since: Position, first_available: Position) {
+        let notice = ResetNotice {
+            subscription,
+            since,
+            first_available,
+        };
+        self.ready
+            .push_back(Ready::One(Received::Reset(Box::new(notice))));
     }
 
     /// Sorts what a catch-up's history produced.
@@ -1169,12 +1174,7 @@ impl Connection {
             }
         };
         if since.misses(&replay.first_available, true) {
-            self.ready
-                .push_back(Ready::One(Received::Reset(Box::new(ResetNotice {
-                    subscription: id,
-                    since,
-                    first_available: replay.first_available,
-                }))));
+            self.ready_reset(id, since, replay.first_available);
         }
         if let Some(open) = self.subscriptions.get_mut(&id) {
             open.replayed_through = Some(replay.head);

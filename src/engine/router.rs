@@ -328,7 +328,9 @@ impl Scope {
         let mut overlapping = Vec::new();
         if !self.unfiltered.is_empty() {
             let part = round.part(self);
-            part.events.push(Arc::clone(event));
+            if !part.runs.is_empty() {
+                part.events.push(Arc::clone(event));
+            }
             for sub in &part.grouped {
                 if !sub.conn.is_closed() && !sub.is_own_echo(event) {
                     overlapping.push((Arc::clone(sub), View::default()));

@@ -22,6 +22,13 @@ async fn engine(queue_capacity: usize) -> Engine {
     .unwrap()
 }
 
+/// An anonymous WebSocket client's connection.
+fn anonymous(engine: &Engine) -> Connection {
+    engine
+        .connect(Transport::WebSocket, Principal::Anonymous)
+        .unwrap()
+}
+
 /// Publishes `n` events, alternating `posts` and `other`; returns the seqs
 /// of the `posts` ones.
 async fn publish(engine: &Engine, n: usize) -> Vec<u64> {
@@ -72,9 +79,7 @@ async fn receive_through(connection: &mut Connection, last: u64) -> Vec<u64> {
 async fn a_resumed_subscription_gets_the_history_then_live_with_no_gap_or_repeat() {
     let engine = engine(4096).await;
     let before = publish(&engine, 100).await;
-    let mut connection = engine
-        .connect(Transport::WebSocket, Principal::Anonymous)
-        .unwrap();
+    let mut connection = anonymous(&engine);
     let since = before[9];
     connection.subscribe(resume(since)).await.unwrap();
     let publisher = tokio::spawn({
@@ -94,9 +99,7 @@ async fn a_resumed_subscription_gets_the_history_then_live_with_no_gap_or_repeat
 async fn a_catch_up_outpaced_by_live_events_reads_on_instead_of_overflowing() {
     let engine = engine(16).await;
     let before = publish(&engine, 2000).await;
-    let mut connection = engine
-        .connect(Transport::WebSocket, Principal::Anonymous)
-        .unwrap();
+    let mut connection = anonymous(&engine);
     connection.subscribe(resume(0)).await.unwrap();
     let publisher = tokio::spawn({
         let engine = engine.clone();
@@ -133,9 +136,7 @@ async fn a_position_older_than_the_history_gets_a_reset_first() {
     .await
     .unwrap();
     let posts = publish(&engine, 40).await;
-    let mut connection = engine
-        .connect(Transport::WebSocket, Principal::Anonymous)
-        .unwrap();
+    let mut connection = anonymous(&engine);
     let id = connection.subscribe(resume(1)).await.unwrap();
     let Ok(Received::Reset(notice)) = connection.recv().await else {
         panic!("a reset first");
@@ -163,12 +164,8 @@ async fn a_run_hands_out_events_in_order_without_own_echoes() {
         since: None,
         ..resume(0)
     };
-    let mut quiet = engine
-        .connect(Transport::WebSocket, Principal::Anonymous)
-        .unwrap();
-    let mut echoing = engine
-        .connect(Transport::WebSocket, Principal::Anonymous)
-        .unwrap();
+    let mut quiet = anonymous(&engine);
+    let mut echoing = anonymous(&engine);
     quiet.subscribe(subscribe(false)).await.unwrap();
     echoing.subscribe(subscribe(true)).await.unwrap();
     let post = |i: i32| Event::new(EventType::RecordCreated, "posts", "r", json!({ "i": i }));
@@ -193,9 +190,7 @@ async fn a_run_hands_out_events_in_order_without_own_echoes() {
 #[tokio::test]
 async fn a_run_goes_out_whole_unless_some_of_it_is_not_for_the_client() {
     let engine = engine(64).await;
-    let mut connection = engine
-        .connect(Transport::WebSocket, Principal::Anonymous)
-        .unwrap();
+    let mut connection = anonymous(&engine);
     let spec = SubscriptionSpec {
         since: None,
         ..resume(0)
@@ -246,9 +241,7 @@ async fn a_run_goes_out_whole_unless_some_of_it_is_not_for_the_client() {
 #[tokio::test]
 async fn waiting_for_a_delivery_holds_little_memory() {
     let engine = engine(64).await;
-    let mut connection = engine
-        .connect(Transport::WebSocket, Principal::Anonymous)
-        .unwrap();
+    let mut connection = anonymous(&engine);
     let waiting = std::mem::size_of_val(&connection.recv());
     assert!(
         waiting <= 512,
