@@ -106,6 +106,38 @@ impl AuthFailure {
     }
 }
 
+/// A request to NATS that strom counts when it fails or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsOp {
+    /// Creating the consumer that brings a collection's events to the node.
+    Watch,
+    /// Reading a resuming subscription's history (a direct get, or a
+    /// message from the stream leader).
+    History,
+    /// Asking a stream's state (its oldest and newest seq).
+    StreamInfo,
+    /// Publishing an event and waiting for JetStream's acknowledgement.
+    Publish,
+}
+
+impl NatsOp {
+    pub const ALL: [NatsOp; 4] = [
+        NatsOp::Watch,
+        NatsOp::History,
+        NatsOp::StreamInfo,
+        NatsOp::Publish,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatsOp::Watch => "watch",
+            NatsOp::History => "history",
+            NatsOp::StreamInfo => "stream_info",
+            NatsOp::Publish => "publish",
+        }
+    }
+}
+
 /// One counter per transport, indexed by `Transport as usize`.
 pub type PerTransport = Family<{ crate::engine::Transport::ALL.len() }>;
 
@@ -116,6 +148,8 @@ pub struct Metrics {
     pub connections_closed: PerTransport,
     pub evictions: Family<{ Eviction::ALL.len() }>,
     pub auth_failures: Family<{ AuthFailure::ALL.len() }>,
+    /// NATS requests that failed or timed out, by operation.
+    pub nats_request_failures: Family<{ NatsOp::ALL.len() }>,
     /// From a publish request's arrival to the bus's acknowledgement.
     pub publish_duration: Histogram,
     /// From the bus handing an event to this node to a connection's writer
@@ -132,6 +166,7 @@ impl Metrics {
             connections_closed: Family::new(),
             evictions: Family::new(),
             auth_failures: Family::new(),
+            nats_request_failures: Family::new(),
             publish_duration: Histogram::new(),
             fanout_latency: Histogram::new(),
         }

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::net::SocketAddr;
 use std::time::Duration;
 use strom::bus::nats::NatsConfig;
 use strom::edge::grpc::json_from_struct;
@@ -158,30 +159,91 @@ async fn a_raw_nats_publish_on_presence_is_skipped() {
 
 #[tokio::test]
 async fn a_node_reads_only_the_collections_its_subscribers_need() {
-    let nats = NatsServer::start();
+    let monitor = free_port();
+    let nats = NatsServer::start_with(&["-js", "-m", &monitor.to_string()]);
     let server = node(&nats).await;
     let raw = async_nats::connect(&nats.url).await.unwrap();
     let js = async_nats::jetstream::new(raw);
     let mut stream = js.get_stream("STROM_EVENTS").await.unwrap();
-    let consumers = |info: &async_nats::jetstream::stream::Info| info.state.consumer_count;
-    assert_eq!(consumers(stream.info().await.unwrap()), 0);
+    // The subscriptions nats-server holds on the live subject of `posts`.
+    let monitor: SocketAddr = ([127, 0, 0, 1], monitor).into();
+    let on_posts = || async move {
+        let (status, body) = http(monitor, "GET", "/subsz?subs=1", "").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body.matches("\"strom.events_live.posts\"").count()
+    };
+    assert_eq!(on_posts().await, 0);
     let mut client = server.grpc().await;
     let sub = grpc_subscribe(&mut client, text_subscription("posts", None)).await;
     let second = grpc_subscribe(&mut client, text_subscription("posts", None)).await;
     assert_eq!(
-        consumers(stream.info().await.unwrap()),
+        on_posts().await,
         1,
-        "one consumer per collection"
+        "one subscription per collection and node"
+    );
+    let info = stream.info().await.unwrap();
+    assert_eq!(
+        info.state.consumer_count, 0,
+        "watches and replays need no consumer"
     );
     drop(sub);
     drop(second);
-    // The consumer goes once the last subscriber has; wait for that event.
-    within("the consumer to be deleted", async {
-        while consumers(stream.info().await.unwrap()) != 0 {
+    // The subscription goes once the last subscriber has; wait for that.
+    within("the subscription to end", async {
+        while on_posts().await != 0 {
             tokio::task::yield_now().await;
         }
     })
     .await;
+}
+
+/// Turns the stream's republishing of stored events off or on, as
+/// strom's watches see it: off, a stored event does not arrive live.
+async fn set_republish(js: &async_nats::jetstream::Context, on: bool) {
+    let mut stream = js.get_stream("STROM_EVENTS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.republish = on.then(|| async_nats::jetstream::stream::Republish {
+        source: "strom.events.>".into(),
+        destination: "strom.events_live.>".into(),
+        headers_only: false,
+    });
+    js.update_stream(config).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_live_event_that_never_arrived_is_read_from_the_stream_before_the_next() {
+    let nats = NatsServer::start();
+    let server = node(&nats).await;
+    let raw = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(raw);
+    let mut client = server.grpc().await;
+    let mut posts = grpc_subscribe(&mut client, text_subscription("posts", None)).await;
+    let mut everything = grpc_subscribe(&mut client, text_subscription("*", None)).await;
+    let first = server
+        .publish_json(created_json("posts", "first", json!({})))
+        .await;
+    assert_eq!(next_event(&mut posts).await.seq, first);
+    assert_eq!(next_event(&mut everything).await.seq, first);
+
+    // Stored but never republished: what a watch misses when core NATS
+    // drops a message (a reconnection, a lost server).
+    set_republish(&js, false).await;
+    let missed = server
+        .publish_json(created_json("posts", "missed", json!({})))
+        .await;
+    set_republish(&js, true).await;
+    let next = server
+        .publish_json(created_json("posts", "next", json!({})))
+        .await;
+    for stream in [&mut posts, &mut everything] {
+        let (a, b) = (next_event(stream).await, next_event(stream).await);
+        assert_eq!(
+            (a.seq, a.record_id.as_str()),
+            (missed, "missed"),
+            "the gap first"
+        );
+        assert_eq!((b.seq, b.record_id.as_str()), (next, "next"));
+    }
 }
 
 #[tokio::test]
@@ -333,6 +395,73 @@ async fn a_replay_that_nats_stops_serving_ends_with_unavailable() {
     nats.signal("CONT");
     assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
     assert!(ended.message().contains("NATS"), "{}", ended.message());
+}
+
+#[tokio::test]
+async fn a_subscription_nats_cannot_serve_ends_on_every_transport_and_readiness_says_so() {
+    let nats = NatsServer::start();
+    let node = TestServer::start(impatient(&nats, Duration::from_secs(1))).await;
+    let (status, ready) = node.get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    nats.signal("STOP");
+    let mut ws = WsClient::connect(node.addr, "").await.unwrap();
+
+    // WebSocket: the error, then close 1001 (the seed client reconnects
+    // only on a close).
+    ws.send(json!({"action": "subscribe", "collection": "posts", "since": 0}))
+        .await;
+    let error = ws.reply().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["data"]["code"], "unavailable", "{error}");
+    assert_eq!(ws.expect_close().await, 1001);
+
+    // SSE: the stream opens (an EventSource gives up on an HTTP error),
+    // says why, and ends.
+    let (status, _, body) = sse_body(node.addr, "/api/v1/realtime/posts?since=0", "").await;
+    assert_eq!(status, 200);
+    use futures_util::StreamExt;
+    let chunks: Vec<_> = within("the SSE stream to end", body.collect()).await;
+    let text: String = chunks
+        .into_iter()
+        .map(|chunk| String::from_utf8(chunk.unwrap().to_vec()).unwrap())
+        .collect();
+    assert!(text.starts_with("event: stream_error\n"), "{text}");
+    assert!(text.contains("\"code\":\"unavailable\""), "{text}");
+
+    // gRPC: the call ends UNAVAILABLE.
+    let mut client = node.grpc().await;
+    let status = within(
+        "the subscribe to fail",
+        client.subscribe(text_subscription("posts", None)),
+    )
+    .await
+    .expect_err("a subscription NATS cannot serve");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+    // Readiness says what is wrong; health stays up; the failures count.
+    let (status, ready) = node.get("/readyz").await;
+    assert_eq!(status, 503, "{ready}");
+    assert!(ready.contains("unavailable"), "{ready}");
+    assert_eq!(node.get("/healthz").await.0, 200);
+    let (_, metrics) = node.get("/metrics").await;
+    let series = metric_series(&metrics);
+    let failures: f64 = ["watch", "history", "stream_info"]
+        .map(|op| series[&format!("strom_nats_request_failures_total{{op=\"{op}\"}}")])
+        .iter()
+        .sum();
+    assert!(failures >= 3.0, "{metrics}");
+
+    nats.signal("CONT");
+    within("readiness to come back", async {
+        while node.get("/readyz").await.0 != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let mut stream = grpc_subscribe(&mut client, text_subscription("posts", None)).await;
+    node.publish_json(json!({"type": "record.created", "collection": "posts", "data": {}}))
+        .await;
+    assert_eq!(next_event(&mut stream).await.collection, "posts");
 }
 
 #[tokio::test]
@@ -599,7 +728,9 @@ async fn metrics_report_the_nats_connection_consumers_and_history() {
     let series = metric_series(&metrics);
     let value = |name: &str| series[name];
     assert_eq!(value("strom_nats_connected"), 1.0);
-    assert!(value("strom_jetstream_consumers") >= 1.0, "{metrics}");
+    // strom reads the stream without consumers; others' are counted.
+    assert_eq!(value("strom_jetstream_consumers"), 0.0, "{metrics}");
+    assert!(series.contains_key("strom_nats_request_failures_total{op=\"history\"}"));
     assert_eq!(value("strom_history_events"), 1.0);
 
     // The Grafana dashboard asks only for series this serves.

@@ -47,6 +47,8 @@ pub enum BusError {
     JetStream(String),
     #[error("the JetStream {0}")]
     StreamSettings(String),
+    #[error("{0}")]
+    ServerVersion(String),
     #[error("publishing to NATS failed: {0}")]
     Publish(String),
     #[error("subscribing on NATS failed: {0}")]
@@ -180,6 +182,15 @@ impl Bus {
                 history_events: Some(bus.retained() as u64),
             },
             Bus::Nats(bus) => bus.state().await,
+        }
+    }
+
+    /// Whether the bus can serve subscriptions and replays now; else why
+    /// not. The memory bus always can.
+    pub async fn readiness(&self) -> Result<(), String> {
+        match self {
+            Bus::Memory(_) => Ok(()),
+            Bus::Nats(bus) => bus.readiness().await,
         }
     }
 

@@ -7,12 +7,23 @@
 //! strom.events.posts '{"type":"record.created","data":{...}}'` reaches
 //! subscribers exactly like a Publish call.
 //!
-//! A node reads only what its local subscribers need: one ordered consumer
-//! per collection with local subscribers (and one on `<prefix>.>` while
-//! anyone subscribes to `*`), created when the first local subscriber
-//! arrives, deleted when the last leaves. A watch resolves only once its
-//! consumer exists on the server, so an event published after a subscribe
-//! returned is never missed.
+//! A node reads only what its local subscribers need: one consumer per
+//! collection with local subscribers (and one on `<prefix>.>` while anyone
+//! subscribes to `*`), created when the first local subscriber arrives,
+//! deleted when the last leaves. A watch resolves only once its consumer
+//! exists on the server, so an event published after a subscribe returned
+//! is never missed. The consumer keeps as many replicas as the stream (in
+//! memory, acknowledging nothing): JetStream places a one-replica consumer
+//! on a random server of the stream's group, and goes on placing new ones
+//! on a server that was killed (not shut down) for as long as it stays
+//! down, where they never answer. A replicated consumer is created as soon
+//! as a quorum of its servers has it, and outlives the loss of one.
+//!
+//! History is read without consumers: batches of direct gets
+//! (`$JS.API.DIRECT.GET`, nats-server 2.11 or later, the stream with
+//! `allow_direct`), answered by any live replica, so a replay costs the
+//! cluster no consumer (no meta-group proposal per resume) and never waits
+//! on a lost server.
 //!
 //! A resuming subscription switches from history to live at the watch's
 //! *position*: the stream sequence up to which the node's consumer has
@@ -20,8 +31,9 @@
 //! after the subscription is in the router). Everything after it arrives
 //! live, and the replay reads exactly up to it. Nothing here trusts a
 //! replica's view of the stream's end: after a server is lost, stream info
-//! and a consumer's pending count can lag behind what other servers have
-//! already delivered, and a split taken from them loses the difference.
+//! and a replica's answers can lag behind what other servers have already
+//! delivered. A direct-get batch that ends short of the position is
+//! checked with the stream leader, which has every stored event.
 //!
 //! One stream is the ceiling of a cluster's publish rate. With
 //! `--nats-partitions N` (N > 1) collections are spread over N streams,
@@ -29,20 +41,27 @@
 //! `fnv1a32(collection) % N`, on `<prefix>.<partition>.<collection>`. A
 //! collection lives in one stream, so its events' `seq` (that stream's
 //! sequence) is still one number that orders them and resumes exactly. `*`
-//! reads every stream live; its events come from several sequences, so no
-//! one number is a position in all of them, and a `*` subscription cannot
-//! resume (a clear error says so).
+//! reads every stream live, and resumes from a position of one seq per
+//! stream.
+//!
+//! Every NATS request that fails or times out is counted
+//! (`strom_nats_request_failures_total{op}`) and logged at WARN, at most
+//! once per operation every [`FAILURE_LOG_EVERY`], so an outage cannot
+//! flood the log.
 
 use super::presence_sync::{self, PresenceState, PresenceTiming};
 use super::{Audience, BusError, BusState, History, Inbox, Receipt, Replay, Retention};
 use crate::codec::{decode_event, encode_bus_body};
 use crate::event::{Event, Position, SharedEvent, WILDCARD};
-use async_nats::jetstream::{self, consumer, stream};
+use crate::metrics::{METRICS, NatsOp};
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, StatusCode};
 use futures_util::StreamExt;
+use serde_json::json;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::OnceCell;
 use tokio::task::AbortHandle;
 
@@ -90,13 +109,33 @@ impl Layout {
         self.filter(partition, WILDCARD)
     }
 
-    /// What a consumer of `key` (a collection, or `*`) on stream
-    /// `partition` reads.
+    /// The subjects of `key` (a collection, or `*`) in stream `partition`.
     fn filter(&self, partition: usize, key: &str) -> String {
+        Self::subjects(&self.prefix, self.partitions, partition, key)
+    }
+
+    /// Where stream `partition` republishes what it stores of `key`: the
+    /// same subject under `<prefix>_live`.
+    fn live(&self, partition: usize, key: &str) -> String {
+        let live = format!("{}_live", self.prefix);
+        Self::subjects(&live, self.partitions, partition, key)
+    }
+
+    fn subjects(prefix: &str, partitions: usize, partition: usize, key: &str) -> String {
         let tail = if key == WILDCARD { ">" } else { key };
-        match self.partitions {
-            1 => format!("{}.{tail}", self.prefix),
-            _ => format!("{}.{partition}.{tail}", self.prefix),
+        match partitions {
+            1 => format!("{prefix}.{tail}"),
+            _ => format!("{prefix}.{partition}.{tail}"),
+        }
+    }
+
+    /// Stream `partition`'s republishing of every event it stores, with
+    /// its seq and the seq of the subject's previous event in headers.
+    fn republish(&self, partition: usize) -> stream::Republish {
+        stream::Republish {
+            source: self.stream_subjects(partition),
+            destination: self.live(partition, WILDCARD),
+            headers_only: false,
         }
     }
 
@@ -157,8 +196,27 @@ impl NatsConfig {
     }
 }
 
-/// How long `/metrics` waits for the stream's state.
+/// How long `/metrics` and `/readyz` wait for the stream's state.
 const STATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Events one direct-get request asks for, and their bytes at most.
+const HISTORY_BATCH: usize = 256;
+const HISTORY_BATCH_BYTES: usize = 1 << 20;
+
+/// The status of a direct get's end of batch ("204 EOB").
+const END_OF_BATCH: u16 = 204;
+
+/// How often a watch asks the stream for its key's newest event, besides
+/// after every reconnection and leader change: an event republished while
+/// nobody listened shows no gap until the next one.
+const TAIL_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// The oldest nats-server that answers direct gets in batches.
+const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
+
+/// At most one WARN line per operation this often, however many requests
+/// fail (the counter counts them all).
+pub const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub struct NatsBus {
     inner: Arc<Inner>,
@@ -169,6 +227,9 @@ struct Inner {
     js: jetstream::Context,
     /// See [`NatsConfig::timeout`].
     timeout: Duration,
+    /// Bumped when a republished event may have been missed: the client
+    /// reconnected or dropped messages, or a stream elected a leader.
+    doubts: tokio::sync::watch::Sender<u64>,
     /// One per partition.
     streams: Vec<stream::Stream>,
     layout: Layout,
@@ -176,6 +237,7 @@ struct Inner {
     /// Per partition and collection (or `*`): how many local subscriptions
     /// want it, and its consumer.
     watches: Mutex<HashMap<WatchKey, (usize, Arc<WatchState>)>>,
+    failures: FailureLog,
 }
 
 /// A consumer's stream (partition) and what it reads (a collection or `*`).
@@ -184,99 +246,127 @@ type WatchKey = (usize, String);
 #[derive(Default)]
 struct WatchState {
     started: OnceCell<Result<AbortHandle, String>>,
-    /// The consumer's current name (it changes when the client recreates
-    /// it), so the last release can delete it rather than leave it to expire.
-    consumer: Mutex<String>,
     /// Every event of the key up to this stream sequence has been handed
-    /// to the inbox, or came before the consumer began (see the module
-    /// docs).
+    /// to the inbox, or came before the watch began (see the module docs).
     position: AtomicU64,
 }
 
-/// A consumer ready to read: its messages, name, the stream sequence it
-/// starts after, and how many messages it had pending when created.
-struct Reader {
-    messages: jetstream::consumer::pull::Ordered,
-    partition: usize,
-    name: String,
-    after_seq: u64,
-    pending: u64,
+/// When each operation's failure was last logged, and how many went
+/// unlogged since.
+struct FailureLog {
+    start: Instant,
+    /// Milliseconds since `start` of the last line per [`NatsOp`] (0: none).
+    logged_at: [AtomicU64; NatsOp::ALL.len()],
+    unlogged: [AtomicU64; NatsOp::ALL.len()],
 }
 
-/// Reads retained events of one collection up to a sequence number, then
-/// deletes its consumer.
+impl FailureLog {
+    fn new() -> Self {
+        FailureLog {
+            start: Instant::now(),
+            logged_at: [const { AtomicU64::new(0) }; NatsOp::ALL.len()],
+            unlogged: [const { AtomicU64::new(0) }; NatsOp::ALL.len()],
+        }
+    }
+
+    /// Counts a failed request and says whether to log it now, with how
+    /// many failures of `op` went unlogged before it.
+    fn note(&self, op: NatsOp) -> Option<u64> {
+        METRICS.nats_request_failures.add(op as usize, 1);
+        self.due(op, self.start.elapsed())
+    }
+
+    /// Whether a failure of `op` at `now` (since `start`) is logged.
+    fn due(&self, op: NatsOp, now: Duration) -> Option<u64> {
+        let now = (now.as_millis() as u64).max(1);
+        let last = &self.logged_at[op as usize];
+        let previous = last.load(Ordering::Relaxed);
+        let due = previous == 0 || now - previous.min(now) >= FAILURE_LOG_EVERY.as_millis() as u64;
+        let claimed = due
+            && last
+                .compare_exchange(previous, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if claimed {
+            Some(self.unlogged[op as usize].swap(0, Ordering::Relaxed))
+        } else {
+            self.unlogged[op as usize].fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Reads the retained events of one collection (or `*`) in one stream
+/// after a sequence number up to another, in batches of direct gets.
 pub struct HistoryReader {
     inner: Arc<Inner>,
+    partition: usize,
     key: String,
-    reader: Option<Reader>,
-    /// Reads the events after `since` up to `until`.
-    since: u64,
+    /// The next sequence to ask for; past `until` once done.
+    next: u64,
     until: u64,
+    /// Read and not yet handed out.
+    batch: VecDeque<Arc<SharedEvent>>,
 }
 
 impl HistoryReader {
     pub async fn next(&mut self) -> Option<Result<Arc<SharedEvent>, BusError>> {
         loop {
-            let reader = self.reader.as_mut()?;
-            let next = tokio::time::timeout(self.inner.timeout, reader.messages.next());
-            let message = match next.await {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(e))) => return Some(Err(BusError::History(e.to_string()))),
-                Ok(None) => {
-                    self.finish();
-                    return Some(Err(BusError::History("the history consumer ended".into())));
-                }
-                Err(_) => {
-                    self.finish();
-                    let waited = self.inner.timeout;
-                    return Some(Err(BusError::History(format!(
-                        "NATS sent no history for {waited:?}"
-                    ))));
-                }
-            };
-            let Ok(info) = message.info() else { continue };
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            // The client recreates a consumer that lost its server before
-            // its first message from the stream's beginning.
-            if seq <= self.since {
-                continue;
-            }
-            if seq > self.until {
-                self.finish();
-                return None;
-            }
-            let last = seq == self.until
-                || pending == 0 && {
-                    let partition = reader.partition;
-                    // Boxed: a NATS request's future is large and rare.
-                    let next_seq = self.inner.next_seq(partition, &self.key, seq + 1);
-                    match Box::pin(next_seq).await {
-                        Ok(next) => next.is_none_or(|next| next > self.until),
-                        Err(e) => {
-                            self.finish();
-                            return Some(Err(e));
-                        }
-                    }
-                };
-            if last {
-                self.finish();
-            }
-            if let Some(event) = self.inner.decode(&message) {
+            if let Some(event) = self.batch.pop_front() {
                 return Some(Ok(event));
             }
+            if self.next > self.until {
+                return None;
+            }
+            if let Err(e) = self.fill().await {
+                self.next = u64::MAX;
+                let error = self.inner.failed(NatsOp::History, &self.key, e);
+                return Some(Err(BusError::History(error)));
+            }
         }
     }
 
-    fn finish(&mut self) {
-        if let Some(reader) = self.reader.take() {
-            self.inner.delete_consumer(reader.partition, reader.name);
+    /// Reads the next batch from whichever replica answers, and where it
+    /// ends short of `until` with nothing more pending there (that replica
+    /// may lag behind the node's consumer), the next event from the stream
+    /// leader.
+    async fn fill(&mut self) -> Result<(), String> {
+        let inner = Arc::clone(&self.inner);
+        let (messages, pending) = inner
+            .direct_batch(self.partition, &self.key, self.next)
+            .await?;
+        for message in messages {
+            self.take(&message);
         }
+        if pending == 0 && self.next <= self.until {
+            match inner
+                .next_from_leader(self.partition, &self.key, self.next)
+                .await?
+            {
+                Some(message) => self.take(&message),
+                None => self.next = self.until + 1,
+            }
+        }
+        Ok(())
     }
-}
 
-impl Drop for HistoryReader {
-    fn drop(&mut self) {
-        self.finish();
+    /// Keeps `message` if it is the next one wanted, and moves on past it.
+    fn take(&mut self, message: &jetstream::message::StreamMessage) {
+        let seq = message.sequence;
+        if seq < self.next || self.next > self.until {
+            return;
+        }
+        if seq > self.until {
+            self.next = self.until + 1;
+            return;
+        }
+        self.next = seq + 1;
+        let published: SystemTime = message.time.into();
+        if let Some(event) = self
+            .inner
+            .decode(&message.subject, &message.payload, seq, published)
+        {
+            self.batch.push_back(event);
+        }
     }
 }
 
@@ -306,6 +396,22 @@ impl Drop for Watch {
     }
 }
 
+/// Refuses a nats-server older than [`MIN_SERVER_VERSION`], whose direct
+/// gets cannot read history in batches.
+fn check_server_version(url: &str, version: &str) -> Result<(), BusError> {
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|part| part.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version.is_empty() || found >= MIN_SERVER_VERSION {
+        return Ok(());
+    }
+    let (major, minor) = MIN_SERVER_VERSION;
+    Err(BusError::ServerVersion(format!(
+        "nats-server at {url} is version {version}; strom reads history with batched direct gets, which need {major}.{minor} or later"
+    )))
+}
+
 /// Opens the event stream, creating it if needed, and waits up to the
 /// startup timeout for JetStream to answer, saying what it waits for. A
 /// stream that exists with other replicas or subjects is an error: reusing
@@ -327,6 +433,8 @@ async fn open_stream(
         max_bytes: i64::try_from(retention.max_bytes).unwrap_or(i64::MAX),
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
+        allow_direct: true,
+        republish: Some(layout.republish(partition)),
         ..Default::default()
     };
     let deadline = tokio::time::Instant::now() + config.startup_timeout;
@@ -357,6 +465,33 @@ async fn open_stream(
             actual.num_replicas, actual.subjects, config.replicas
         )));
     }
+    let stream = if actual.allow_direct && actual.republish == wanted.republish {
+        stream
+    } else {
+        // A stream made by an older strom: live events come republished,
+        // and replays are direct gets.
+        tracing::info!(stream = %name, "republishing events and allowing direct gets on the stream");
+        let allowed = stream::Config {
+            allow_direct: true,
+            republish: wanted.republish.clone(),
+            ..actual.clone()
+        };
+        let update = async {
+            js.update_stream(allowed).await.map_err(|e| e.to_string())?;
+            js.get_stream(&name).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(config.timeout, update).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(BusError::JetStream(format!("updating stream {name}: {e}"))),
+            Err(_) => {
+                let waited = config.timeout;
+                return Err(BusError::JetStream(format!(
+                    "updating stream {name}: no answer within {waited:?}"
+                )));
+            }
+        }
+    };
+    let actual = &stream.cached_info().config;
     if (actual.max_age, actual.max_messages, actual.max_bytes)
         != (wanted.max_age, wanted.max_messages, wanted.max_bytes)
     {
@@ -378,9 +513,20 @@ impl NatsBus {
         inbox: Arc<dyn Inbox>,
         presence: Arc<dyn PresenceState>,
     ) -> Result<NatsBus, BusError> {
+        let (doubts, _) = tokio::sync::watch::channel(0);
+        let doubt = doubts.clone();
         let client = async_nats::ConnectOptions::new()
             .name("strom")
             .retry_on_initial_connect()
+            .event_callback(move |event| {
+                let doubt = doubt.clone();
+                async move {
+                    if let async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) = event
+                    {
+                        doubt.send_modify(|n| *n += 1);
+                    }
+                }
+            })
             // Several servers of one cluster: `nats://a:4222,nats://b:4222`.
             .connect(config.url.split(',').map(str::trim).collect::<Vec<_>>())
             .await
@@ -401,21 +547,43 @@ impl NatsBus {
         for partition in 0..layout.partitions {
             streams.push(open_stream(&js, &config, &layout, partition, retention).await?);
         }
+        // Known once JetStream answered: the client connects in the background.
+        check_server_version(&config.url, &client.server_info().version)?;
+        for partition in 0..layout.partitions {
+            let name = layout.stream_name(partition);
+            let elected = format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{name}");
+            let mut advisories = (client.subscribe(elected).await)
+                .map_err(|e| BusError::Subscribe(e.to_string()))?;
+            let doubt = doubts.clone();
+            tokio::spawn(async move {
+                while advisories.next().await.is_some() {
+                    doubt.send_modify(|n| *n += 1);
+                }
+            });
+        }
         Ok(NatsBus {
             inner: Arc::new(Inner {
                 client,
                 js,
                 timeout: config.timeout,
+                doubts,
                 streams,
                 layout,
                 inbox,
                 watches: Mutex::new(HashMap::new()),
+                failures: FailureLog::new(),
             }),
         })
     }
 
     pub async fn publish(&self, events: Vec<Event>) -> Result<Receipt, BusError> {
-        let publish_error = |e: &dyn std::fmt::Display| BusError::Publish(e.to_string());
+        let collection = events.first().map_or("", |event| event.collection.as_str());
+        let publish_error = |e: &dyn std::fmt::Display| {
+            BusError::Publish(
+                self.inner
+                    .failed(NatsOp::Publish, collection, e.to_string()),
+            )
+        };
         let mut acks = Vec::with_capacity(events.len());
         for event in &events {
             let subject = self.inner.layout.subject(&event.collection);
@@ -473,14 +641,48 @@ impl NatsBus {
         }
     }
 
+    /// Whether this node can serve replays now: connected, every stream has
+    /// a leader that answers, and some replica answers direct gets; else
+    /// what is wrong.
+    pub async fn readiness(&self) -> Result<(), String> {
+        if self.inner.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("not connected to NATS".into());
+        }
+        for (partition, stream) in self.inner.streams.iter().enumerate() {
+            let name = self.inner.layout.stream_name(partition);
+            let info = tokio::time::timeout(STATE_TIMEOUT, stream.get_info()).await;
+            let first = match info {
+                Ok(Ok(info)) => info.state.first_sequence,
+                Ok(Err(e)) => return Err(format!("stream {name}: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "stream {name}: no leader answered within {STATE_TIMEOUT:?}"
+                    ));
+                }
+            };
+            let probe =
+                (self.inner).direct_get(partition, json!({"seq": first.max(1), "batch": 1}));
+            match tokio::time::timeout(STATE_TIMEOUT, probe).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("stream {name}: direct get: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "stream {name}: no replica answered a direct get within {STATE_TIMEOUT:?}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The retained events of `key` after `since` up to `until` (the
     /// position of the caller's watch; both one seq per stream of `key`),
-    /// read through temporary ordered consumers, one stream after another.
-    /// The replay's head is `until`, or `since` where the client is ahead
-    /// of this node (its consumer lags behind the node the client came
-    /// from) but not past the stream's end: what the client has must not
-    /// come again live, while a position past the end (a stream made anew)
-    /// still gets every new event.
+    /// read in direct-get batches, one stream after another. The replay's
+    /// head is `until`, or `since` where the client is ahead of this node
+    /// (its consumer lags behind the node the client came from) but not
+    /// past the stream's end: what the client has must not come again
+    /// live, while a position past the end (a stream made anew) still gets
+    /// every new event.
     pub async fn replay(
         &self,
         key: &str,
@@ -492,9 +694,18 @@ impl NatsBus {
         for partition in self.inner.layout.partitions_of(key) {
             let k = Some(partition as u32);
             let (since, until) = (since.of(k), until.of(k));
-            let stream = self.inner.replay_stream(partition, key, since, until);
-            let (reader, first, last) = stream.await?;
-            readers.extend(reader);
+            let (first, last) = self.inner.stream_bounds(partition, key).await?;
+            let next = since.saturating_add(1).max(first);
+            if next <= until {
+                readers.push_back(HistoryReader {
+                    inner: Arc::clone(&self.inner),
+                    partition,
+                    key: key.to_owned(),
+                    next,
+                    until,
+                    batch: VecDeque::new(),
+                });
+            }
             head.push(until.max(since.min(last)));
             first_available.push(first);
         }
@@ -530,7 +741,7 @@ impl NatsBus {
             let inner = Arc::clone(&self.inner);
             let started = state
                 .started
-                .get_or_init(|| inner.start_consumer(key.clone(), Arc::clone(state)))
+                .get_or_init(|| inner.start_watch(key.clone(), Arc::clone(state)))
                 .await;
             if let Err(e) = started {
                 return Err(BusError::Subscribe(e.clone()));
@@ -549,6 +760,21 @@ impl Inner {
             .map_err(|_| format!("NATS did not answer for {what} within {:?}", self.timeout))
     }
 
+    /// Counts a failed request of `op` for `collection` and logs it
+    /// (rate-limited, see [`FAILURE_LOG_EVERY`]); the error, to pass on.
+    fn failed(&self, op: NatsOp, collection: &str, error: String) -> String {
+        if let Some(unlogged) = self.failures.note(op) {
+            let op = op.as_str();
+            tracing::warn!(op, %collection, unlogged, "NATS request failed: {error}");
+        }
+        error
+    }
+
+    /// [`Inner::failed`], as the error of a replay.
+    fn history_failed(&self, op: NatsOp, key: &str, error: String) -> BusError {
+        BusError::History(self.failed(op, key, error))
+    }
+
     fn release(&self, key: &WatchKey) {
         let mut watches = self.watches.lock().expect("watches lock");
         let Some(entry) = watches.get_mut(key) else {
@@ -558,210 +784,282 @@ impl Inner {
         if entry.0 == 0 {
             if let Some(Ok(task)) = entry.1.started.get() {
                 task.abort();
-                let name = entry.1.consumer.lock().expect("consumer lock").clone();
-                self.delete_consumer(key.0, name);
             }
             watches.remove(key);
         }
     }
 
-    /// A reader of `key`'s events in stream `partition` after `since` up to
-    /// `until` (`None`: there are none), and the stream's oldest and newest
-    /// seqs.
-    async fn replay_stream(
-        self: &Arc<Self>,
-        partition: usize,
-        key: &str,
-        since: u64,
-        until: u64,
-    ) -> Result<(Option<HistoryReader>, u64, u64), BusError> {
-        let info = self
-            .bounded("stream info", self.streams[partition].get_info())
-            .await
-            .map_err(BusError::History)?
-            .map_err(|e| BusError::History(e.to_string()))?;
-        let first_available = if info.state.messages == 0 {
-            info.state.last_sequence + 1
+    /// Stream `partition`'s oldest retained seq (one past the newest when
+    /// it is empty) and newest seq, from its leader.
+    async fn stream_bounds(&self, partition: usize, key: &str) -> Result<(u64, u64), BusError> {
+        let info = self.streams[partition].get_info();
+        let info = match self.bounded("stream info", info).await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => return Err(self.history_failed(NatsOp::StreamInfo, key, e.to_string())),
+            Err(e) => return Err(self.history_failed(NatsOp::StreamInfo, key, e)),
+        };
+        let state = info.state;
+        let first = if state.messages == 0 {
+            state.last_sequence + 1
         } else {
-            info.state.first_sequence
+            state.first_sequence
         };
-        let last = info.state.last_sequence;
-        let start = since.saturating_add(1).max(first_available);
-        if start > until {
-            return Ok((None, first_available, last));
-        }
-        let policy = consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: start,
-        };
-        let opened = self
-            .bounded("a history consumer", self.consumer(partition, key, policy))
-            .await
-            .and_then(|opened| opened)
-            .map_err(BusError::History)?;
-        tracing::debug!(
-            stream = %self.layout.stream_name(partition), %key, since, until,
-            pending = opened.pending, "replaying history"
-        );
-        // The consumer's server may lag; the stream leader knows.
-        let empty = opened.pending == 0
-            && (self.next_seq(partition, key, start).await?).is_none_or(|next| next > until);
-        if empty {
-            self.delete_consumer(partition, opened.name);
-            return Ok((None, first_available, last));
-        }
-        let reader = HistoryReader {
-            inner: Arc::clone(self),
-            key: key.to_owned(),
-            reader: Some(opened),
-            since,
-            until,
-        };
-        Ok((Some(reader), first_available, last))
+        Ok((first, state.last_sequence))
     }
 
-    /// The sequence of the first message of `key` (a collection, or `*`)
-    /// at or after `from`, asked of the stream leader (`None`: there is
-    /// none).
-    async fn next_seq(
+    /// Up to [`HISTORY_BATCH`] messages of `key` in stream `partition` from
+    /// seq `from` on, from any replica, and how many more that replica has.
+    async fn direct_batch(
         &self,
         partition: usize,
         key: &str,
         from: u64,
-    ) -> Result<Option<u64>, BusError> {
+    ) -> Result<(Vec<jetstream::message::StreamMessage>, u64), String> {
+        let request = json!({
+            "seq": from,
+            "next_by_subj": self.layout.filter(partition, key),
+            "batch": HISTORY_BATCH,
+            "max_bytes": HISTORY_BATCH_BYTES,
+        });
+        self.direct_get(partition, request).await
+    }
+
+    /// Sends a batched direct get to stream `partition` and collects the
+    /// answer: its messages, and how many more match (0 when none did).
+    async fn direct_get(
+        &self,
+        partition: usize,
+        request: serde_json::Value,
+    ) -> Result<(Vec<jetstream::message::StreamMessage>, u64), String> {
+        let subject = format!("$JS.API.DIRECT.GET.{}", self.layout.stream_name(partition));
+        let inbox = self.client.new_inbox();
+        let mut replies =
+            (self.client.subscribe(inbox.clone()).await).map_err(|e| e.to_string())?;
+        (self
+            .client
+            .publish_with_reply(subject, inbox, request.to_string().into())
+            .await)
+            .map_err(|e| e.to_string())?;
+        let mut messages = Vec::new();
+        loop {
+            let reply = match self.bounded("a direct get", replies.next()).await? {
+                Some(reply) => reply,
+                None => return Err("the direct get's subscription ended".into()),
+            };
+            match reply.status {
+                None | Some(StatusCode::OK) => {
+                    let message = jetstream::message::StreamMessage::try_from(reply);
+                    messages.push(message.map_err(|e| format!("a direct get's answer: {e}"))?);
+                }
+                // The end of the batch says how many more match.
+                Some(status) if status.as_u16() == END_OF_BATCH => {
+                    let pending = num_pending(reply.headers.as_ref());
+                    return Ok((messages, pending));
+                }
+                Some(StatusCode::NOT_FOUND) => return Ok((messages, 0)),
+                Some(status) => {
+                    let description = reply.description.unwrap_or_default();
+                    return Err(format!("direct get answered {status} {description}"));
+                }
+            }
+        }
+    }
+
+    /// The first message of `key` in stream `partition` at or after `from`,
+    /// asked of the stream leader (`None`: there is none).
+    async fn next_from_leader(
+        &self,
+        partition: usize,
+        key: &str,
+        from: u64,
+    ) -> Result<Option<jetstream::message::StreamMessage>, String> {
         let request = self.streams[partition]
             .raw_message_builder()
             .sequence(from)
             .next_by_subject(self.layout.filter(partition, key))
             .send();
-        match self.bounded("the next message", request).await {
-            Ok(Ok(message)) => Ok(Some(message.sequence)),
-            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Ok(Err(e)) => Err(BusError::History(e.to_string())),
-            Err(e) => Err(BusError::History(e)),
+        match self.bounded("the next message", request).await? {
+            Ok(message) => Ok(Some(message)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(e.to_string()),
         }
     }
 
-    /// Deletes a consumer in the background, rather than leaving it to
-    /// expire after its inactivity threshold.
-    fn delete_consumer(&self, partition: usize, name: String) {
-        let stream = self.streams[partition].clone();
-        tokio::spawn(async move {
-            if let Err(e) = stream.delete_consumer(&name).await {
-                tracing::debug!(consumer = %name, "deleting NATS consumer: {e}");
-            }
-        });
-    }
-
-    async fn consumer(
-        &self,
-        partition: usize,
-        key: &str,
-        deliver_policy: consumer::DeliverPolicy,
-    ) -> Result<Reader, String> {
-        let mut consumer = self.streams[partition]
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.layout.filter(partition, key),
-                deliver_policy,
-                // Caps each pull's expiry, and so the idle heartbeat at
-                // half of it: a consumer lost with its server is noticed
-                // (two missed heartbeats) and recreated within about the
-                // timeout, rather than the client's default 30 s.
-                max_expires: self.timeout,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let info = consumer.info().await.map_err(|e| e.to_string())?;
-        let (name, after_seq, pending) = (
-            info.name.clone(),
-            info.delivered.stream_sequence,
-            info.num_pending,
-        );
-        let messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        Ok(Reader {
-            messages,
-            partition,
-            name,
-            after_seq,
-            pending,
-        })
-    }
-
-    /// Creates the consumer, then leaves a task dispatching its messages.
-    async fn start_consumer(
+    /// Subscribes to `key`'s republished events in stream `partition`,
+    /// then leaves a task handing them on. The position starts at the
+    /// stream's newest seq, asked after subscribing: the request travels
+    /// behind the subscription on the same connection and routes, so every
+    /// event the leader stores after answering reaches it.
+    async fn start_watch(
         self: Arc<Self>,
         (partition, key): WatchKey,
         state: Arc<WatchState>,
     ) -> Result<AbortHandle, String> {
-        let reader = self
-            .bounded(
-                "a consumer",
-                self.consumer(partition, &key, consumer::DeliverPolicy::New),
-            )
-            .await??;
-        *state.consumer.lock().expect("consumer lock") = reader.name.clone();
-        state.position.store(reader.after_seq, Ordering::SeqCst);
-        let task = tokio::spawn(async move { self.run_consumer(key, reader, state).await });
+        let subscribed = self.client.subscribe(self.layout.live(partition, &key));
+        let live = match self.bounded("a subscription", subscribed).await {
+            Ok(Ok(live)) => live,
+            Ok(Err(e)) => return Err(self.failed(NatsOp::Watch, &key, e.to_string())),
+            Err(e) => return Err(self.failed(NatsOp::Watch, &key, e)),
+        };
+        let (_, newest) = self
+            .stream_bounds(partition, &key)
+            .await
+            .map_err(|e| e.to_string())?;
+        state.position.store(newest, Ordering::SeqCst);
+        let task = tokio::spawn(async move { self.run_watch(partition, key, live, state).await });
         Ok(task.abort_handle())
     }
 
-    async fn run_consumer(&self, key: String, mut reader: Reader, state: Arc<WatchState>) {
+    /// Hands `key`'s republished events to the router in seq order, none
+    /// twice and none left out. Core NATS drops messages across a
+    /// reconnection, a slow reader or a lost server; each event names the
+    /// seq of its subject's previous one, so a gap shows at the next event,
+    /// and is read from the stream before it (`*`: stream seqs follow one
+    /// another). A missed event with none after it shows in the tail
+    /// check, after every doubt and every [`TAIL_CHECK_EVERY`].
+    async fn run_watch(
+        &self,
+        partition: usize,
+        key: String,
+        mut live: async_nats::Subscriber,
+        state: Arc<WatchState>,
+    ) {
         let audience = if key == WILDCARD {
             Audience::WildcardOnly
         } else {
             Audience::CollectionOnly
         };
+        let mut doubts = self.doubts.subscribe();
+        let mut tail_check = tokio::time::interval(TAIL_CHECK_EVERY);
+        tail_check.tick().await;
         loop {
-            while let Some(message) = reader.messages.next().await {
-                match message {
-                    Ok(message) => self.dispatch(&message, audience, &state),
-                    Err(e) => tracing::warn!(collection = %key, "NATS consumer: {e}"),
-                }
-            }
-            // The ordered consumer gave up; start over after the last event seen.
-            let position = state.position.load(Ordering::SeqCst);
-            tracing::warn!(collection = %key, position, "NATS consumer ended; recreating");
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let policy = consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: position + 1,
-                };
-                match self.consumer(reader.partition, &key, policy).await {
-                    Ok(next) => {
-                        *state.consumer.lock().expect("consumer lock") = next.name.clone();
-                        reader = next;
-                        break;
+            let (message, previous) = tokio::select! {
+                message = live.next() => {
+                    let Some(message) = message else { return };
+                    let previous = last_sequence(message.headers.as_ref());
+                    match jetstream::message::StreamMessage::try_from(message) {
+                        Ok(message) => (Some(message), previous),
+                        Err(e) => {
+                            tracing::warn!(collection = %key, "a republished event without its headers: {e}");
+                            continue;
+                        }
                     }
-                    Err(e) => tracing::warn!(collection = %key, "NATS consumer: {e}"),
+                }
+                changed = doubts.changed() => {
+                    if changed.is_err() { return }
+                    (None, None)
+                }
+                _ = tail_check.tick() => (None, None),
+            };
+            let position = state.position.load(Ordering::SeqCst);
+            // What must be read from the stream first: up to the event's
+            // predecessor, or (a doubt) up to the stream's newest.
+            let missing = match &message {
+                Some(message) if message.sequence <= position => continue,
+                Some(message) if key == WILDCARD => message.sequence - 1,
+                Some(_) => previous.unwrap_or(0),
+                None => self.newest_of(partition, &key).await,
+            };
+            if missing > position {
+                self.catch_up(partition, &key, missing, audience, &state)
+                    .await;
+            }
+            if let Some(message) = message {
+                self.dispatch(&message, audience, &state);
+            }
+        }
+    }
+
+    /// The seq of `key`'s newest event in stream `partition`, or 0 when
+    /// the stream does not say (which is counted and logged, and leaves the
+    /// next check to find it).
+    async fn newest_of(&self, partition: usize, key: &str) -> u64 {
+        if key == WILDCARD {
+            return self
+                .stream_bounds(partition, key)
+                .await
+                .map_or(0, |(_, last)| last);
+        }
+        let request = self.streams[partition]
+            .raw_message_builder()
+            .last_by_subject(self.layout.filter(partition, key))
+            .send();
+        let error = match self.bounded("the newest event", request).await {
+            Ok(Ok(message)) => return message.sequence,
+            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return 0,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e,
+        };
+        self.failed(NatsOp::History, key, error);
+        0
+    }
+
+    /// Reads `key`'s events after the watch's position up to `until` from
+    /// the stream and hands them on, retrying until it has them all: the
+    /// live events behind them wait, so none overtakes one it missed.
+    async fn catch_up(
+        &self,
+        partition: usize,
+        key: &str,
+        until: u64,
+        audience: Audience,
+        state: &WatchState,
+    ) {
+        loop {
+            let position = state.position.load(Ordering::SeqCst);
+            if position >= until {
+                return;
+            }
+            tracing::debug!(collection = %key, position, until, "reading events the watch missed");
+            match self.direct_batch(partition, key, position + 1).await {
+                Ok((messages, pending)) => {
+                    let before = state.position.load(Ordering::SeqCst);
+                    for message in messages.iter().filter(|m| m.sequence <= until) {
+                        self.dispatch(message, audience, state);
+                    }
+                    // Nothing at or before `until` left where the replica
+                    // looked: ask the leader, which has every stored event.
+                    if pending == 0 || state.position.load(Ordering::SeqCst) == before {
+                        match self.next_from_leader(partition, key, position + 1).await {
+                            Ok(Some(message)) if message.sequence <= until => {
+                                self.dispatch(&message, audience, state);
+                            }
+                            // None left up to `until` (deleted, or past retention).
+                            Ok(_) => {
+                                state.position.fetch_max(until, Ordering::SeqCst);
+                            }
+                            Err(e) => {
+                                self.failed(NatsOp::History, key, e);
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.failed(NatsOp::History, key, e);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
     }
 
-    /// Decodes one message and hands it to the router, once: a consumer
-    /// the client recreated before its first message starts over from the
-    /// stream's beginning, and what the watch already passed is skipped.
-    fn dispatch(&self, message: &jetstream::Message, audience: Audience, state: &WatchState) {
-        let info = match message.info() {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::warn!("NATS message without JetStream info: {e}");
-                return;
-            }
-        };
-        let mut consumer = state.consumer.lock().expect("consumer lock");
-        if *consumer != info.consumer {
-            *consumer = info.consumer.to_owned();
-        }
-        drop(consumer);
-        let seq = info.stream_sequence;
+    /// Hands one stream message to the router, once, and moves the watch's
+    /// position to it.
+    fn dispatch(
+        &self,
+        message: &jetstream::message::StreamMessage,
+        audience: Audience,
+        state: &WatchState,
+    ) {
+        let seq = message.sequence;
         if seq <= state.position.load(Ordering::SeqCst) {
             return;
         }
         // Before the router sees it: a subscription that reads the position
         // after joining the router gets every later event live.
         state.position.store(seq, Ordering::SeqCst);
-        if let Some(event) = self.decode(message) {
+        let published: SystemTime = message.time.into();
+        if let Some(event) = self.decode(&message.subject, &message.payload, seq, published) {
             self.inbox.deliver(event, audience);
         }
     }
@@ -769,23 +1067,43 @@ impl Inner {
     /// The event a stream message carries, with the stream's sequence number
     /// (and time, when the body has none); `None` for a body that does not
     /// decode, which is logged and skipped.
-    fn decode(&self, message: &jetstream::Message) -> Option<Arc<SharedEvent>> {
-        let info = message.info().ok()?;
-        let (partition, collection) = self.layout.locate(message.subject.as_str());
-        let published: SystemTime = info.published.into();
-        match decode_event(&message.payload, Some(collection), published) {
+    fn decode(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        seq: u64,
+        published: SystemTime,
+    ) -> Option<Arc<SharedEvent>> {
+        let (partition, collection) = self.layout.locate(subject);
+        match decode_event(payload, Some(collection), published) {
             Ok(mut event) => {
-                event.seq = info.stream_sequence;
+                event.seq = seq;
                 let mut shared = SharedEvent::new(event);
                 shared.partition = partition;
                 Some(Arc::new(shared))
             }
             Err(e) => {
-                tracing::warn!(seq = info.stream_sequence, subject = %message.subject, "skipping NATS message: {e}");
+                tracing::warn!(seq, %subject, "skipping NATS message: {e}");
                 None
             }
         }
     }
+}
+
+/// `Nats-Num-Pending` of a direct get's end of batch (0 when missing).
+fn num_pending(headers: Option<&HeaderMap>) -> u64 {
+    header_number(headers, "Nats-Num-Pending").unwrap_or(0)
+}
+
+/// `Nats-Last-Sequence` of a republished event: the seq of the previous
+/// event on its subject (0: none).
+fn last_sequence(headers: Option<&HeaderMap>) -> Option<u64> {
+    header_number(headers, "Nats-Last-Sequence")
+}
+
+fn header_number(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
+    let value = headers.and_then(|headers| headers.get(name))?;
+    value.as_str().parse().ok()
 }
 
 #[cfg(test)]
@@ -823,5 +1141,94 @@ mod tests {
         assert_eq!(spread.locate(&spread.subject("a.b")), place);
         assert_eq!(spread.partitions_of("a.b"), [k]);
         assert_eq!(spread.partitions_of(WILDCARD), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn streams_republish_every_event_under_the_live_prefix() {
+        let layout = |partitions| Layout {
+            stream: "STROM_EVENTS".into(),
+            prefix: "strom.events".into(),
+            partitions,
+        };
+        let single = layout(1);
+        assert_eq!(single.live(0, "posts"), "strom.events_live.posts");
+        assert_eq!(single.live(0, WILDCARD), "strom.events_live.>");
+        let republish = single.republish(0);
+        assert_eq!(
+            (republish.source.as_str(), republish.destination.as_str()),
+            ("strom.events.>", "strom.events_live.>")
+        );
+        assert!(
+            !republish.headers_only,
+            "watches hand on the republished bodies"
+        );
+        let spread = layout(4);
+        assert_eq!(spread.live(2, "posts"), "strom.events_live.2.posts");
+        assert_eq!(spread.republish(2).source, "strom.events.2.>");
+        assert_eq!(spread.republish(2).destination, "strom.events_live.2.>");
+    }
+
+    #[test]
+    fn servers_older_than_batched_direct_gets_are_refused_by_name() {
+        for version in ["2.11.0", "2.14.6", "3.0.0-beta", ""] {
+            assert!(
+                check_server_version("nats://x", version).is_ok(),
+                "{version}"
+            );
+        }
+        let refused = check_server_version("nats://x:4222", "2.9.10").unwrap_err();
+        let message = refused.to_string();
+        assert!(
+            message.contains("2.9.10") && message.contains("2.11 or later"),
+            "{message}"
+        );
+        assert!(check_server_version("nats://x", "2.10.22").is_err());
+    }
+
+    #[test]
+    fn direct_get_and_republish_headers_are_read_as_numbers() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            (num_pending(Some(&headers)), last_sequence(Some(&headers))),
+            (0, None)
+        );
+        headers.insert("Nats-Num-Pending", "13");
+        headers.insert("Nats-Last-Sequence", "7");
+        assert_eq!(num_pending(Some(&headers)), 13);
+        assert_eq!(last_sequence(Some(&headers)), Some(7));
+        assert_eq!(num_pending(None), 0);
+    }
+
+    #[test]
+    fn failures_are_logged_once_per_interval_saying_how_many_were_not() {
+        let log = FailureLog::new();
+        let at = Duration::from_millis;
+        assert_eq!(
+            log.due(NatsOp::Watch, at(5)),
+            Some(0),
+            "the first is logged"
+        );
+        assert_eq!(log.due(NatsOp::Watch, at(6)), None);
+        assert_eq!(log.due(NatsOp::Watch, at(7)), None);
+        assert_eq!(
+            log.due(NatsOp::History, at(8)),
+            Some(0),
+            "each operation has its own interval"
+        );
+        let next = at(5) + FAILURE_LOG_EVERY;
+        assert_eq!(log.due(NatsOp::Watch, next - at(1)), None);
+        assert_eq!(log.due(NatsOp::Watch, next), Some(3), "three went unlogged");
+        assert_eq!(log.due(NatsOp::Watch, next + at(1)), None);
+    }
+
+    #[test]
+    fn every_failure_counts_logged_or_not() {
+        let log = FailureLog::new();
+        let before = METRICS.nats_request_failures.get(NatsOp::Publish as usize);
+        for _ in 0..3 {
+            log.note(NatsOp::Publish);
+        }
+        let counted = METRICS.nats_request_failures.get(NatsOp::Publish as usize) - before;
+        assert!(counted >= 3, "{counted}");
     }
 }

@@ -12,7 +12,7 @@
 //! report. Each dialect ([`super::fluxbase`], [`super::better_query`]) says
 //! how its frames read and look.
 
-use super::errors::ApiError;
+use super::errors::{ApiError, ErrorKind, close_code};
 use super::socket::{self, ClientSocket, Liveness, NotAnUpgrade, Step, Upgrade};
 use super::ws::MAX_BATCH;
 use super::{AppState, check_origin};
@@ -227,16 +227,15 @@ impl<D: Dialect> Session<D> {
         }
     }
 
-    async fn on_action(&mut self, action: Action) -> Option<Value> {
-        let done = match action {
+    async fn on_action(&mut self, action: Action) -> Result<Option<Value>, ApiError> {
+        match action {
             Action::Subscribe(channel) => self.subscribe(&channel).await.map(Some),
             Action::Unsubscribe(channel) => Ok(Some(self.unsubscribe(&channel))),
             Action::Broadcast { channel, payload } => {
                 self.broadcast(&channel, payload).await.map(|()| None)
             }
             Action::Heartbeat => Ok(D::ANSWERS_HEARTBEATS.then(D::heartbeat)),
-        };
-        done.unwrap_or_else(|error| Some(D::error(&error.message)))
+        }
     }
 
     /// Subscribes to `channel` (again: replacing the earlier subscription),
@@ -383,7 +382,15 @@ impl<D: Dialect> socket::Session for Session<D> {
     /// A bad frame gets the dialect's error and the connection goes on.
     async fn on_text(&mut self, text: &str) -> Step {
         let reply = match D::parse(text) {
-            Ok(action) => self.on_action(action).await,
+            Ok(action) => match self.on_action(action).await {
+                Ok(reply) => reply,
+                // What the bus cannot serve now ends the connection: the
+                // client reconnects and subscribes again.
+                Err(error) if error.kind == ErrorKind::Unavailable => {
+                    return socket::close_with(self, error, close_code::GOING_AWAY).await;
+                }
+                Err(error) => Some(D::error(&error.message)),
+            },
             Err(message) => Some(D::error(&message)),
         };
         match reply {

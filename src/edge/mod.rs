@@ -59,6 +59,7 @@ pub fn http_routes(state: AppState) -> Router {
         .route("/", get(rest::dashboard))
         .route("/api/v1/openapi.json", get(rest::openapi))
         .route("/healthz", get(rest::healthz))
+        .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))
         .route("/realtime", get(dialect::upgrade::<fluxbase::Fluxbase>))
         .route("/api/realtime/stats", get(fluxbase::stats))

@@ -6,11 +6,11 @@ use crate::auth::Principal;
 use crate::codec::{decode_event, event_from_value};
 use crate::engine::Transport;
 use crate::event::{Event, EventType, format_timestamp};
-use crate::metrics::{self, AuthFailure, Eviction, METRICS, render_family, render_one};
+use crate::metrics::{self, AuthFailure, Eviction, METRICS, NatsOp, render_family, render_one};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -195,8 +195,24 @@ pub async fn openapi() -> impl IntoResponse {
     )
 }
 
+/// `GET /healthz`: the process is up. It stays up while NATS is not:
+/// restarting the node would not bring the bus back.
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: whether the node can serve subscriptions and replays
+/// now (200), or 503 saying why not (NATS unreachable, a stream without a
+/// leader, no replica answering history reads). For load balancers and
+/// readiness probes; it reveals nothing beyond the bus's health.
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    match app.engine.bus_readiness().await {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(reason) => {
+            let body = json!({"status": "unavailable", "reason": reason});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
 }
 
 /// `GET /metrics` in the Prometheus text format: the process's counters
@@ -319,6 +335,16 @@ pub async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> Respons
         "Refused credentials and requests, by reason.",
         "reason",
         failures,
+    );
+    let nats_failures =
+        NatsOp::ALL.map(|op| (op.as_str(), m.nats_request_failures.get(op as usize)));
+    render_family(
+        &mut out,
+        "strom_nats_request_failures_total",
+        "counter",
+        "NATS requests that failed or timed out, by operation.",
+        "op",
+        nats_failures,
     );
     m.publish_duration.render(
         &mut out,

@@ -307,7 +307,7 @@ async fn send<S: Session>(session: &mut S, message: Message) -> Step {
 }
 
 /// Sends the protocol's error for `error`, then a close frame with `code`.
-async fn close_with<S: Session>(session: &mut S, error: ApiError, code: u16) -> Step {
+pub async fn close_with<S: Session>(session: &mut S, error: ApiError, code: u16) -> Step {
     let last = session.error_message(&error);
     session
         .parts()

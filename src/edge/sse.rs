@@ -9,7 +9,7 @@
 //! it collides with `EventSource`'s own `error` event), then closes. A
 //! draining server sends `reconnect` with the position to resume after.
 
-use super::errors::ApiError;
+use super::errors::{ApiError, ErrorKind};
 use super::{AppState, connected_data, event_json};
 use crate::engine::{Connection, Delivery, EndReason, Received, SubscriptionSpec, Transport};
 use crate::event::{Position, WILDCARD, Wire};
@@ -128,7 +128,19 @@ async fn open(
     let principal = super::principal(&app.engine, headers, params.token.as_deref())?;
     let mut connection = app.engine.connect(Transport::Sse, principal)?;
     connection.join_presence(params.user_id.map(|id| (id, params.user_name)));
-    let id = connection.subscribe(spec).await?;
+    let id = match connection.subscribe(spec).await {
+        Ok(id) => id,
+        // A subscription the bus cannot serve now: an EventSource gives up
+        // on an HTTP error, but reconnects (with `Last-Event-ID`) after a
+        // stream that ends, so the stream opens to say why and ends.
+        Err(error) => {
+            let error = ApiError::from(error);
+            if error.kind == ErrorKind::Unavailable {
+                return Ok(event_stream(Body::from(ending(&error))));
+            }
+            return Err(error);
+        }
+    };
     // `*` over several NATS streams: each event's `id:` is the position
     // token, which this stream keeps (see `Position`).
     let position = (connection.head(id).cloned())
@@ -151,12 +163,26 @@ async fn open(
         futures_util::stream::once(async { Ok::<_, Infallible>(greeting) }),
         events,
     );
-    Ok(Response::builder()
+    Ok(event_stream(Body::from_stream(body)))
+}
+
+/// A `text/event-stream` response of `body`.
+fn event_stream(body: Body) -> Response {
+    Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
-        .body(Body::from_stream(body))
-        .expect("a valid response"))
+        .body(body)
+        .expect("a valid response")
+}
+
+/// The last frames of a stream the server ends: `stream_error`, and for
+/// older clients `error` (which collides with EventSource's own error
+/// event, so `onerror` never sees its data): deprecated.
+fn ending(error: &ApiError) -> Bytes {
+    let body = error.body().to_string();
+    let ending = ["stream_error", "error"].map(|name| frame(name, None, body.as_bytes()));
+    Bytes::from(ending.concat())
 }
 
 struct Stream {
@@ -197,12 +223,7 @@ impl Stream {
                 }
                 Err(reason) => {
                     self.connection = None;
-                    let body = ApiError::from(reason).body().to_string();
-                    // `stream_error`, and for older clients `error` (which
-                    // collides with EventSource's own error event, so
-                    // `onerror` never sees its data): deprecated.
-                    let ending = ["stream_error", "error"].map(|name| frame(name, None, body.as_bytes()));
-                    Bytes::from(ending.concat())
+                    ending(&ApiError::from(reason))
                 }
             },
             _ = self.keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),

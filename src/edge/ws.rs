@@ -8,7 +8,7 @@
 //! A bad action gets an `error` message and the connection goes on; only an
 //! oversized frame, an idle client, an overflow or shutdown close it.
 
-use super::errors::{ApiError, ErrorKind};
+use super::errors::{ApiError, ErrorKind, close_code};
 use super::socket::{
     self, ClientSocket, Liveness, NotAnUpgrade, Step, TEXT, Upgrade, frame_header_len,
     put_frame_header,
@@ -378,6 +378,11 @@ impl socket::Session for Session {
         match self.on_action(text).await {
             Ok(Some(reply)) => self.reply(reply).await,
             Ok(None) => Step::Continue,
+            // A subscription the bus cannot serve now: the client
+            // reconnects and resumes (the seed client does only on close).
+            Err(error) if error.kind == ErrorKind::Unavailable => {
+                socket::close_with(self, error, close_code::GOING_AWAY).await
+            }
             Err(error) => self.reply(error_message(&error)).await,
         }
     }

@@ -338,6 +338,12 @@ impl Engine {
         self.bus.state().await
     }
 
+    /// Whether the bus can serve subscriptions and replays now (see
+    /// [`Bus::readiness`]).
+    pub async fn bus_readiness(&self) -> Result<(), String> {
+        self.bus.readiness().await
+    }
+
     /// Who is online, on `channel` or at all, over the whole cluster. A
     /// channel's presence takes the right to subscribe to it; who is
     /// connected at all, the policy's `presence` setting.

@@ -485,7 +485,7 @@ fn spawn_nats(args: &[String]) -> (Child, String) {
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; nothing holds it).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
