@@ -4,8 +4,11 @@
 //! - A cap on connections in total and per client IP address. A connection
 //!   over a cap gets one plain HTTP answer (503 for the total, 429 per
 //!   address) with a JSON error, and is closed.
-//! - A deadline for a request's header (HTTP/1.1): a client that opens a
-//!   connection and never finishes its header is disconnected.
+//! - One deadline from accept to a whole first request head, or to an
+//!   HTTP/2 preface and its SETTINGS (a TLS handshake included): a client
+//!   that opens a connection and sends nothing, or never finishes, is
+//!   disconnected and frees its slot. Later requests' heads have hyper's
+//!   header timeout.
 //! - The cap in total never exceeds what the open-file limit allows: past
 //!   that limit `accept` would fail for everyone, instead of one clear 503
 //!   for the connection too many.
@@ -219,6 +222,9 @@ where
         };
         let app = app.clone();
         let header_timeout = census.limits.header_timeout;
+        // One deadline from accept to a whole first request head (or an
+        // HTTP/2 preface with its SETTINGS), a TLS handshake included.
+        let opened_by = tokio::time::Instant::now() + header_timeout;
         let stopping = stopping.clone();
         let io = Counted {
             io,
@@ -227,12 +233,12 @@ where
         let tls = tls.clone();
         connections.spawn(async move {
             match tls {
-                None => serve_connection(io, app, header_timeout, stopping).await,
+                None => serve_connection(io, app, header_timeout, opened_by, stopping).await,
                 // Boxed: a TLS connection's state is large, and inline it
                 // would size every plain connection's task (an idle SSE
                 // stream lives in this task for hours).
                 Some(tls) => {
-                    let serve = serve_tls(tls, io, peer, app, header_timeout, stopping);
+                    let serve = serve_tls(tls, io, peer, app, header_timeout, opened_by, stopping);
                     Box::pin(serve).await;
                 }
             }
@@ -256,37 +262,42 @@ where
 }
 
 /// Serves one connection over TLS, once its handshake (which shares the
-/// header's deadline) is done.
+/// opening's deadline) is done.
 async fn serve_tls<T>(
     tls: TlsAcceptor,
     io: T,
     peer: SocketAddr,
     app: axum::Router,
     header_timeout: Duration,
+    opened_by: tokio::time::Instant,
     stopping: watch::Receiver<()>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match tokio::time::timeout(header_timeout, tls.accept(io)).await {
-        Ok(Ok(io)) => serve_connection(io, app, header_timeout, stopping).await,
+    match tokio::time::timeout_at(opened_by, tls.accept(io)).await {
+        Ok(Ok(io)) => serve_connection(io, app, header_timeout, opened_by, stopping).await,
         Ok(Err(error)) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
 
-/// Serves one connection: an SSE stream here, anything else with hyper,
-/// until it ends or, once `stopping` changes, gracefully.
+/// Serves one connection whose opening must arrive by `opened_by`: an SSE
+/// stream here, anything else with hyper (whose header timeout bounds the
+/// heads of later requests), until it ends or, once `stopping` changes,
+/// gracefully.
 async fn serve_connection<T>(
     io: T,
     app: axum::Router,
     header_timeout: Duration,
+    opened_by: tokio::time::Instant,
     mut stopping: watch::Receiver<()>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = match sse_front::sniff(io, header_timeout).await {
+    let io = match sse_front::sniff(io, opened_by).await {
         Sniffed::Sse(request, io) => return sse_front::serve(app, request, io).await,
         Sniffed::Other(io) => io,
+        Sniffed::Gone => return,
     };
     let service = TowerToHyperService::new(
         app.map_request(|request: axum::extract::Request<Incoming>| request.map(Body::new)),

@@ -286,4 +286,40 @@ async fn the_ops_token_reads_presence_but_no_events() {
     assert_eq!(status, 401, "presence still needs a credential");
     let (status, _, _) = sse_body(s.server.addr, "/api/v1/realtime/posts", ops).await;
     assert_eq!(status, 401, "the ops token is no subscriber's credential");
+    // The better-query dialect's presence takes it the same way.
+    let users = "/better-query/realtime/channel/users?channel=room";
+    let (status, body) = get(&s.server, users, ops).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = get(&s.server, users, "").await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_read_in_any_case() {
+    let s = Secured::start(POLICY, ServerConfig::default()).await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let credential = format!("Authorization: {scheme} backend-key-0123456789\r\n");
+        let (status, body) = get(&s.server, "/api/v1/stats", &credential).await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    let (status, _) = get(&s.server, "/api/v1/stats", "Authorization: Basic eDp5\r\n").await;
+    assert_eq!(status, 401, "another scheme is no bearer credential");
+}
+
+#[tokio::test]
+async fn a_query_or_path_that_does_not_decode_gets_the_json_error() {
+    let server = TestServer::memory().await;
+    for path in [
+        "/api/v1/presence?token=a&token=b",
+        "/api/v1/realtime/posts?query=a&query=b",
+        "/api/v1/ws/realtime?token=a&token=b",
+        "/better-query/realtime/channel/users?channel=a&channel=b",
+        "/api/v1/realtime/%ff",
+    ] {
+        let (status, head, body) = http_with(server.addr, "GET", path, "", "").await.unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(head.contains("application/json"), "{path}: {head}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["error"]["code"], "invalid_argument", "{path}: {body}");
+    }
 }

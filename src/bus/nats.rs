@@ -203,6 +203,10 @@ const STATE_TIMEOUT: Duration = Duration::from_secs(2);
 const HISTORY_BATCH: usize = 256;
 const HISTORY_BATCH_BYTES: usize = 1 << 20;
 
+/// How often a stream's end that lies before a resume position is asked
+/// again (see `Inner::confirmed_end`).
+const END_RECHECK: Duration = Duration::from_millis(100);
+
 /// The status of a direct get's end of batch ("204 EOB").
 const END_OF_BATCH: u16 = 204;
 
@@ -227,11 +231,19 @@ struct Inner {
     js: jetstream::Context,
     /// See [`NatsConfig::timeout`].
     timeout: Duration,
-    /// Bumped when a republished event may have been missed: the client
-    /// reconnected or dropped messages, or a stream elected a leader.
-    doubts: tokio::sync::watch::Sender<u64>,
+    /// When a republished event may last have been missed, and a stream's
+    /// reported end may lag: the client reconnected or dropped messages,
+    /// or a stream elected a leader (`None`: not since the first connect).
+    doubts: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
     /// One per partition.
     streams: Vec<stream::Stream>,
+    /// Per partition: the highest seq this node has seen stored (acked to
+    /// its publishes, handed on by its watches), to tell a stream leader's
+    /// stale report of its end from a stream made anew.
+    seen: Vec<AtomicU64>,
+    /// Per partition: when the stream was created (Unix nanoseconds); a
+    /// change means it was made anew, and `seen` starts over.
+    created: Vec<std::sync::atomic::AtomicI64>,
     layout: Layout,
     inbox: Arc<dyn Inbox>,
     /// Per partition and collection (or `*`): how many local subscriptions
@@ -327,17 +339,18 @@ impl HistoryReader {
 
     /// Reads the next batch from whichever replica answers, and where it
     /// ends short of `until` with nothing more pending there (that replica
-    /// may lag behind the node's consumer), the next event from the stream
+    /// may lag behind the node's watch), the next event from the stream
     /// leader.
     async fn fill(&mut self) -> Result<(), String> {
         let inner = Arc::clone(&self.inner);
         let (messages, pending) = inner
             .direct_batch(self.partition, &self.key, self.next)
             .await?;
+        let fetched = messages.len();
         for message in messages {
             self.take(&message);
         }
-        if pending == 0 && self.next <= self.until {
+        if (pending == 0 || fetched == 0) && self.next <= self.until {
             match inner
                 .next_from_leader(self.partition, &self.key, self.next)
                 .await?
@@ -513,17 +526,22 @@ impl NatsBus {
         inbox: Arc<dyn Inbox>,
         presence: Arc<dyn PresenceState>,
     ) -> Result<NatsBus, BusError> {
-        let (doubts, _) = tokio::sync::watch::channel(0);
+        let (doubts, _) = tokio::sync::watch::channel(None);
         let doubt = doubts.clone();
+        let connected_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let client = async_nats::ConnectOptions::new()
             .name("strom")
             .retry_on_initial_connect()
             .event_callback(move |event| {
-                let doubt = doubt.clone();
+                let (doubt, connected_once) = (doubt.clone(), Arc::clone(&connected_once));
                 async move {
-                    if let async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) = event
-                    {
-                        doubt.send_modify(|n| *n += 1);
+                    let doubtful = match event {
+                        async_nats::Event::Connected => connected_once.swap(true, Ordering::SeqCst),
+                        async_nats::Event::SlowConsumer(_) => true,
+                        _ => false,
+                    };
+                    if doubtful {
+                        doubt.send_replace(Some(tokio::time::Instant::now()));
                     }
                 }
             })
@@ -557,7 +575,7 @@ impl NatsBus {
             let doubt = doubts.clone();
             tokio::spawn(async move {
                 while advisories.next().await.is_some() {
-                    doubt.send_modify(|n| *n += 1);
+                    doubt.send_replace(Some(tokio::time::Instant::now()));
                 }
             });
         }
@@ -567,6 +585,10 @@ impl NatsBus {
                 js,
                 timeout: config.timeout,
                 doubts,
+                seen: streams.iter().map(|_| AtomicU64::new(0)).collect(),
+                created: (streams.iter())
+                    .map(|stream| created_nanos(&stream.cached_info().created).into())
+                    .collect(),
                 streams,
                 layout,
                 inbox,
@@ -610,6 +632,8 @@ impl NatsBus {
         for (i, ack) in acks.into_iter().enumerate() {
             let ack = ack.await.map_err(|e| publish_error(&e))?;
             receipt.seqs.push(ack.sequence);
+            let partition = partition_of(&events[i].collection, self.inner.layout.partitions);
+            self.inner.seen[partition].fetch_max(ack.sequence, Ordering::SeqCst);
             if ack.duplicate {
                 receipt.duplicates.push(i);
             }
@@ -679,10 +703,12 @@ impl NatsBus {
     /// position of the caller's watch; both one seq per stream of `key`),
     /// read in direct-get batches, one stream after another. The replay's
     /// head is `until`, or `since` where the client is ahead of this node
-    /// (its consumer lags behind the node the client came from) but not
-    /// past the stream's end: what the client has must not come again
-    /// live, while a position past the end (a stream made anew) still gets
-    /// every new event.
+    /// (its watch lags behind the node the client came from) but not past
+    /// the stream's end: what the client has must not come again live,
+    /// while a position past the end (a stream made anew) still gets every
+    /// new event. A stream leader elected a moment ago can report an end
+    /// short of what it stored, so then an end before `since` is asked
+    /// again (see [`Inner::confirmed_end`]).
     pub async fn replay(
         &self,
         key: &str,
@@ -694,7 +720,13 @@ impl NatsBus {
         for partition in self.inner.layout.partitions_of(key) {
             let k = Some(partition as u32);
             let (since, until) = (since.of(k), until.of(k));
-            let (first, last) = self.inner.stream_bounds(partition, key).await?;
+            let (first, mut last) = self.inner.stream_bounds(partition, key).await?;
+            if since > last {
+                last = self
+                    .inner
+                    .confirmed_end(partition, key, since, last)
+                    .await?;
+            }
             let next = since.saturating_add(1).max(first);
             if next <= until {
                 readers.push_back(HistoryReader {
@@ -798,6 +830,11 @@ impl Inner {
             Ok(Err(e)) => return Err(self.history_failed(NatsOp::StreamInfo, key, e.to_string())),
             Err(e) => return Err(self.history_failed(NatsOp::StreamInfo, key, e)),
         };
+        let created = created_nanos(&info.created);
+        if self.created[partition].swap(created, Ordering::SeqCst) != created {
+            tracing::warn!(stream = %self.layout.stream_name(partition), "the stream was made anew");
+            self.seen[partition].store(0, Ordering::SeqCst);
+        }
         let state = info.state;
         let first = if state.messages == 0 {
             state.last_sequence + 1
@@ -805,6 +842,47 @@ impl Inner {
             state.first_sequence
         };
         Ok((first, state.last_sequence))
+    }
+
+    /// The end of stream `partition` for a client resuming from `since`
+    /// past `last`, the end its leader first reported. Right after a leader
+    /// change the new leader's report can lag behind what the stream stored
+    /// by many events (seen in the chaos test: a whole outage's worth), and
+    /// taken as the end it would hand the client again, live, what it
+    /// already has. So:
+    /// - an end before what this node has seen stored is stale for sure: it
+    ///   is asked again until it catches up, and if it does not within the
+    ///   timeout the resume fails with `unavailable` (the client retries);
+    /// - otherwise, within the timeout after a doubt (a leader elected, a
+    ///   reconnection), it is asked again until it reaches `since`;
+    /// - an end still before `since` is believed: the stream was made anew,
+    ///   and everything in it is new to the client.
+    async fn confirmed_end(
+        &self,
+        partition: usize,
+        key: &str,
+        since: u64,
+        mut last: u64,
+    ) -> Result<u64, BusError> {
+        let seen = self.seen[partition].load(Ordering::SeqCst);
+        let doubted = *self.doubts.borrow();
+        let now = tokio::time::Instant::now();
+        let asked_until = if last < seen {
+            now + self.timeout
+        } else {
+            doubted.map_or(now, |doubted| doubted + self.timeout)
+        };
+        while last < since && tokio::time::Instant::now() < asked_until {
+            tokio::time::sleep(END_RECHECK).await;
+            last = self.stream_bounds(partition, key).await?.1;
+        }
+        if last < seen.min(since) {
+            let error = format!(
+                "the stream's leader reports its end at seq {last}, behind seq {seen} stored before; it is catching up"
+            );
+            return Err(self.history_failed(NatsOp::StreamInfo, key, error));
+        }
+        Ok(last)
     }
 
     /// Up to [`HISTORY_BATCH`] messages of `key` in stream `partition` from
@@ -1058,6 +1136,9 @@ impl Inner {
         // Before the router sees it: a subscription that reads the position
         // after joining the router gets every later event live.
         state.position.store(seq, Ordering::SeqCst);
+        let (partition, _) = self.layout.locate(&message.subject);
+        let partition = partition.map_or(0, |k| k as usize) % self.seen.len();
+        self.seen[partition].fetch_max(seq, Ordering::SeqCst);
         let published: SystemTime = message.time.into();
         if let Some(event) = self.decode(&message.subject, &message.payload, seq, published) {
             self.inbox.deliver(event, audience);
@@ -1090,6 +1171,12 @@ impl Inner {
     }
 }
 
+/// A stream's creation time in Unix nanoseconds (for telling a stream made
+/// anew).
+fn created_nanos(created: &time::OffsetDateTime) -> i64 {
+    i64::try_from(created.unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
 /// `Nats-Num-Pending` of a direct get's end of batch (0 when missing).
 fn num_pending(headers: Option<&HeaderMap>) -> u64 {
     header_number(headers, "Nats-Num-Pending").unwrap_or(0)
@@ -1118,13 +1205,17 @@ mod tests {
         assert_eq!(partition_of("foobar", 1), 0);
     }
 
-    #[test]
-    fn one_partition_keeps_the_single_stream_layout() {
-        let layout = |partitions| Layout {
+    /// The default names over `partitions` streams.
+    fn layout(partitions: usize) -> Layout {
+        Layout {
             stream: "STROM_EVENTS".into(),
             prefix: "strom.events".into(),
             partitions,
-        };
+        }
+    }
+
+    #[test]
+    fn one_partition_keeps_the_single_stream_layout() {
         let single = layout(1);
         assert_eq!(single.stream_name(0), "STROM_EVENTS");
         assert_eq!(single.stream_subjects(0), "strom.events.>");
@@ -1145,11 +1236,6 @@ mod tests {
 
     #[test]
     fn streams_republish_every_event_under_the_live_prefix() {
-        let layout = |partitions| Layout {
-            stream: "STROM_EVENTS".into(),
-            prefix: "strom.events".into(),
-            partitions,
-        };
         let single = layout(1);
         assert_eq!(single.live(0, "posts"), "strom.events_live.posts");
         assert_eq!(single.live(0, WILDCARD), "strom.events_live.>");

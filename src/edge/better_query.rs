@@ -12,6 +12,7 @@
 //! channel (the original omitted it, and its own client dropped them), and
 //! `onlineUsers` is who is on the channel after the change.
 
+use super::Checked;
 use super::dialect::{
     self, Action, Dialect, PresenceFrame, Target, presence_user, required_string, typed_frame,
 };
@@ -198,7 +199,7 @@ pub struct ChannelParams {
 /// the channel, cluster-wide, for a caller that may subscribe to it.
 pub async fn channel_users(
     State(app): State<AppState>,
-    Query(params): Query<ChannelParams>,
+    Checked(Query(params)): Checked<Query<ChannelParams>>,
     headers: HeaderMap,
 ) -> Response {
     let listed = || -> Result<Value, ApiError> {
@@ -207,7 +208,7 @@ pub async fn channel_users(
             .clone()
             .filter(|c| !c.is_empty())
             .ok_or_else(|| ApiError::invalid("missing query parameter `channel`"))?;
-        let caller = principal(&app.engine, &headers, params.token.as_deref())?;
+        let caller = super::presence_reader(&app, &headers, params.token.as_deref())?;
         let collection = BetterQuery::target(&channel).collection;
         let online = users(&app.engine.presence(&caller, Some(&collection))?);
         Ok(json!({"channel": channel, "count": online.len(), "users": online}))

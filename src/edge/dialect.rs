@@ -12,6 +12,7 @@
 //! report. Each dialect ([`super::fluxbase`], [`super::better_query`]) says
 //! how its frames read and look.
 
+use super::Checked;
 use super::errors::{ApiError, ErrorKind, close_code};
 use super::socket::{self, ClientSocket, Liveness, NotAnUpgrade, Step, Upgrade};
 use super::ws::MAX_BATCH;
@@ -23,7 +24,7 @@ use crate::event::{Event, EventType, View};
 use crate::filter::Filter;
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -138,16 +139,13 @@ pub(super) fn http_error(error: &ApiError) -> Response {
 /// gets 426; a bad token 401 before the upgrade, both with `{"error"}`.
 pub(super) async fn upgrade<D: Dialect>(
     State(app): State<AppState>,
-    Query(params): Query<TokenParam>,
+    Checked(Query(params)): Checked<Query<TokenParam>>,
     headers: HeaderMap,
     upgrade: Result<Upgrade, NotAnUpgrade>,
 ) -> Response {
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
-        Err(NotAnUpgrade(why)) => {
-            let body = json!({"error": format!("this endpoint speaks WebSocket only: {why}")});
-            return (StatusCode::UPGRADE_REQUIRED, Json(body)).into_response();
-        }
+        Err(refused) => return refused.respond(json!({"error": refused.message()})),
     };
     let connection = check_origin(&app, &headers)
         .and_then(|()| super::principal(&app.engine, &headers, params.token.as_deref()))

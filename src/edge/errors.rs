@@ -39,6 +39,11 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// The server is restarting (a drain): reconnect, to another node.
     pub const SERVICE_RESTART: u16 = 1012;
+    /// The client broke the WebSocket protocol (an unmasked frame, RSV
+    /// bits, an unknown opcode, a fragmented or oversized control frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// A frame over the size limit.
     pub const TOO_BIG: u16 = 1009;
     /// The client missed heartbeats.

@@ -37,10 +37,7 @@ impl RealtimeService {
     fn principal(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Principal, Status> {
         let value = |name| metadata.get(name).and_then(|v| v.to_str().ok());
         let credential = value("authorization")
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(super::bearer_credential)
             .or_else(|| value("x-api-key"));
         self.engine
             .auth()

@@ -45,7 +45,9 @@ pub struct AppState {
 /// The HTTP routes of the bridge (WebSocket, SSE, REST).
 pub fn http_routes(state: AppState) -> Router {
     Router::new()
-        .route("/api/v1/ws/realtime", get(ws::upgrade))
+        // HTTP/1.1 upgrades are GETs; HTTP/2 opens a WebSocket with an
+        // extended CONNECT (RFC 8441).
+        .route("/api/v1/ws/realtime", get(ws::upgrade).connect(ws::upgrade))
         .route("/api/v1/realtime", get(sse::stream_all))
         .route("/api/v1/realtime/{collection}", get(sse::stream_collection))
         .route(
@@ -61,11 +63,16 @@ pub fn http_routes(state: AppState) -> Router {
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))
-        .route("/realtime", get(dialect::upgrade::<fluxbase::Fluxbase>))
+        .route(
+            "/realtime",
+            get(dialect::upgrade::<fluxbase::Fluxbase>)
+                .connect(dialect::upgrade::<fluxbase::Fluxbase>),
+        )
         .route("/api/realtime/stats", get(fluxbase::stats))
         .route(
             "/better-query/realtime",
-            get(dialect::upgrade::<better_query::BetterQuery>),
+            get(dialect::upgrade::<better_query::BetterQuery>)
+                .connect(dialect::upgrade::<better_query::BetterQuery>),
         )
         .route("/better-query/realtime/stats", get(better_query::stats))
         .route(
@@ -110,10 +117,53 @@ fn principal(
 
 /// The credential of an `Authorization: Bearer` header.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
+    bearer_credential(headers.get(AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The credential of an `Authorization` value of the Bearer scheme, whose
+/// name is case-insensitive (RFC 9110 §11.1).
+pub fn bearer_credential(authorization: &str) -> Option<&str> {
+    let (scheme, credential) = authorization.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credential.trim_start())
+}
+
+/// Who may read presence: the ops credential where `--ops-token` is set
+/// and sent, else the request's own credential.
+fn presence_reader(
+    app: &AppState,
+    headers: &HeaderMap,
+    token_param: Option<&str>,
+) -> Result<Principal, errors::ApiError> {
+    match &app.ops_token {
+        Some(_) if rest::check_ops_access(app, headers).is_ok() => Ok(Principal::System("ops")),
+        _ => principal(&app.engine, headers, token_param),
+    }
+}
+
+/// An extractor whose refusal is strom's JSON error (400,
+/// `invalid_argument`), not axum's plain text: `Checked<Query<T>>`,
+/// `Checked<Path<T>>`.
+pub struct Checked<E>(pub E);
+
+impl<S, E> axum::extract::FromRequestParts<S> for Checked<E>
+where
+    S: Send + Sync,
+    E: axum::extract::FromRequestParts<S>,
+    E::Rejection: std::fmt::Display,
+{
+    type Rejection = errors::ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match E::from_request_parts(parts, state).await {
+            Ok(extracted) => Ok(Checked(extracted)),
+            Err(refused) => Err(errors::ApiError::invalid(refused.to_string())),
+        }
+    }
 }
 
 /// The header services may put an API key in.

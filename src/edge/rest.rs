@@ -1,6 +1,7 @@
 //! The REST edge: publish over HTTP, stats, health and metrics.
 
 use super::AppState;
+use super::Checked;
 use super::errors::{ApiError, ErrorKind};
 use crate::auth::Principal;
 use crate::codec::{decode_event, event_from_value};
@@ -27,7 +28,7 @@ pub struct TokenParam {
 /// true` (arrays: `"duplicates": [index, ...]`) with the original's seq.
 pub async fn publish(
     State(app): State<AppState>,
-    Query(params): Query<TokenParam>,
+    Checked(Query(params)): Checked<Query<TokenParam>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -72,7 +73,7 @@ pub struct BroadcastBody {
 /// channel, from a service.
 pub async fn broadcast(
     State(app): State<AppState>,
-    Query(params): Query<TokenParam>,
+    Checked(Query(params)): Checked<Query<TokenParam>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -155,13 +156,10 @@ pub struct PresenceParams {
 /// it too, as an operator's view beside stats (the dashboard's).
 pub async fn presence(
     State(app): State<AppState>,
-    Query(params): Query<PresenceParams>,
+    Checked(Query(params)): Checked<Query<PresenceParams>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let principal = match &app.ops_token {
-        Some(_) if check_ops_access(&app, &headers).is_ok() => Principal::System("ops"),
-        _ => super::principal(&app.engine, &headers, params.token.as_deref())?,
-    };
+    let principal = super::presence_reader(&app, &headers, params.token.as_deref())?;
     let channel = params.channel.filter(|c| !c.is_empty());
     let users = app.engine.presence(&principal, channel.as_deref())?;
     let users: Vec<Value> = users

@@ -17,7 +17,7 @@ use crate::metrics::{Eviction, METRICS};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -45,16 +45,43 @@ pub struct Upgrade {
     on_upgrade: OnUpgrade,
 }
 
-/// Why a request is not a WebSocket handshake.
+/// Why a request is not a WebSocket handshake strom accepts.
 #[derive(Debug)]
-pub struct NotAnUpgrade(pub &'static str);
+pub enum NotAnUpgrade {
+    /// Not a WebSocket handshake at all, or another version of the
+    /// protocol: 426 with `Sec-WebSocket-Version: 13` (RFC 6455 §4.4).
+    Required(&'static str),
+    /// A WebSocket handshake that is malformed: 400 (RFC 6455 §4.2.1).
+    Malformed(&'static str),
+}
 
-/// 426 with `{"error": {"code": "upgrade_required", "message"}}`.
+impl NotAnUpgrade {
+    /// The answer, with `body`: 426 or 400, and the version strom speaks.
+    pub fn respond(&self, body: serde_json::Value) -> Response {
+        let status = match self {
+            NotAnUpgrade::Required(_) => StatusCode::UPGRADE_REQUIRED,
+            NotAnUpgrade::Malformed(_) => StatusCode::BAD_REQUEST,
+        };
+        let version = [(header::SEC_WEBSOCKET_VERSION, "13")];
+        (status, version, axum::Json(body)).into_response()
+    }
+
+    /// What is wrong, for the client.
+    pub fn message(&self) -> String {
+        let (NotAnUpgrade::Required(why) | NotAnUpgrade::Malformed(why)) = self;
+        format!("this endpoint speaks WebSocket only: {why}")
+    }
+}
+
+/// 426 with `{"error": {"code": "upgrade_required", "message"}}`, or 400
+/// with `invalid_argument`.
 impl axum::response::IntoResponse for NotAnUpgrade {
     fn into_response(self) -> Response {
-        let message = format!("this endpoint speaks WebSocket only: {}", self.0);
-        let body = serde_json::json!({"error": {"code": "upgrade_required", "message": message}});
-        (StatusCode::UPGRADE_REQUIRED, axum::Json(body)).into_response()
+        let code = match self {
+            NotAnUpgrade::Required(_) => "upgrade_required",
+            NotAnUpgrade::Malformed(_) => "invalid_argument",
+        };
+        self.respond(serde_json::json!({"error": {"code": code, "message": self.message()}}))
     }
 }
 
@@ -65,18 +92,28 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
         let headers = &parts.headers;
         let key = if parts.version <= Version::HTTP_11 {
             if parts.method != Method::GET {
-                return Err(NotAnUpgrade("a WebSocket handshake is a GET"));
+                return Err(NotAnUpgrade::Required("a WebSocket handshake is a GET"));
             }
             if !has_token(headers, header::CONNECTION, "upgrade")
                 || !has_token(headers, header::UPGRADE, "websocket")
             {
-                return Err(NotAnUpgrade(
+                return Err(NotAnUpgrade::Required(
                     "expected `Connection: upgrade` and `Upgrade: websocket`",
                 ));
             }
-            let key = headers
-                .get(header::SEC_WEBSOCKET_KEY)
-                .ok_or(NotAnUpgrade("missing Sec-WebSocket-Key"))?;
+            let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+            let key = match (keys.next(), keys.next()) {
+                (Some(key), None) if is_websocket_key(key.as_bytes()) => key,
+                (None, _) => return Err(NotAnUpgrade::Malformed("missing Sec-WebSocket-Key")),
+                (Some(_), Some(_)) => {
+                    return Err(NotAnUpgrade::Malformed("more than one Sec-WebSocket-Key"));
+                }
+                (Some(_), None) => {
+                    return Err(NotAnUpgrade::Malformed(
+                        "Sec-WebSocket-Key must be 16 bytes in base64",
+                    ));
+                }
+            };
             Some(key.clone())
         } else {
             let websocket = parts
@@ -84,21 +121,43 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
                 .get::<hyper::ext::Protocol>()
                 .is_some_and(|p| p.as_str() == "websocket");
             if parts.method != Method::CONNECT || !websocket {
-                return Err(NotAnUpgrade(
+                return Err(NotAnUpgrade::Required(
                     "over HTTP/2 a WebSocket is a CONNECT with :protocol websocket",
                 ));
             }
             None
         };
-        if !has_token(headers, header::SEC_WEBSOCKET_VERSION, "13") {
-            return Err(NotAnUpgrade("only WebSocket version 13 is supported"));
+        let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+        match (
+            versions.next().map(|v| v.as_bytes().trim_ascii()),
+            versions.next(),
+        ) {
+            (Some(b"13"), None) => {}
+            (Some(version), None) if !version.contains(&b',') => {
+                return Err(NotAnUpgrade::Required(
+                    "only WebSocket version 13 is supported",
+                ));
+            }
+            (None, _) => return Err(NotAnUpgrade::Required("missing Sec-WebSocket-Version: 13")),
+            _ => {
+                return Err(NotAnUpgrade::Malformed(
+                    "Sec-WebSocket-Version must be one version, 13",
+                ));
+            }
         }
         let on_upgrade = parts
             .extensions
             .remove::<OnUpgrade>()
-            .ok_or(NotAnUpgrade("this connection cannot be upgraded"))?;
+            .ok_or(NotAnUpgrade::Required("this connection cannot be upgraded"))?;
         Ok(Upgrade { key, on_upgrade })
     }
+}
+
+/// Whether `key` is a `Sec-WebSocket-Key`: 16 bytes in base64, so 22
+/// base64 digits and `==` (RFC 6455 §4.1).
+fn is_websocket_key(key: &[u8]) -> bool {
+    let digit = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24 && key[..22].iter().all(digit) && &key[22..] == b"=="
 }
 
 impl Upgrade {
@@ -223,15 +282,32 @@ impl ClientSocket {
     /// Sends `last` (an error message) and a close frame with `code` and
     /// `reason`, within [`CLOSE_GRACE`].
     pub async fn close_with(&mut self, last: Message, code: u16, reason: &str) {
-        let close = Message::Close(Some(CloseFrame {
-            code: code.into(),
-            reason: reason.chars().take(120).collect::<String>().into(),
-        }));
+        let close = close_frame(code, reason);
         let goodbye = async {
             let _ = self.feed(last).await;
             let _ = self.send(close).await;
         };
         let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
+    }
+
+    /// Fails the connection (RFC 6455 §7.1.7): a close frame with `code`
+    /// (1002 for a protocol error, 1007 for text that is not UTF-8) and
+    /// `reason`, within [`CLOSE_GRACE`].
+    pub async fn fail(&mut self, code: u16, reason: &str) {
+        let close = close_frame(code, reason);
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.send(close)).await;
+    }
+
+    /// Reads and drops what the client still sends, until it closes or
+    /// [`CLOSE_GRACE`] ends: closing a socket with unread bytes resets it,
+    /// and the client may then never see the close frame just sent (after
+    /// a frame too large to read, its payload is still on the way).
+    pub async fn discard_input(&mut self) {
+        use tokio::io::AsyncReadExt;
+        let io = self.ws.get_mut();
+        let mut sink = vec![0; 16 * 1024];
+        let drain = async { while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
     }
 
     /// Ends the WebSocket within [`CLOSE_GRACE`]: sends a close frame, or
@@ -240,6 +316,21 @@ impl ClientSocket {
     pub async fn close(&mut self) {
         let _ = tokio::time::timeout(CLOSE_GRACE, SinkExt::close(&mut self.ws)).await;
     }
+}
+
+/// A close frame with `code` and `reason`, cut at a character boundary to
+/// fit a control frame's 125 bytes with the code (RFC 6455 §5.5).
+fn close_frame(code: u16, reason: &str) -> Message {
+    let fits = reason
+        .char_indices()
+        .map(|(at, c)| at + c.len_utf8())
+        .take_while(|&end| end <= 123)
+        .last()
+        .unwrap_or(0);
+    Message::Close(Some(CloseFrame {
+        code: code.into(),
+        reason: reason[..fits].to_owned().into(),
+    }))
 }
 
 /// Whether a session goes on after handling something.
@@ -404,9 +495,17 @@ pub async fn run<S: Session>(mut session: S, liveness: Liveness) {
             Happening::ReadError(tungstenite::Error::Capacity(_)) => {
                 let limit = session.parts().0.max_frame_bytes;
                 let error = ApiError::invalid(format!("frame larger than {limit} bytes"));
-                Box::pin(close_with(&mut session, error, close_code::TOO_BIG)).await
+                let step = Box::pin(close_with(&mut session, error, close_code::TOO_BIG)).await;
+                Box::pin(session.parts().0.discard_input()).await;
+                step
             }
-            Happening::ReadError(_) | Happening::Gone => Step::Close,
+            Happening::ReadError(error) => {
+                if let Some((code, reason)) = failure(&error) {
+                    Box::pin(session.parts().0.fail(code, &reason)).await;
+                }
+                Step::Close
+            }
+            Happening::Gone => Step::Close,
             Happening::Delivery(received) => Box::pin(session.write_received(received)).await,
             Happening::Ended(EndReason::Shutdown) => Box::pin(drain(&mut session)).await,
             Happening::Ended(reason) => {
@@ -435,6 +534,21 @@ pub async fn run<S: Session>(mut session: S, liveness: Liveness) {
         }
     }
     session.parts().0.close().await;
+}
+
+/// The close code and reason for a client that broke the protocol (RFC
+/// 6455 §7.4.1), or `None` where the connection itself failed.
+fn failure(error: &tungstenite::Error) -> Option<(u16, String)> {
+    match error {
+        tungstenite::Error::Protocol(violation) => {
+            Some((close_code::PROTOCOL_ERROR, violation.to_string()))
+        }
+        tungstenite::Error::Utf8(_) => Some((
+            close_code::INVALID_DATA,
+            "a text frame that is not UTF-8".into(),
+        )),
+        _ => None,
+    }
 }
 
 /// Whether header `name` lists `token` (comma-separated, any case).
@@ -479,6 +593,32 @@ pub const TEXT: u8 = 0x1;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_reasons_are_cut_to_fit_a_control_frame_at_a_character() {
+        let reason = |message: Message| match message {
+            Message::Close(Some(frame)) => frame.reason.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(close_frame(1002, "short")), "short");
+        let long = "é".repeat(100);
+        let cut = reason(close_frame(1002, &long));
+        assert!(cut.len() <= 123 && cut.len() >= 122, "{}", cut.len());
+        assert!(long.starts_with(&cut));
+    }
+
+    #[test]
+    fn websocket_keys_are_16_bytes_in_base64() {
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        for key in [
+            &b""[..],
+            b"dGhlIHNhbXBsZSBub25jZQ",
+            b"dGhlIHNhbXBsZSBub25jZQ=x",
+            b"dGhlIHNhbXBsZSBub25j*Q==",
+        ] {
+            assert!(!is_websocket_key(key), "{}", String::from_utf8_lossy(key));
+        }
+    }
 
     #[test]
     fn frame_headers_use_the_shortest_length_form() {

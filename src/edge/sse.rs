@@ -9,6 +9,7 @@
 //! it collides with `EventSource`'s own `error` event), then closes. A
 //! draining server sends `reconnect` with the position to resume after.
 
+use super::Checked;
 use super::errors::{ApiError, ErrorKind};
 use super::{AppState, connected_data, event_json};
 use crate::engine::{Connection, Delivery, EndReason, Received, SubscriptionSpec, Transport};
@@ -38,7 +39,7 @@ pub struct SseParams {
 
 pub async fn stream_all(
     State(app): State<AppState>,
-    Query(params): Query<SseParams>,
+    Checked(Query(params)): Checked<Query<SseParams>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     open(app, WILDCARD.to_owned(), params, &headers).await
@@ -46,8 +47,8 @@ pub async fn stream_all(
 
 pub async fn stream_collection(
     State(app): State<AppState>,
-    Path(collection): Path<String>,
-    Query(params): Query<SseParams>,
+    Checked(Path(collection)): Checked<Path<String>>,
+    Checked(Query(params)): Checked<Query<SseParams>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     open(app, collection, params, &headers).await

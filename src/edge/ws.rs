@@ -8,6 +8,7 @@
 //! A bad action gets an `error` message and the connection goes on; only an
 //! oversized frame, an idle client, an overflow or shutdown close it.
 
+use super::Checked;
 use super::errors::{ApiError, ErrorKind, close_code};
 use super::socket::{
     self, ClientSocket, Liveness, NotAnUpgrade, Step, TEXT, Upgrade, frame_header_len,
@@ -65,7 +66,7 @@ pub struct WsParams {
 /// A bad `?token=` is refused before the upgrade, with a JSON error (401).
 pub async fn upgrade(
     State(app): State<AppState>,
-    Query(params): Query<WsParams>,
+    Checked(Query(params)): Checked<Query<WsParams>>,
     headers: HeaderMap,
     upgrade: Result<Upgrade, NotAnUpgrade>,
 ) -> Result<Response, Response> {
