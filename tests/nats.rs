@@ -365,7 +365,7 @@ async fn a_replay_that_nats_stops_serving_ends_with_unavailable() {
     let nats = NatsServer::start();
     let node = TestServer::start(impatient(&nats, Duration::from_secs(1))).await;
     let mut client = node.grpc().await;
-    // More history than one pull of the history consumer holds.
+    // More history than one direct-get batch holds.
     for batch in 0..10 {
         let events = (0..500)
             .map(|i| created("log", &format!("{batch}-{i}"), json!({})))

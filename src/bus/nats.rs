@@ -7,33 +7,40 @@
 //! strom.events.posts '{"type":"record.created","data":{...}}'` reaches
 //! subscribers exactly like a Publish call.
 //!
-//! A node reads only what its local subscribers need: one consumer per
-//! collection with local subscribers (and one on `<prefix>.>` while anyone
-//! subscribes to `*`), created when the first local subscriber arrives,
-//! deleted when the last leaves. A watch resolves only once its consumer
-//! exists on the server, so an event published after a subscribe returned
-//! is never missed. The consumer keeps as many replicas as the stream (in
-//! memory, acknowledging nothing): JetStream places a one-replica consumer
-//! on a random server of the stream's group, and goes on placing new ones
-//! on a server that was killed (not shut down) for as long as it stays
-//! down, where they never answer. A replicated consumer is created as soon
-//! as a quorum of its servers has it, and outlives the loss of one.
+//! strom creates no JetStream consumers. JetStream places a new consumer on
+//! a random server of the stream's group and goes on choosing a server that
+//! was killed (not shut down) for as long as it stays down, where the
+//! consumer is never created and its request never answers; a replicated
+//! consumer whose preferred leader is that server takes seconds to elect
+//! another. Instead:
 //!
-//! History is read without consumers: batches of direct gets
-//! (`$JS.API.DIRECT.GET`, nats-server 2.11 or later, the stream with
-//! `allow_direct`), answered by any live replica, so a replay costs the
-//! cluster no consumer (no meta-group proposal per resume) and never waits
-//! on a lost server.
+//! - **Live**: the stream republishes what it stores on
+//!   `<prefix>_live.<collection>`, with its seq and the seq of the
+//!   subject's previous event in headers. A node subscribes to the
+//!   collections its local subscribers need (and to `<prefix>_live.>` while
+//!   anyone subscribes to `*`) when the first local subscriber arrives, and
+//!   drops the subscription when the last leaves. A watch resolves only once
+//!   its subscription is in place and its position read behind it, so an
+//!   event published after a subscribe returned is never missed. Core NATS
+//!   may drop a message (a reconnection, a lost server): the next event
+//!   shows the gap, which is read from the stream first; a tail check finds
+//!   one with nothing after it.
+//! - **History**: batches of direct gets (`$JS.API.DIRECT.GET`, nats-server
+//!   2.11 or later, the stream with `allow_direct`), answered by any live
+//!   replica, so a replay costs the cluster no meta-group proposal and
+//!   never waits on a lost server.
 //!
 //! A resuming subscription switches from history to live at the watch's
-//! *position*: the stream sequence up to which the node's consumer has
+//! *position*: the stream sequence up to which the node's watch has
 //! handed every event on (stored before each event is handed on, and read
 //! after the subscription is in the router). Everything after it arrives
 //! live, and the replay reads exactly up to it. Nothing here trusts a
 //! replica's view of the stream's end: after a server is lost, stream info
 //! and a replica's answers can lag behind what other servers have already
 //! delivered. A direct-get batch that ends short of the position is
-//! checked with the stream leader, which has every stored event.
+//! checked with the stream leader, and a leader's end short of a resuming
+//! client's position with what the node has seen stored (a leader elected
+//! a moment ago can report less than the stream holds).
 //!
 //! One stream is the ceiling of a cluster's publish rate. With
 //! `--nats-partitions N` (N > 1) collections are spread over N streams,
@@ -78,7 +85,7 @@ pub struct NatsConfig {
     /// cluster, so that losing a server loses neither history nor
     /// publishing.
     pub replicas: usize,
-    /// How long a NATS request (stream info, a new consumer) or the next
+    /// How long a NATS request (stream info, a direct get) or the next
     /// event of a replay may take before strom gives up with `unavailable`.
     pub timeout: Duration,
     /// How long startup waits for JetStream to answer: a cluster still
@@ -247,12 +254,12 @@ struct Inner {
     layout: Layout,
     inbox: Arc<dyn Inbox>,
     /// Per partition and collection (or `*`): how many local subscriptions
-    /// want it, and its consumer.
+    /// want it, and its watch.
     watches: Mutex<HashMap<WatchKey, (usize, Arc<WatchState>)>>,
     failures: FailureLog,
 }
 
-/// A consumer's stream (partition) and what it reads (a collection or `*`).
+/// A watch's stream (partition) and what it reads (a collection or `*`).
 type WatchKey = (usize, String);
 
 #[derive(Default)]
@@ -383,7 +390,7 @@ impl HistoryReader {
     }
 }
 
-/// Holds a collection's consumer open (`*`: one per partition); the last
+/// Holds a collection's watch open (`*`: one per partition); the last
 /// one dropped stops it.
 pub struct Watch {
     inner: Arc<Inner>,
