@@ -380,11 +380,7 @@ impl HistoryReader {
             return;
         }
         self.next = seq + 1;
-        let published: SystemTime = message.time.into();
-        if let Some(event) = self
-            .inner
-            .decode(&message.subject, &message.payload, seq, published)
-        {
+        if let Some(event) = self.inner.decode(message) {
             self.batch.push_back(event);
         }
     }
@@ -1003,7 +999,7 @@ impl Inner {
     /// another). A missed event with none after it shows in the tail
     /// check, after every doubt and every [`TAIL_CHECK_EVERY`].
     async fn run_watch(
-        &self,
+        self: &Arc<Self>,
         partition: usize,
         key: String,
         mut live: async_nats::Subscriber,
@@ -1050,7 +1046,8 @@ impl Inner {
                     .await;
             }
             if let Some(message) = message {
-                self.dispatch(&message, audience, &state);
+                let event = self.decode(&message);
+                self.hand_on(partition, message.sequence, event, audience, &state);
             }
         }
     }
@@ -1080,10 +1077,11 @@ impl Inner {
     }
 
     /// Reads `key`'s events after the watch's position up to `until` from
-    /// the stream and hands them on, retrying until it has them all: the
-    /// live events behind them wait, so none overtakes one it missed.
+    /// the stream (as a replay does) and hands them on, retrying from where
+    /// it stopped until it has them all: the live events behind them wait,
+    /// so none overtakes one it missed.
     async fn catch_up(
-        &self,
+        self: &Arc<Self>,
         partition: usize,
         key: &str,
         until: u64,
@@ -1096,58 +1094,55 @@ impl Inner {
                 return;
             }
             tracing::debug!(collection = %key, position, until, "reading events the watch missed");
-            match self.direct_batch(partition, key, position + 1).await {
-                Ok((messages, pending)) => {
-                    let before = state.position.load(Ordering::SeqCst);
-                    for message in messages.iter().filter(|m| m.sequence <= until) {
-                        self.dispatch(message, audience, state);
+            let mut missed = HistoryReader {
+                inner: Arc::clone(self),
+                partition,
+                key: key.to_owned(),
+                next: position + 1,
+                until,
+                batch: VecDeque::new(),
+            };
+            loop {
+                match missed.next().await {
+                    Some(Ok(event)) => {
+                        let seq = event.event.seq;
+                        self.hand_on(partition, seq, Some(event), audience, state);
                     }
-                    // Nothing at or before `until` left where the replica
-                    // looked: ask the leader, which has every stored event.
-                    if pending == 0 || state.position.load(Ordering::SeqCst) == before {
-                        match self.next_from_leader(partition, key, position + 1).await {
-                            Ok(Some(message)) if message.sequence <= until => {
-                                self.dispatch(&message, audience, state);
-                            }
-                            // None left up to `until` (deleted, or past retention).
-                            Ok(_) => {
-                                state.position.fetch_max(until, Ordering::SeqCst);
-                            }
-                            Err(e) => {
-                                self.failed(NatsOp::History, key, e);
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                            }
-                        }
+                    // Read up to `until`: what was not there (deleted, past
+                    // retention, a body that does not decode) is passed.
+                    None => {
+                        state.position.fetch_max(until, Ordering::SeqCst);
+                        return;
                     }
-                }
-                Err(e) => {
-                    self.failed(NatsOp::History, key, e);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Counted and logged by the reader.
+                    Some(Err(_)) => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
                 }
             }
         }
     }
 
-    /// Hands one stream message to the router, once, and moves the watch's
-    /// position to it.
-    fn dispatch(
+    /// Hands the event of stream `partition` at `seq` (`None`: a body that
+    /// does not decode) to the router, once, and moves the watch's position
+    /// to it.
+    fn hand_on(
         &self,
-        message: &jetstream::message::StreamMessage,
+        partition: usize,
+        seq: u64,
+        event: Option<Arc<SharedEvent>>,
         audience: Audience,
         state: &WatchState,
     ) {
-        let seq = message.sequence;
         if seq <= state.position.load(Ordering::SeqCst) {
             return;
         }
         // Before the router sees it: a subscription that reads the position
         // after joining the router gets every later event live.
         state.position.store(seq, Ordering::SeqCst);
-        let (partition, _) = self.layout.locate(&message.subject);
-        let partition = partition.map_or(0, |k| k as usize) % self.seen.len();
         self.seen[partition].fetch_max(seq, Ordering::SeqCst);
-        let published: SystemTime = message.time.into();
-        if let Some(event) = self.decode(&message.subject, &message.payload, seq, published) {
+        if let Some(event) = event {
             self.inbox.deliver(event, audience);
         }
     }
@@ -1155,15 +1150,11 @@ impl Inner {
     /// The event a stream message carries, with the stream's sequence number
     /// (and time, when the body has none); `None` for a body that does not
     /// decode, which is logged and skipped.
-    fn decode(
-        &self,
-        subject: &str,
-        payload: &[u8],
-        seq: u64,
-        published: SystemTime,
-    ) -> Option<Arc<SharedEvent>> {
+    fn decode(&self, message: &jetstream::message::StreamMessage) -> Option<Arc<SharedEvent>> {
+        let (subject, seq) = (message.subject.as_str(), message.sequence);
+        let published: SystemTime = message.time.into();
         let (partition, collection) = self.layout.locate(subject);
-        match decode_event(payload, Some(collection), published) {
+        match decode_event(&message.payload, Some(collection), published) {
             Ok(mut event) => {
                 event.seq = seq;
                 let mut shared = SharedEvent::new(event);

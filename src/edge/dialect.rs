@@ -13,7 +13,7 @@
 //! how its frames read and look.
 
 use super::Checked;
-use super::errors::{ApiError, ErrorKind, close_code};
+use super::errors::{ApiError, ErrorKind};
 use super::socket::{self, ClientSocket, Liveness, NotAnUpgrade, Step, Upgrade};
 use super::ws::MAX_BATCH;
 use super::{AppState, check_origin};
@@ -385,7 +385,8 @@ impl<D: Dialect> socket::Session for Session<D> {
                 // What the bus cannot serve now ends the connection: the
                 // client reconnects and subscribes again.
                 Err(error) if error.kind == ErrorKind::Unavailable => {
-                    return socket::close_with(self, error, close_code::GOING_AWAY).await;
+                    let code = error.close_code();
+                    return socket::close_with(self, error, code).await;
                 }
                 Err(error) => Some(D::error(&error.message)),
             },

@@ -122,7 +122,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// The credential of an `Authorization` value of the Bearer scheme, whose
 /// name is case-insensitive (RFC 9110 §11.1).
-pub fn bearer_credential(authorization: &str) -> Option<&str> {
+fn bearer_credential(authorization: &str) -> Option<&str> {
     let (scheme, credential) = authorization.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -9,7 +9,7 @@
 //! oversized frame, an idle client, an overflow or shutdown close it.
 
 use super::Checked;
-use super::errors::{ApiError, ErrorKind, close_code};
+use super::errors::{ApiError, ErrorKind};
 use super::socket::{
     self, ClientSocket, Liveness, NotAnUpgrade, Step, TEXT, Upgrade, frame_header_len,
     put_frame_header,
@@ -382,7 +382,8 @@ impl socket::Session for Session {
             // A subscription the bus cannot serve now: the client
             // reconnects and resumes (the seed client does only on close).
             Err(error) if error.kind == ErrorKind::Unavailable => {
-                socket::close_with(self, error, close_code::GOING_AWAY).await
+                let code = error.close_code();
+                socket::close_with(self, error, code).await
             }
             Err(error) => self.reply(error_message(&error)).await,
         }
